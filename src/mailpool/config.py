@@ -339,3 +339,19 @@ def effective_toml(cfg: Config) -> str:
     for name, params in cfg.pool.items():
         table(f"pool.{name}", params)
     return "\n".join(lines)
+
+
+class _Snapshot(msgspec.Struct, frozen=True):
+    config: Config
+    path: str
+    data_dir: str
+
+
+def dump_snapshot(loaded: LoadedConfig) -> bytes:
+    """The effective config as JSON: jobs start from exactly what the supervisor validated."""
+    return msgspec.json.encode(_Snapshot(loaded.config, str(loaded.path), str(loaded.data_dir)))
+
+
+def load_snapshot(data: bytes) -> LoadedConfig:
+    snap = msgspec.json.decode(data, type=_Snapshot)
+    return LoadedConfig(config=snap.config, path=Path(snap.path), data_dir=Path(snap.data_dir))

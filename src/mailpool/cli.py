@@ -1,0 +1,264 @@
+"""The one `mailpool` command: serve, config, user, journal, pool.
+
+Every subcommand takes `--config PATH` anywhere among its options. Errors a user can
+cause print one line naming the file, key or value and exit non-zero; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from mailpool.config import DEFAULT_CONFIG, ConfigError, LoadedConfig, effective_toml, load_config
+
+Handler = Callable[[argparse.Namespace, LoadedConfig], int]
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def _parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help=f"configuration file (default {DEFAULT_CONFIG})")
+    return parent
+
+
+def _leaf(sub: argparse._SubParsersAction, name: str, handler: Handler,
+          help_text: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, parents=[_parent()], help=help_text, description=help_text)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+# --- serve / config -------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.supervisor.supervisor import serve
+
+    return serve(loaded)
+
+
+def cmd_config_check(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    print(f"# {loaded.path}: OK (data directory {loaded.data_dir})")
+    print(effective_toml(loaded.config), end="")
+    return 0
+
+
+# --- users (the source's WRKDIRE) -----------------------------------------------------
+
+
+def _directory(loaded: LoadedConfig):
+    from mailpool.directory import Directory
+
+    loaded.data_dir.mkdir(parents=True, exist_ok=True)
+    return Directory(loaded.directory_file)
+
+
+def cmd_user_add(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.directory import validate_address
+
+    local = {d.lower() for d in loaded.config.host.local_domains}
+    addresses = []
+    for addr in args.address:
+        norm = validate_address(addr)
+        domain = norm.rpartition("@")[2]
+        if domain not in local:
+            raise CliError(f"--address {addr!r}: domain {domain!r} is not in host.local_domains "
+                           f"of {loaded.path} ({', '.join(sorted(local))})")
+        addresses.append(norm)
+    password = None
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise CliError("--password-stdin: no password on standard input")
+    user = _directory(loaded).add_user(args.name, addresses, password)
+    print(f"user {user.name} added: {', '.join(user.addresses)}"
+          + (" (POP password set)" if password else " (no POP password)"))
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    users = _directory(loaded).users()
+    if args.json:
+        print(json.dumps({"users": [{"name": u.name, "addresses": u.addresses,
+                                      "pop_login": bool(u.password_hash)} for u in users]}))
+        return 0
+    for u in users:
+        print(f"{u.name:20} {'pop' if u.password_hash else '-':4} {', '.join(u.addresses)}")
+    return 0
+
+
+def cmd_user_remove(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    user = _directory(loaded).remove_user(args.name)
+    print(f"user {user.name} removed; mailbox {loaded.mailbox_dir / user.name} kept")
+    return 0
+
+
+def cmd_user_passwd(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"New POP password for {args.name}: ")
+    if not password:
+        raise CliError("empty password refused")
+    _directory(loaded).set_password(args.name, password)
+    print(f"password for {args.name} changed")
+    return 0
+
+
+# --- journal (the source's DSPJRN / CHGJRN) -------------------------------------------
+
+
+def cmd_journal_dump(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.journal.dump import run_dump
+
+    return run_dump(args, loaded.journal_dir, sys.stdout)
+
+
+def cmd_journal_rotate(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.supervisor.control import ControlUnavailable, request
+
+    try:
+        reply = request(loaded.control_socket, {"op": "journal-rotate"})
+    except ControlUnavailable:
+        # No running supervisor: attach the new receiver directly.
+        from mailpool.journal.writer import JournalWriter
+
+        writer = JournalWriter(loaded.journal_dir,
+                               max_receiver_bytes=loaded.config.journal.receiver_max_bytes)
+        writer.open()
+        path = writer.rotate()
+        writer.close()
+        print(f"new receiver attached: {path}")
+        return 0
+    print(f"new receiver attached: {reply['path']}")
+    return 0
+
+
+# --- pool (the source's CHGPJE / DSPACTPJ) -----------------------------------------------
+
+
+def cmd_pool_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.supervisor.control import ControlUnavailable, request
+    from mailpool.supervisor.pool_report import format_pool_text
+
+    try:
+        reply = request(loaded.control_socket, {"op": "pool-show"})
+    except ControlUnavailable as exc:
+        raise CliError(f"no running mailpool at {loaded.control_socket}: {exc}") from None
+    entries = reply["entries"]
+    if args.entry:
+        if args.entry not in entries:
+            raise CliError(f"unknown pool entry {args.entry!r} (known: {', '.join(entries)})")
+        entries = {args.entry: entries[args.entry]}
+    if args.json:
+        print(json.dumps({"entries": entries}))
+    else:
+        print(format_pool_text(entries), end="")
+    return 0
+
+
+_CHANGE_KEYS = ("initial_jobs", "threshold", "additional_jobs", "maximum_jobs", "max_use",
+                "sessions_per_job", "wait_timeout", "idle_timeout")
+
+
+def cmd_pool_change(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.supervisor.control import ControlUnavailable, request
+
+    changes: dict[str, object] = {k: getattr(args, k) for k in _CHANGE_KEYS
+                                  if getattr(args, k) is not None}
+    if args.wait is not None:
+        changes["wait"] = args.wait
+    if args.start_jobs is not None:
+        changes["start_jobs"] = args.start_jobs
+    if not changes:
+        raise CliError("pool change: name at least one value to change (see --help)")
+    try:
+        reply = request(loaded.control_socket,
+                        {"op": "pool-change", "entry": args.entry, "changes": changes})
+    except ControlUnavailable as exc:
+        raise CliError(f"no running mailpool at {loaded.control_socket}: {exc}") from None
+    print(f"{args.entry}: changed " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+    if args.json:
+        print(json.dumps(reply))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailpool", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _leaf(sub, "serve", cmd_serve, "start the mail host (supervisor, pools, listeners)")
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    _leaf(config, "check", cmd_config_check, "validate and print the effective configuration")
+
+    user = sub.add_parser("user", help="system distribution directory (WRKDIRE)").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    p = _leaf(user, "add", cmd_user_add, "add a user with one or more addresses")
+    p.add_argument("name")
+    p.add_argument("--address", action="append", required=True, metavar="ADDR")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the POP password from the first line of standard input")
+    p = _leaf(user, "list", cmd_user_list, "list users")
+    p.add_argument("--json", action="store_true")
+    p = _leaf(user, "remove", cmd_user_remove, "remove a user (the mailbox is kept)")
+    p.add_argument("name")
+    p = _leaf(user, "passwd", cmd_user_passwd, "set a user's POP password")
+    p.add_argument("name")
+    p.add_argument("--password-stdin", action="store_true")
+
+    journal = sub.add_parser("journal", help="mail journal (DSPJRN, CHGJRN)").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    from mailpool.journal.dump import add_dump_arguments
+
+    add_dump_arguments(_leaf(journal, "dump", cmd_journal_dump, "display journal records"))
+    _leaf(journal, "rotate", cmd_journal_rotate, "attach a new journal receiver")
+
+    pool = sub.add_parser("pool", help="prestart job entries (CHGPJE, DSPACTPJ)").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    p = _leaf(pool, "show", cmd_pool_show, "statistics of the prestart job entries")
+    p.add_argument("entry", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p = _leaf(pool, "change", cmd_pool_change, "change a prestart job entry on the running host")
+    p.add_argument("entry")
+    for key in _CHANGE_KEYS:
+        kind = float if key.endswith("timeout") else int
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, metavar="N")
+    p.add_argument("--wait", dest="wait", action="store_const", const=True, default=None)
+    p.add_argument("--no-wait", dest="wait", action="store_const", const=False)
+    p.add_argument("--start-jobs", dest="start_jobs", action="store_const", const=True,
+                   default=None)
+    p.add_argument("--no-start-jobs", dest="start_jobs", action="store_const", const=False)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mailpool.directory import DirectoryError
+    from mailpool.supervisor.control import ControlError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        loaded = load_config(args.config)
+        return args.handler(args, loaded)
+    except (ConfigError, CliError, DirectoryError, ControlError) as exc:
+        print(f"mailpool: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The skeleton every prestart job runs on (Postfix-style: one role per program, one skeleton).
+
+A job is a fresh Python process with one Trio loop. It talks to the supervisor over its
+control channel only: it says Ready, receives sockets (Assign) or queue work (Work),
+reports sessions ending, heartbeats, and sends its journal entries (the supervisor is the
+single journal writer). When the channel closes or a Drain arrives it stops taking work,
+lets open sessions finish within drain_timeout, and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from mailpool.config import LoadedConfig, PoolParams
+from mailpool.supervisor.channel import (
+    Assign,
+    Channel,
+    ChannelClosed,
+    Drain,
+    Heartbeat,
+    Journal,
+    Queued,
+    Ready,
+    SessionEnded,
+    Synced,
+    SyncRequest,
+    Work,
+    WorkDone,
+)
+
+
+class JobContext:
+    """What a session or work item may use: config, identity, and the way up to the supervisor."""
+
+    def __init__(self, loaded: LoadedConfig, entry: str, job_id: int, channel: Channel) -> None:
+        self.loaded = loaded
+        self.config = loaded.config
+        self.entry = entry
+        self.job_id = job_id
+        self.job_name = f"{entry}/{job_id}"
+        self.channel = channel
+        self.params: PoolParams = loaded.config.pool[entry]
+        self._journal_on = loaded.config.journal.enabled
+        self._sync_waiters: dict[int, trio.Event] = {}
+        self._sync_ok: dict[int, bool] = {}
+        self._next_token = 0
+
+    async def journal(self, code: str, **fields: Any) -> None:
+        if self._journal_on:
+            await self.channel.send(Journal(code=code, time_ns=time.time_ns(),
+                                            fields={k: v for k, v in fields.items()
+                                                    if v is not None}))
+
+    async def queued(self, queue: str, queue_id: str) -> None:
+        await self.channel.send(Queued(queue=queue, queue_id=queue_id))
+
+    async def group_sync(self) -> bool:
+        """Ask the supervisor's syncer to make everything written so far durable."""
+        self._next_token += 1
+        token = self._next_token
+        event = self._sync_waiters[token] = trio.Event()
+        await self.channel.send(SyncRequest(token=token))
+        await event.wait()
+        return self._sync_ok.pop(token, False)
+
+    def _synced(self, msg: Synced) -> None:
+        event = self._sync_waiters.pop(msg.token, None)
+        if event is not None:
+            self._sync_ok[msg.token] = msg.ok
+            event.set()
+
+    def _fail_syncs(self) -> None:
+        for token, event in self._sync_waiters.items():
+            self._sync_ok[token] = False
+            event.set()
+        self._sync_waiters.clear()
+
+
+SessionHandler = Callable[[JobContext, trio.SocketStream, Assign], Awaitable[None]]
+WorkHandler = Callable[[JobContext, str], Awaitable[bool]]
+
+
+async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
+                  work: WorkHandler | None = None) -> None:
+    channel = ctx.channel
+    heartbeat_every = max(0.05, ctx.params.heartbeat_timeout / 4)
+
+    async def heartbeats() -> None:
+        while True:
+            await trio.sleep(heartbeat_every)
+            await channel.send(Heartbeat())
+
+    async def one_session(msg: Assign, fd: int) -> None:
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        stream = trio.SocketStream(sock)
+        try:
+            assert session is not None
+            await session(ctx, stream, msg)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+                try:
+                    await channel.send(SessionEnded(conn_id=msg.conn_id))
+                except ChannelClosed:
+                    pass
+
+    async def one_work(queue_id: str) -> None:
+        assert work is not None
+        ok = await work(ctx, queue_id)
+        try:
+            await channel.send(WorkDone(queue_id=queue_id, ok=ok))
+        except ChannelClosed:
+            pass
+
+    async def keep_reading() -> None:
+        # While draining, sessions may still wait on group commits.
+        try:
+            while True:
+                msg, fd = await channel.receive()
+                if fd is not None:
+                    os.close(fd)
+                if isinstance(msg, Synced):
+                    ctx._synced(msg)
+        except ChannelClosed:
+            ctx._fail_syncs()
+
+    async with trio.open_nursery() as control:
+        control.start_soon(heartbeats)
+        async with trio.open_nursery() as tasks:
+            await channel.send(Ready(pid=os.getpid()))
+            try:
+                while True:
+                    msg, fd = await channel.receive()
+                    if isinstance(msg, Assign) and fd is not None and session is not None:
+                        tasks.start_soon(one_session, msg, fd)
+                    elif isinstance(msg, Work) and work is not None:
+                        tasks.start_soon(one_work, msg.queue_id)
+                    elif isinstance(msg, Synced):
+                        ctx._synced(msg)
+                    elif isinstance(msg, Drain):
+                        break
+                    elif fd is not None:
+                        os.close(fd)
+                control.start_soon(keep_reading)
+            except ChannelClosed:
+                ctx._fail_syncs()
+            # Draining: no new work; open sessions get drain_timeout to finish.
+            tasks.cancel_scope.deadline = trio.current_time() + ctx.params.drain_timeout
+        control.cancel_scope.cancel()

@@ -1,0 +1,157 @@
+"""The SMTP server session: thin Trio code driving the sans-IO core (QTMSSRCP's job).
+
+Policy lives here (who is local, relay refusal, durability before 250); protocol grammar
+lives in mailpool.protocol.smtp_server.
+"""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from mailpool.directory import Directory
+from mailpool.framework.spool import Envelope, Spool
+from mailpool.jobs.runtime import JobContext
+from mailpool.message import find_message_id, message_id_header, received_header
+from mailpool.protocol import smtp_server as core
+from mailpool.supervisor.channel import Assign
+
+
+class SmtpServerRole:
+    """Per-job state shared by this job's sessions."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        cfg = ctx.config
+        self.ctx = ctx
+        self.hostname = cfg.host.name
+        self.local_domains = {d.lower() for d in cfg.host.local_domains}
+        self.postmaster = cfg.host.postmaster
+        self.spool = Spool(ctx.loaded.spool_dir)
+        self.directory = Directory(ctx.loaded.directory_file)
+        self.limits = core.ServerLimits(
+            hostname=cfg.host.name,
+            max_message_size=cfg.smtp.max_message_size,
+            max_recipients=cfg.smtp.max_recipients,
+            max_command_line=cfg.smtp.max_command_line,
+            max_text_line=cfg.smtp.max_text_line,
+            hard_error_limit=cfg.smtp.hard_error_limit,
+        )
+
+    # --- policy -----------------------------------------------------------------------
+
+    def is_local(self, address: str) -> bool:
+        if "@" not in address:
+            return address.lower() == "postmaster"
+        return address.rpartition("@")[2].lower() in self.local_domains
+
+    def local_user(self, address: str) -> str | None:
+        """The mailbox owner for a local address; postmaster always resolves."""
+        local, _, _domain = address.rpartition("@")
+        if "@" not in address or local.lower() == "postmaster":
+            user = self.directory.lookup(address) if "@" in address else None
+            return user.name if user else self.postmaster
+        user = self.directory.lookup(address)
+        return user.name if user else None
+
+    # --- the session --------------------------------------------------------------------
+
+    async def session(self, ctx: JobContext, stream: trio.SocketStream, assign: Assign) -> None:
+        cfg = ctx.config.smtp
+        conn = core.ServerConnection(self.limits)
+        conn.greeting()
+        peer_ip = assign.peer_ip
+
+        async def flush() -> bool:
+            out = conn.data_to_send()
+            if not out:
+                return True
+            with trio.move_on_after(cfg.command_timeout):
+                await stream.send_all(out)
+                return True
+            return False
+
+        try:
+            while True:
+                event = conn.next_event()
+                if event is core.NEED_DATA:
+                    if not await flush():
+                        return
+                    if conn.closed:
+                        return
+                    timeout = cfg.data_timeout if conn.state == "DATA" else cfg.command_timeout
+                    with trio.move_on_after(timeout) as scope:
+                        data = await stream.receive_some(65536)
+                    if scope.cancelled_caught:
+                        conn.timeout()
+                        await flush()
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, core.MailFrom):
+                    conn.reply(250, "Ok", "2.1.0")
+                elif isinstance(event, core.RcptTo):
+                    addr = event.address
+                    if not self.is_local(addr):
+                        conn.reply(550, f"<{addr}>: Relay access denied", "5.7.1")
+                        await ctx.journal("9V", ip=peer_ip, recipient=addr,
+                                          detail="relay refused")
+                    elif self.local_user(addr) is None:
+                        conn.reply(550, f"<{addr}>: Recipient address rejected: "
+                                        "User unknown in local recipient table", "5.1.1")
+                    else:
+                        conn.reply(250, "Ok", "2.1.5")
+                elif isinstance(event, core.Verify):
+                    self.verify(conn, event.argument)
+                elif isinstance(event, core.MessageReceived):
+                    await self.accept_message(ctx, conn, event, peer_ip)
+                elif isinstance(event, core.ConnectionClosed):
+                    await flush()
+                    return
+                # Hello, Reset, Quit: the core already answered.
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    def verify(self, conn: core.ServerConnection, argument: str) -> None:
+        addr = argument.strip().strip("<>")
+        if "@" in addr and self.is_local(addr):
+            if self.local_user(addr) is not None:
+                conn.reply(250, f"<{addr}>", "2.0.0")
+            else:
+                conn.reply(550, f"<{addr}>: Recipient address rejected: User unknown", "5.1.1")
+        else:
+            conn.reply(252, "Cannot VRFY user, but will accept message and attempt delivery",
+                       "2.0.0")
+
+    async def accept_message(self, ctx: JobContext, conn: core.ServerConnection,
+                             event: core.MessageReceived, peer_ip: str) -> None:
+        """Make the message durable in the incoming queue, journal it, then answer 250."""
+        queue_id = self.spool.new_queue_id()
+        content = event.content
+        recipients = list(event.recipients)
+        message_id = find_message_id(content)
+        prefix = received_header(helo=conn.helo or "", peer_ip=peer_ip, hostname=self.hostname,
+                                 queue_id=queue_id, recipients=recipients, esmtp=conn.esmtp)
+        if message_id is None:
+            message_id, header = message_id_header(queue_id, self.hostname)
+            prefix += header
+        data = prefix + content
+        envelope = Envelope(queue_id=queue_id, message_id=message_id,
+                            originator=event.originator, recipients=recipients,
+                            received_ns=time.time_ns(), peer_ip=peer_ip, helo=conn.helo or "",
+                            size=len(data))
+        try:
+            with trio.fail_after(ctx.config.smtp.spool_timeout):
+                await trio.to_thread.run_sync(self.spool.store, "incoming", envelope, data)
+        except (OSError, trio.TooSlowError) as exc:
+            conn.reply(451, f"Error: queue file write error ({type(exc).__name__})", "4.3.0")
+            return
+        ids = {"queue_id": queue_id, "message_id": message_id}
+        await ctx.journal("94", ip=peer_ip, **ids)
+        await ctx.journal("91", originator=event.originator, **ids)
+        for rcpt in recipients:
+            await ctx.journal("92", recipient=rcpt, **ids)
+        await ctx.journal("9T", size=len(data), **ids)
+        await ctx.journal("99", **ids)
+        await ctx.journal("97", detail="incoming", **ids)
+        await ctx.queued("incoming", queue_id)
+        conn.reply(250, f"Ok: queued as {queue_id}", "2.0.0")

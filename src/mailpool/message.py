@@ -1,0 +1,50 @@
+"""Small RFC 5322 helpers the receive path needs: Message-ID and trace headers."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+
+_MSGID_HEADER = re.compile(rb"^message-id[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+_ANGLE = re.compile(rb"<([^<>\s]+)>")
+
+
+def header_block(content: bytes) -> bytes:
+    """The header section: everything before the first empty line."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        end = content.find(sep)
+        if end != -1:
+            return content[: end + len(sep) // 2]
+    return content
+
+
+def find_message_id(content: bytes) -> str | None:
+    """The Message-ID without angle brackets, or None when the message has none."""
+    if content.startswith((b"\r\n", b"\n")):
+        return None
+    match = _MSGID_HEADER.search(header_block(content))
+    if not match:
+        return None
+    inner = _ANGLE.search(match.group(1))
+    raw = inner.group(1) if inner else match.group(1).strip()
+    return raw.decode("utf-8", "replace") or None
+
+
+def received_header(*, helo: str, peer_ip: str, hostname: str, queue_id: str,
+                    recipients: list[str], esmtp: bool, now: float | None = None) -> bytes:
+    """RFC 5321 4.4 trace header, folded the way Postfix folds it."""
+    proto = "ESMTP" if esmtp else "SMTP"
+    lines = [f"Received: from {helo or 'unknown'} ([{peer_ip}])",
+             f"\tby {hostname} (mailpool) with {proto} id {queue_id}"]
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{recipients[0]}>;")
+    else:
+        lines[-1] += ";"
+    lines.append("\t" + email.utils.formatdate(now, localtime=False, usegmt=False))
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+def message_id_header(queue_id: str, hostname: str) -> tuple[str, bytes]:
+    """A Message-ID for mail that came without one (Postfix's cleanup adds one too)."""
+    mid = f"{queue_id}@{hostname}"
+    return mid, f"Message-ID: <{mid}>\r\n".encode()

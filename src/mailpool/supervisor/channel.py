@@ -1,0 +1,153 @@
+"""The control channel between the supervisor and one job.
+
+An AF_UNIX SOCK_SEQPACKET socketpair: every datagram is one msgpack message (a tagged
+msgspec Struct), so no framing is needed. Connected sockets travel beside an `Assign`
+message as SCM_RIGHTS ancillary data.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+from typing import Any
+
+import msgspec
+import trio
+
+MAX_MESSAGE = 256 * 1024
+_FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+
+
+class Msg(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
+    pass
+
+
+# supervisor -> job
+class Assign(Msg):
+    """A connected socket follows as ancillary data."""
+
+    conn_id: int
+    peer_ip: str
+    peer_port: int
+    listener: str
+
+
+class Work(Msg):
+    """A queue pool job: process this message from the incoming queue."""
+
+    queue_id: str
+
+
+class Drain(Msg):
+    """Finish open sessions (bounded by the pool's drain_timeout), take no more, exit."""
+
+    reason: str
+
+
+class Synced(Msg):
+    """Answer to SyncRequest: everything written before the request is durable."""
+
+    token: int
+    ok: bool = True
+
+
+# job -> supervisor
+class Ready(Msg):
+    pid: int
+
+
+class Heartbeat(Msg):
+    pass
+
+
+class SessionEnded(Msg):
+    conn_id: int
+
+
+class WorkDone(Msg):
+    queue_id: str
+    ok: bool
+
+
+class Journal(Msg):
+    code: str
+    time_ns: int
+    fields: dict[str, Any]
+
+
+class Queued(Msg):
+    """A message entered a queue; the supervisor's dispatcher takes it from here."""
+
+    queue: str
+    queue_id: str
+
+
+class SyncRequest(Msg):
+    token: int
+
+
+ToJob = Assign | Work | Drain | Synced
+ToSupervisor = Ready | Heartbeat | SessionEnded | WorkDone | Journal | Queued | SyncRequest
+
+_encoder = msgspec.msgpack.Encoder()
+_to_job = msgspec.msgpack.Decoder(ToJob)
+_to_supervisor = msgspec.msgpack.Decoder(ToSupervisor)
+
+
+class ChannelClosed(Exception):
+    """The other side closed the channel (or died)."""
+
+
+class Channel:
+    """One end of the control channel, on a Trio socket."""
+
+    def __init__(self, sock: trio.socket.SocketType, inbound: type) -> None:
+        self.sock = sock
+        self._decoder = _to_job if inbound is ToJob else _to_supervisor
+        self._send_lock = trio.Lock()
+
+    async def send(self, msg: Msg, fd: int | None = None) -> None:
+        data = _encoder.encode(msg)
+        anc = []
+        if fd is not None:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+        async with self._send_lock:
+            try:
+                await self.sock.sendmsg([data], anc)
+            except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+                raise ChannelClosed(str(exc)) from None
+
+    async def receive(self) -> tuple[Any, int | None]:
+        """Next message and the fd that came with it (if any). Raises ChannelClosed at EOF."""
+        try:
+            data, ancdata, flags, _ = await self.sock.recvmsg(
+                MAX_MESSAGE, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+        except (ConnectionResetError, OSError) as exc:
+            raise ChannelClosed(str(exc)) from None
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                fds.extend(arr)
+        if flags & socket.MSG_CTRUNC:
+            # More descriptors than we asked for: close them all rather than leak.
+            for extra in fds:
+                socket.close(extra)
+            raise ChannelClosed("ancillary data truncated (MSG_CTRUNC)")
+        if not data:
+            for extra in fds:
+                socket.close(extra)
+            raise ChannelClosed("end of channel")
+        msg = self._decoder.decode(data)
+        return msg, (fds[0] if fds else None)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """A SEQPACKET pair; the child's end is inheritable, the parent's is not."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child.set_inheritable(True)
+    return parent, child

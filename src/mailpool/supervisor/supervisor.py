@@ -1,0 +1,526 @@
+"""The supervisor: one Trio process that owns the listeners, the pools and the journal.
+
+Modelled on gunicorn's arbiter: signal handlers only enqueue; one manager pass per pool
+reaps, kills silent jobs and sizes the pool by the CHGPJE rules (mailpool.supervisor.pool).
+Connections are handed to jobs over their control channels (SCM_RIGHTS); queue pools get
+queue ids from the dispatcher. Jobs send journal entries here: the single journal writer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from mailpool.config import (
+    ConfigError,
+    LoadedConfig,
+    PoolParams,
+    dump_snapshot,
+    load_config,
+    parse_hostport,
+)
+from mailpool.framework.spool import Spool
+from mailpool.fsutil import syncfs
+from mailpool.journal.writer import JournalWriter, NullJournal
+from mailpool.supervisor.channel import (
+    Assign,
+    Channel,
+    ChannelClosed,
+    Drain,
+    Heartbeat,
+    Journal,
+    Queued,
+    Ready,
+    SessionEnded,
+    Synced,
+    SyncRequest,
+    ToSupervisor,
+    Work,
+    WorkDone,
+    socketpair,
+)
+from mailpool.supervisor.control import serve_control
+from mailpool.supervisor.pool import PoolEntry
+
+SUPERVISOR = "supervisor"
+BUSY_REPLY = b"421 4.3.2 Service not available, closing transmission channel\r\n"
+POP_BUSY_REPLY = b"-ERR [SYS/TEMP] service not available, try again later\r\n"
+
+
+def log(message: str) -> None:
+    print(f"mailpool: {message}", file=sys.stderr, flush=True)
+
+
+class JobHandle:
+    def __init__(self, job_id: int, entry: EntryRuntime) -> None:
+        self.id = job_id
+        self.entry = entry
+        self.name = f"{entry.name}/{job_id}"
+        self.process: trio.Process | None = None
+        self.channel: Channel | None = None
+        self.conns: set[int] = set()
+        self.work: set[str] = set()
+        self.killed_for: str | None = None
+
+
+class EntryRuntime:
+    """One prestart job entry: its rules, its jobs, and waiters for a free job."""
+
+    def __init__(self, name: str, params: PoolParams, listener: str | None) -> None:
+        self.name = name
+        self.rules = PoolEntry(name, params, trio.current_time)
+        self.listener = listener
+        self.jobs: dict[int, JobHandle] = {}
+        self.changed = trio.Event()   # set when a job frees up or the pool changes
+        self.wake = trio.Event()      # wakes this entry's manager pass
+        self.throttled = False
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+        self.wake.set()
+
+
+class Supervisor:
+    def __init__(self, loaded: LoadedConfig) -> None:
+        self.loaded = loaded
+        self.config_generation = 0
+        self.snapshot_path = loaded.run_dir / "config-0.json"
+        self.journal: JournalWriter | NullJournal
+        self.entries: dict[str, EntryRuntime] = {}
+        self.conn_ids = itertools.count(1)
+        self.pending_work: deque[str] = deque()
+        self.known_work: set[str] = set()
+        self.work_ready = trio.Event()
+        self.sync_waiters: list[tuple[Channel, int]] = []
+        self.sync_wake = trio.Event()
+        self.stopping = False
+        self.spool = Spool(loaded.spool_dir)
+        self.listeners: dict[str, trio.socket.SocketType] = {}
+        self.started = time.time()
+
+    # --- journal -----------------------------------------------------------------------
+
+    def record(self, code: str, job: str = SUPERVISOR, time_ns: int | None = None,
+               **fields: Any) -> None:
+        self.journal.write(code, job, {k: v for k, v in fields.items() if v is not None},
+                           time_ns=time_ns)
+
+    # --- start-up ------------------------------------------------------------------------
+
+    def write_snapshot(self) -> None:
+        run = self.loaded.run_dir
+        run.mkdir(parents=True, exist_ok=True)
+        path = run / f"config-{self.config_generation}.json"
+        path.write_bytes(dump_snapshot(self.loaded))
+        self.snapshot_path = path
+
+    async def bind(self, name: str, address: str) -> trio.socket.SocketType:
+        host, port = parse_hostport(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await sock.bind((host, port))
+        sock.listen(512)
+        self.listeners[name] = sock
+        return sock
+
+    def write_listen_file(self) -> None:
+        info = {name: "%s:%d" % sock.getsockname()[:2] for name, sock in self.listeners.items()}
+        info["pid"] = os.getpid()
+        tmp = self.loaded.run_dir / "listen.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.rename(self.loaded.run_dir / "listen.json")
+
+    async def run(self) -> int:
+        cfg = self.loaded.config
+        for sub in ("spool", "mailboxes", "journal", "run"):
+            (self.loaded.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        if cfg.journal.enabled:
+            self.journal = JournalWriter(self.loaded.journal_dir,
+                                         max_receiver_bytes=cfg.journal.receiver_max_bytes)
+        else:
+            self.journal = NullJournal()
+        self.journal.open()
+        self.write_snapshot()
+        try:
+            await self.bind("smtp", cfg.listen.smtp)
+            await self.bind("pop3", cfg.listen.pop3)
+        except OSError as exc:
+            log(f"cannot listen: {exc.strerror or exc}")
+            self.journal.close()
+            return 1
+        self.write_listen_file()
+        # A crash during DATA leaves only a temp file: it was never accepted.
+        removed = self.spool.cleanup_tmp()
+        for queue_id in self.spool.list("incoming"):
+            self.enqueue_work(queue_id)
+        listeners = {"smtp-server": "smtp", "pop-server": "pop3", "framework": None}
+        for name, listener in listeners.items():
+            self.entries[name] = EntryRuntime(name, cfg.pool[name], listener)
+        log(f"started pid {os.getpid()}: smtp {cfg.listen.smtp}, pop3 {cfg.listen.pop3}, "
+            f"data {self.loaded.data_dir} ({len(self.pending_work)} queued, "
+            f"{removed} partial removed)")
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self.signals)
+                await nursery.start(serve_control, self.loaded.control_socket, self.control)
+                nursery.start_soon(self.journal_syncer)
+                nursery.start_soon(self.group_syncer)
+                for entry in self.entries.values():
+                    entry.rules.start()
+                    nursery.start_soon(self.manage, entry)
+                    if entry.listener is not None:
+                        nursery.start_soon(self.accept_loop, entry,
+                                           self.listeners[entry.listener])
+                nursery.start_soon(self.dispatch_work)
+        finally:
+            self.journal.close()
+        log("stopped")
+        return 0
+
+    # --- signals, drain and reload --------------------------------------------------------
+
+    async def signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                if signum == signal.SIGHUP:
+                    self.reload()
+                else:
+                    await self.drain_and_exit()
+                    return
+
+    def reload(self) -> None:
+        try:
+            new = load_config(self.loaded.path)
+        except ConfigError as exc:
+            log(f"reload refused, keeping the running configuration: {exc}")
+            return
+        self.loaded = new
+        self.config_generation += 1
+        self.write_snapshot()
+        for name, entry in self.entries.items():
+            entry.rules.change(new.config.pool[name])
+            for job in list(entry.jobs.values()):
+                self.nursery.start_soon(self.send_drain, job, "reload")
+            entry.rules.reload()
+            entry.poke()
+        log(f"configuration reloaded from {new.path}; old jobs drain")
+
+    async def send_drain(self, job: JobHandle, reason: str) -> None:
+        if job.channel is not None:
+            try:
+                await job.channel.send(Drain(reason=reason))
+            except ChannelClosed:
+                pass
+
+    async def drain_and_exit(self) -> None:
+        log("draining: listeners closed, sessions finish, jobs end")
+        self.stopping = True
+        for sock in self.listeners.values():
+            sock.close()
+        # Work already dispatched completes; nothing new is handed out.
+        longest = max(e.rules.params.drain_timeout for e in self.entries.values())
+        for entry in self.entries.values():
+            entry.poke()
+            for job in list(entry.jobs.values()):
+                await self.send_drain(job, "drain")
+        with trio.move_on_after(longest + 5):
+            while any(e.jobs for e in self.entries.values()):
+                await trio.sleep(0.05)
+        for entry in self.entries.values():
+            for job in entry.jobs.values():
+                if job.process is not None:
+                    job.process.kill()
+        self.nursery.cancel_scope.cancel()
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    async def run_job(self, entry: EntryRuntime, job_id: int) -> None:
+        job = JobHandle(job_id, entry)
+        entry.jobs[job_id] = job
+        parent, child = socketpair()
+        crashed = True
+        try:
+            try:
+                job.process = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "mailpool.jobs.main", entry.name, str(job_id),
+                     str(child.fileno()), str(self.snapshot_path)],
+                    pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+            except OSError as exc:
+                log(f"{job.name}: cannot start: {exc}")
+                return
+            finally:
+                child.close()
+            job.channel = Channel(trio.socket.from_stdlib_socket(parent), ToSupervisor)
+            self.record("JS", job.name, entry=entry.name, pid=job.process.pid)
+            try:
+                while True:
+                    msg, fd = await job.channel.receive()
+                    if fd is not None:
+                        os.close(fd)
+                    self.on_message(job, msg)
+            except ChannelClosed:
+                pass
+            with trio.move_on_after(5):
+                await job.process.wait()
+            if job.process.returncode is None:
+                job.process.kill()
+                await job.process.wait()
+            crashed = job.process.returncode != 0 or job.killed_for is not None
+        finally:
+            parent.close()
+            del entry.jobs[job_id]
+            for _ in job.conns:
+                entry.rules.release(job_id)
+            why = entry.rules.job_exited(job_id, crashed)
+            if job.killed_for:
+                why = job.killed_for
+            pid = job.process.pid if job.process else None
+            status = job.process.returncode if job.process else None
+            self.record("JE", job.name, entry=entry.name, pid=pid, detail=why,
+                        reason=f"exit status {status}")
+            for queue_id in job.work:
+                # The message is still in its queue: hand it to another job.
+                self.enqueue_work(queue_id, again=True)
+            entry.poke()
+
+    def on_message(self, job: JobHandle, msg: Any) -> None:
+        entry = job.entry
+        if isinstance(msg, Journal):
+            self.record(msg.code, job.name, time_ns=msg.time_ns, **msg.fields)
+        elif isinstance(msg, Heartbeat):
+            entry.rules.heartbeat(job.id)
+        elif isinstance(msg, SessionEnded):
+            if msg.conn_id in job.conns:
+                job.conns.discard(msg.conn_id)
+                entry.rules.release(job.id)
+                entry.poke()
+        elif isinstance(msg, Queued):
+            if msg.queue == "incoming":
+                self.enqueue_work(msg.queue_id)
+        elif isinstance(msg, WorkDone):
+            if msg.queue_id in job.work:
+                job.work.discard(msg.queue_id)
+                entry.rules.release(job.id)
+                entry.poke()
+            self.known_work.discard(msg.queue_id)
+            if not msg.ok:
+                self.nursery.start_soon(self.retry_later, msg.queue_id)
+        elif isinstance(msg, SyncRequest):
+            self.sync_waiters.append((job.channel, msg.token))
+            self.sync_wake.set()
+        elif isinstance(msg, Ready):
+            entry.rules.job_ready(job.id)
+            entry.poke()
+
+    async def manage(self, entry: EntryRuntime) -> None:
+        """One pass of the rules per wake-up or tick: reap, kill silent jobs, size the pool."""
+        while True:
+            entry.wake = trio.Event()
+            if not self.stopping:
+                plan = entry.rules.plan()
+                for _ in range(plan.spawn):
+                    job_id = entry.rules.job_spawned()
+                    self.nursery.start_soon(self.run_job, entry, job_id)
+                for job_id, reason in plan.drain:
+                    job = entry.jobs.get(job_id)
+                    if job is not None:
+                        await self.send_drain(job, reason)
+                for job_id, reason in plan.kill:
+                    job = entry.jobs.get(job_id)
+                    if job is not None and job.process is not None:
+                        job.killed_for = reason
+                        job.process.kill()
+                if plan.spawn_blocked_until is not None and not entry.throttled:
+                    entry.throttled = True
+                    self.record("JT", entry=entry.name,
+                                detail=f"restart delayed {plan.spawn_blocked_until - trio.current_time():.1f}s")
+                elif plan.spawn_blocked_until is None:
+                    entry.throttled = False
+            with trio.move_on_after(0.25):
+                await entry.wake.wait()
+
+    # --- connections -------------------------------------------------------------------------
+
+    async def accept_loop(self, entry: EntryRuntime, listener: trio.socket.SocketType) -> None:
+        while not self.stopping:
+            try:
+                sock, addr = await listener.accept()
+            except OSError:
+                if self.stopping:
+                    return
+                await trio.sleep(0.1)  # EMFILE and friends: back off, do not spin
+                continue
+            self.nursery.start_soon(self.hand_off, entry, sock, addr)
+
+    async def acquire(self, entry: EntryRuntime, wait: bool) -> tuple[int | None, float]:
+        """A job with a free slot: now, or (when the rules say wait) within wait_timeout."""
+        job_id = entry.rules.acquire()
+        if job_id is not None or not wait:
+            return job_id, 0.0
+        start = trio.current_time()
+        entry.rules.request_waiting()
+        self.record("JW", entry=entry.name)
+        entry.poke()
+        with trio.move_on_after(entry.rules.params.wait_timeout):
+            while job_id is None and not self.stopping:
+                await entry.changed.wait()
+                job_id = entry.rules.acquire()
+        return job_id, trio.current_time() - start
+
+    async def hand_off(self, entry: EntryRuntime, sock: trio.socket.SocketType,
+                       addr: tuple[Any, ...]) -> None:
+        conn_id = next(self.conn_ids)
+        peer_ip, peer_port = str(addr[0]), int(addr[1])
+        with sock:
+            while True:
+                job_id, waited = await self.acquire(entry, entry.rules.params.wait)
+                job = entry.jobs.get(job_id) if job_id is not None else None
+                if job is None or job.channel is None:
+                    if job_id is not None:
+                        entry.rules.release(job_id)
+                        continue
+                    entry.rules.request_rejected(waited)
+                    self.record("JR", entry=entry.name, ip=peer_ip, connection_id=conn_id)
+                    busy = POP_BUSY_REPLY if entry.name == "pop-server" else BUSY_REPLY
+                    with trio.move_on_after(5):
+                        try:
+                            await sock.send(busy)
+                        except OSError:
+                            pass
+                    return
+                job.conns.add(conn_id)
+                try:
+                    await job.channel.send(Assign(conn_id=conn_id, peer_ip=peer_ip,
+                                                  peer_port=peer_port, listener=entry.listener
+                                                  or ""), fd=sock.fileno())
+                except ChannelClosed:
+                    # The job died between acquire and send: try another one.
+                    job.conns.discard(conn_id)
+                    continue
+                entry.rules.request_served(waited)
+                self.record("JH", job.name, entry=entry.name, ip=peer_ip,
+                            connection_id=conn_id)
+                entry.poke()
+                return
+
+    # --- queue dispatcher (incoming -> framework jobs) -----------------------------------------
+
+    def enqueue_work(self, queue_id: str, again: bool = False) -> None:
+        if queue_id in self.known_work and not again:
+            return
+        self.known_work.add(queue_id)
+        self.pending_work.append(queue_id)
+        self.work_ready.set()
+
+    async def retry_later(self, queue_id: str) -> None:
+        await trio.sleep(30)
+        self.enqueue_work(queue_id)
+
+    async def dispatch_work(self) -> None:
+        entry = self.entries["framework"]
+        while True:
+            while not self.pending_work:
+                self.work_ready = trio.Event()
+                await self.work_ready.wait()
+            queue_id = self.pending_work.popleft()
+            while True:
+                job_id = entry.rules.acquire()
+                job = entry.jobs.get(job_id) if job_id is not None else None
+                if job is None or job.channel is None:
+                    if job_id is not None:
+                        entry.rules.release(job_id)
+                    entry.poke()
+                    await entry.changed.wait()
+                    continue
+                job.work.add(queue_id)
+                try:
+                    await job.channel.send(Work(queue_id=queue_id))
+                except ChannelClosed:
+                    job.work.discard(queue_id)
+                    continue
+                entry.rules.request_served(0.0)
+                break
+
+    # --- durability and journal housekeeping ----------------------------------------------------
+
+    async def group_syncer(self) -> None:
+        """Group commit: one syncfs(2) makes every message written so far durable."""
+        while True:
+            await self.sync_wake.wait()
+            self.sync_wake = trio.Event()
+            batch, self.sync_waiters = self.sync_waiters, []
+            if not batch:
+                continue
+            try:
+                await trio.to_thread.run_sync(syncfs, self.loaded.spool_dir)
+                ok = True
+            except OSError as exc:
+                log(f"syncfs failed: {exc}")
+                ok = False
+            for channel, token in batch:
+                try:
+                    await channel.send(Synced(token=token, ok=ok))
+                except ChannelClosed:
+                    pass
+
+    async def journal_syncer(self) -> None:
+        interval = self.loaded.config.journal.sync_interval
+        while True:
+            await trio.sleep(interval)
+            self.journal.sync()
+
+    # --- control endpoint (pool show / change, journal rotate) -----------------------------------
+
+    async def control(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "pool-show":
+            return {"entries": {name: e.rules.stats() for name, e in self.entries.items()}}
+        if op == "pool-change":
+            name = req["entry"]
+            entry = self.entries.get(name)
+            if entry is None:
+                return {"error": f"unknown pool entry {name!r} (known: {', '.join(self.entries)})"}
+            current = msgspec.structs.asdict(entry.rules.params)
+            unknown = set(req["changes"]) - set(current)
+            if unknown:
+                return {"error": f"unknown key(s) {', '.join(sorted(unknown))}"}
+            try:
+                params = msgspec.convert({**current, **req["changes"]}, PoolParams)
+            except msgspec.ValidationError as exc:
+                return {"error": f"{name}: {exc}"}
+            problems = params.problems()
+            if problems:
+                key, value, why = problems[0]
+                return {"error": f"{name}: {key}: {value!r}: {why}"}
+            entry.rules.change(params)
+            self.record("JC", entry=name, detail=json.dumps(req["changes"], sort_keys=True))
+            entry.poke()
+            return {"entry": name, "stats": entry.rules.stats()}
+        if op == "journal-rotate":
+            if isinstance(self.journal, NullJournal):
+                return {"error": "journaling is turned off ([journal] enabled = false)"}
+            return {"path": str(self.journal.rotate())}
+        if op == "status":
+            return {"pid": os.getpid(), "started": self.started,
+                    "listen": {n: "%s:%d" % s.getsockname()[:2]
+                               for n, s in self.listeners.items()}}
+        return {"error": f"unknown op {op!r}"}
+
+
+def serve(loaded: LoadedConfig) -> int:
+    return trio.run(Supervisor(loaded).run)
