@@ -1,0 +1,813 @@
+"""Byte-for-byte tests of the sans-IO SMTP server core (no sockets, no Trio)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from mailpool.protocol.smtp_server import (
+    _KNOWN_VERBS,
+    _TRANSITIONS,
+    NEED_DATA,
+    PAUSED,
+    ConnectionClosed,
+    Hello,
+    MailFrom,
+    MessageReceived,
+    Quit,
+    RcptTo,
+    Reset,
+    ServerConnection,
+    ServerLimits,
+    SMTPProtocolError,
+    Verify,
+)
+
+HOST = "mx.example.org"
+EHLO_REPLY = (
+    b"250-mx.example.org\r\n"
+    b"250-SIZE 10485760\r\n"
+    b"250-8BITMIME\r\n"
+    b"250-PIPELINING\r\n"
+    b"250-ENHANCEDSTATUSCODES\r\n"
+    b"250 HELP\r\n"
+)
+
+Answer = tuple[int, str, str | None]
+
+
+def default_answer(event: object) -> Answer:
+    if isinstance(event, MailFrom):
+        return 250, "Ok", "2.1.0"
+    if isinstance(event, RcptTo):
+        return 250, "Ok", "2.1.5"
+    if isinstance(event, MessageReceived):
+        return 250, "Ok: queued as Q1", "2.0.0"
+    assert isinstance(event, Verify)
+    return 252, "Cannot VRFY user", "2.0.0"
+
+
+def new(**limits: int) -> ServerConnection:
+    conn = ServerConnection(ServerLimits(hostname=HOST, **limits))
+    conn.greeting()
+    assert conn.data_to_send() == b"220 mx.example.org ESMTP mailpool\r\n"
+    return conn
+
+
+def pump(
+    conn: ServerConnection,
+    data: bytes,
+    answer: Callable[[object], Answer] = default_answer,
+) -> list[object]:
+    """Feed data, answer every decision event, return all events until NEED_DATA/closed."""
+    conn.receive_data(data)
+    events: list[object] = []
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            return events
+        assert event is not PAUSED
+        events.append(event)
+        if isinstance(event, MailFrom | RcptTo | MessageReceived | Verify):
+            conn.reply(*answer(event))
+        if isinstance(event, ConnectionClosed):
+            return events
+
+
+def ready(**limits: int) -> ServerConnection:
+    conn = new(**limits)
+    assert pump(conn, b"EHLO client.example\r\n") == [Hello("EHLO", "client.example")]
+    assert conn.data_to_send() == EHLO_REPLY.replace(
+        b"10485760", str(conn._limits.max_message_size).encode()
+    )
+    return conn
+
+
+def in_transaction(**limits: int) -> ServerConnection:
+    conn = ready(**limits)
+    pump(conn, b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n")
+    assert conn.data_to_send() == b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+    assert conn.state == "rcpt"
+    return conn
+
+
+def send_message(conn: ServerConnection, body: bytes) -> tuple[list[object], bytes]:
+    """DATA + body; return the events and the reply bytes that follow the 354."""
+    events = pump(conn, b"DATA\r\n" + body)
+    out = conn.data_to_send()
+    intermediate = b"354 End data with <CR><LF>.<CR><LF>\r\n"
+    assert out.startswith(intermediate)
+    return events, out[len(intermediate) :]
+
+
+# -- greeting, HELO/EHLO ------------------------------------------------------------------
+
+
+def test_greeting_and_ehlo() -> None:
+    conn = ready()
+    assert conn.helo == "client.example"
+    assert conn.esmtp is True
+    assert conn.state == "ready"
+
+
+def test_ehlo_advertises_configured_size() -> None:
+    conn = new(max_message_size=1234)
+    pump(conn, b"ehlo x\r\n")
+    assert b"250-SIZE 1234\r\n" in conn.data_to_send()
+
+
+def test_helo() -> None:
+    conn = new()
+    assert pump(conn, b"HELO client.example\r\n") == [Hello("HELO", "client.example")]
+    assert conn.data_to_send() == b"250 mx.example.org\r\n"
+    assert conn.esmtp is False
+    assert conn.helo == "client.example"
+
+
+@pytest.mark.parametrize("verb", [b"HELO", b"EHLO"])
+def test_hello_without_domain(verb: bytes) -> None:
+    conn = new()
+    assert pump(conn, verb + b"\r\n" + verb + b"   \r\n") == []
+    reply = b"501 5.5.4 Syntax: " + verb + b" hostname\r\n"
+    assert conn.data_to_send() == reply * 2
+    assert conn.helo is None
+    assert conn.state == "start"
+
+
+def test_hello_resets_transaction() -> None:
+    conn = in_transaction()
+    assert pump(conn, b"HELO other\r\nDATA\r\n") == [Hello("HELO", "other")]
+    assert conn.data_to_send() == b"250 mx.example.org\r\n503 5.5.1 Error: need RCPT command\r\n"
+    assert conn.state == "ready"
+
+
+def test_commands_are_case_insensitive() -> None:
+    conn = new()
+    events = pump(
+        conn, b"eHlO c\r\nmail from:<a@b.c>\r\nrcpt to:<d@e.f>\r\ndata\r\nx\r\n.\r\nnoop\r\n"
+    )
+    assert events == [
+        Hello("EHLO", "c"),
+        MailFrom("a@b.c", {}),
+        RcptTo("d@e.f", {}),
+        MessageReceived("a@b.c", ("d@e.f",), b"x\r\n"),
+    ]
+
+
+# -- a full transaction -------------------------------------------------------------------
+
+
+def test_pipelined_transaction_in_one_chunk() -> None:
+    conn = new()
+    chunk = (
+        b"EHLO client.example\r\n"
+        b"MAIL FROM:<alice@example.com> SIZE=20 BODY=8BITMIME\r\n"
+        b"RCPT TO:<bob@example.net>\r\n"
+        b"RCPT TO:<carol@example.net>\r\n"
+        b"DATA\r\n"
+        b"Subject: hi\r\n\r\nhello\r\n.\r\n"
+        b"QUIT\r\n"
+    )
+    events = pump(conn, chunk)
+    assert events == [
+        Hello("EHLO", "client.example"),
+        MailFrom("alice@example.com", {"SIZE": "20", "BODY": "8BITMIME"}),
+        RcptTo("bob@example.net", {}),
+        RcptTo("carol@example.net", {}),
+        MessageReceived(
+            "alice@example.com",
+            ("bob@example.net", "carol@example.net"),
+            b"Subject: hi\r\n\r\nhello\r\n",
+        ),
+        Quit(),
+        ConnectionClosed(),
+    ]
+    assert conn.data_to_send() == EHLO_REPLY + (
+        b"250 2.1.0 Ok\r\n"
+        b"250 2.1.5 Ok\r\n"
+        b"250 2.1.5 Ok\r\n"
+        b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        b"250 2.0.0 Ok: queued as Q1\r\n"
+        b"221 2.0.0 Bye\r\n"
+    )
+    assert conn.closed
+    assert conn.next_event() == ConnectionClosed()
+    assert conn.next_event() == ConnectionClosed()
+
+
+def test_paused_until_reply_and_replies_in_order() -> None:
+    conn = ready()
+    conn.receive_data(b"MAIL FROM:<a@b.c>\r\nNOOP\r\nRCPT TO:<d@e.f>\r\n")
+    assert conn.next_event() == MailFrom("a@b.c", {})
+    assert conn.next_event() is PAUSED
+    assert conn.next_event() is PAUSED
+    assert conn.data_to_send() == b""  # NOOP is not answered before the pending MAIL
+    conn.reply(250, "Ok", "2.1.0")
+    assert conn.next_event() == RcptTo("d@e.f", {})
+    assert conn.data_to_send() == b"250 2.1.0 Ok\r\n250 2.0.0 Ok\r\n"
+    conn.reply(550, "Rejected", "5.1.1")
+    assert conn.next_event() is NEED_DATA
+    assert conn.data_to_send() == b"550 5.1.1 Rejected\r\n"
+    assert conn.state == "mail"
+
+
+def test_reply_without_pending_event_raises() -> None:
+    conn = ready()
+    with pytest.raises(SMTPProtocolError):
+        conn.reply(250, "Ok")
+
+
+def test_multiline_reply_and_no_enhanced_code() -> None:
+    conn = ready()
+    pump(conn, b"VRFY bob\r\n", lambda e: (252, ["one", "two", "three"], "2.0.0"))
+    assert conn.data_to_send() == b"252-2.0.0 one\r\n252-2.0.0 two\r\n252 2.0.0 three\r\n"
+    pump(conn, b"VRFY bob\r\n", lambda e: (252, "plain", None))
+    assert conn.data_to_send() == b"252 plain\r\n"
+
+
+@pytest.mark.parametrize("code", [100, 199, 354, 600])
+def test_reply_rejects_non_final_codes(code: int) -> None:
+    conn = ready()
+    conn.receive_data(b"VRFY x\r\n")
+    assert isinstance(conn.next_event(), Verify)
+    with pytest.raises(ValueError):
+        conn.reply(code, "x")
+
+
+def test_reply_rejects_crlf_injection() -> None:
+    conn = ready()
+    conn.receive_data(b"VRFY x\r\n")
+    assert isinstance(conn.next_event(), Verify)
+    with pytest.raises(ValueError):
+        conn.reply(252, "a\r\n250 b")
+
+
+def test_rejected_mail_keeps_no_transaction() -> None:
+    conn = ready()
+    pump(conn, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n", lambda e: (550, "No", "5.7.1"))
+    assert conn.data_to_send() == b"550 5.7.1 No\r\n503 5.5.1 Error: need MAIL command\r\n"
+    assert conn.state == "ready"
+
+
+def test_message_reply_resets_transaction_keeps_helo() -> None:
+    conn = in_transaction()
+    events, out = send_message(conn, b"x\r\n.\r\nRCPT TO:<d@e.f>\r\n")
+    assert events == [MessageReceived("a@example.com", ("b@example.net",), b"x\r\n")]
+    assert out == b"250 2.0.0 Ok: queued as Q1\r\n503 5.5.1 Error: need MAIL command\r\n"
+    assert conn.state == "ready"
+    assert conn.helo == "client.example"
+
+
+def test_message_rejection_also_resets() -> None:
+    conn = in_transaction()
+    events = pump(conn, b"DATA\r\nx\r\n.\r\nDATA\r\n", lambda e: (554, "Spam", "5.7.1"))
+    assert len(events) == 1
+    assert conn.data_to_send() == (
+        b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        b"554 5.7.1 Spam\r\n"
+        b"503 5.5.1 Error: need RCPT command\r\n"
+    )
+
+
+def test_driver_421_closes() -> None:
+    conn = ready()
+    events = pump(conn, b"MAIL FROM:<a@b.c>\r\nNOOP\r\n", lambda e: (421, "Busy", "4.3.2"))
+    assert events == [MailFrom("a@b.c", {}), ConnectionClosed()]
+    assert conn.data_to_send() == b"421 4.3.2 Busy\r\n"
+    assert conn.closed
+
+
+# -- simple commands ----------------------------------------------------------------------
+
+
+def test_rset_noop_help_quit() -> None:
+    conn = in_transaction()
+    assert pump(conn, b"RSET\r\nNOOP\r\nHELP\r\nQUIT\r\n") == [
+        Reset(),
+        Quit(),
+        ConnectionClosed(),
+    ]
+    assert conn.data_to_send() == (
+        b"250 2.0.0 Ok\r\n"
+        b"250 2.0.0 Ok\r\n"
+        b"214-2.0.0 Commands supported:\r\n"
+        b"214-2.0.0 HELO EHLO MAIL RCPT DATA\r\n"
+        b"214-2.0.0 RSET VRFY NOOP QUIT HELP\r\n"
+        b"214 2.0.0 End of HELP info\r\n"
+        b"221 2.0.0 Bye\r\n"
+    )
+    assert conn.closed
+    assert conn.state == "closed"
+    assert conn.next_event() == ConnectionClosed()
+
+
+def test_rset_clears_transaction() -> None:
+    conn = in_transaction()
+    pump(conn, b"RSET\r\nDATA\r\nMAIL FROM:<x@y.z>\r\n")
+    assert conn.data_to_send() == (
+        b"250 2.0.0 Ok\r\n503 5.5.1 Error: need RCPT command\r\n250 2.1.0 Ok\r\n"
+    )
+
+
+def test_rset_with_argument() -> None:
+    conn = ready()
+    assert pump(conn, b"RSET now\r\n") == []
+    assert conn.data_to_send() == b"501 5.5.4 Syntax: RSET\r\n"
+
+
+def test_commands_before_helo() -> None:
+    conn = new()
+    events = pump(conn, b"NOOP\r\nRSET\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<a@b.c>\r\nDATA\r\n")
+    assert events == [Reset()]
+    assert conn.data_to_send() == (
+        b"250 2.0.0 Ok\r\n"
+        b"250 2.0.0 Ok\r\n"
+        b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+        b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+        b"503 5.5.1 Error: need RCPT command\r\n"
+    )
+    assert conn.state == "start"
+
+
+def test_vrfy() -> None:
+    conn = new()
+    assert pump(conn, b"VRFY\r\nVRFY  Bob Smith \r\n") == [Verify("Bob Smith")]
+    assert conn.data_to_send() == (
+        b"501 5.5.4 Syntax: VRFY address\r\n252 2.0.0 Cannot VRFY user\r\n"
+    )
+
+
+@pytest.mark.parametrize("verb", [b"EXPN", b"SEND", b"SOML", b"SAML", b"TURN", b"expn"])
+def test_not_implemented(verb: bytes) -> None:
+    conn = ready()
+    assert pump(conn, verb + b" x\r\n") == []
+    assert conn.data_to_send() == b"502 5.5.1 Error: command not implemented\r\n"
+
+
+@pytest.mark.parametrize("line", [b"FOO", b"", b"MAILFROM:<a@b.c>", b"   "])
+def test_unknown_command(line: bytes) -> None:
+    conn = ready()
+    assert pump(conn, line + b"\r\n") == []
+    assert conn.data_to_send() == b"500 5.5.2 Error: command not recognized\r\n"
+
+
+def test_bare_lf_ends_command_lines() -> None:
+    conn = new()
+    assert pump(conn, b"HELO x\nNOOP\n") == [Hello("HELO", "x")]
+    assert conn.data_to_send() == b"250 mx.example.org\r\n250 2.0.0 Ok\r\n"
+
+
+def test_transition_table_is_complete() -> None:
+    for state in ("start", "ready", "mail", "rcpt"):
+        for verb in _KNOWN_VERBS:
+            assert (state, verb) in _TRANSITIONS
+
+
+# -- MAIL / RCPT syntax --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "event"),
+    [
+        (b"MAIL FROM:<>", MailFrom("", {})),
+        (b"MAIL FROM: <a@b.c>", MailFrom("a@b.c", {})),
+        (b"MAIL From:<a@b.c>  ", MailFrom("a@b.c", {})),
+        (b'MAIL FROM:<"x y>z"@b.c>', MailFrom('"x y>z"@b.c', {})),
+        (b'MAIL FROM:<"a\\"b"@b.c>', MailFrom('"a\\"b"@b.c', {})),
+        (b"MAIL FROM:<@r1.org,@r2.org:u@d.org>", MailFrom("u@d.org", {})),
+        (b"MAIL FROM:<u@[192.0.2.1]>", MailFrom("u@[192.0.2.1]", {})),
+        (b"MAIL FROM:<u@[IPv6:2001:db8::1]>", MailFrom("u@[IPv6:2001:db8::1]", {})),
+        (b"MAIL FROM:<a.b+c@sub-d.e.f> BODY=7bit", MailFrom("a.b+c@sub-d.e.f", {"BODY": "7bit"})),
+        (b"MAIL FROM:<a@b.c> size=10485760", MailFrom("a@b.c", {"SIZE": "10485760"})),
+    ],
+)
+def test_mail_accepted_forms(line: bytes, event: MailFrom) -> None:
+    conn = ready()
+    assert pump(conn, line + b"\r\n") == [event]
+    assert conn.data_to_send() == b"250 2.1.0 Ok\r\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (b"MAIL", b"501 5.5.4 Syntax: MAIL FROM:<address>"),
+        (b"MAIL a@b.c", b"501 5.5.4 Syntax: MAIL FROM:<address>"),
+        (b"MAIL FROM:a@b.c", b"501 5.5.4 Syntax: MAIL FROM:<address>"),
+        (b"MAIL FROM:<a@b.c", b"501 5.5.4 Syntax: MAIL FROM:<address>"),
+        (b"MAIL TO:<a@b.c>", b"501 5.5.4 Syntax: MAIL FROM:<address>"),
+        (b"MAIL FROM:<a@b.c>SIZE=1", b"501 5.5.4 Syntax: MAIL FROM:<address>"),
+        (b"MAIL FROM:<a@b@c>", b"501 5.1.7 Bad sender address syntax"),
+        (b"MAIL FROM:<a..b@c.d>", b"501 5.1.7 Bad sender address syntax"),
+        (b"MAIL FROM:<a@-b.c>", b"501 5.1.7 Bad sender address syntax"),
+        (b"MAIL FROM:<a@b.c.>", b"501 5.1.7 Bad sender address syntax"),
+        (b"MAIL FROM:<a b@c.d>", b"501 5.1.7 Bad sender address syntax"),
+        (b"MAIL FROM:<postmaster>", b"501 5.1.7 Bad sender address syntax"),
+        (b"MAIL FROM:<u@[300.0.0.1]>", b"501 5.1.7 Bad sender address syntax"),
+        (b"MAIL FROM:<u@[IPv6:zz::1]>", b"501 5.1.7 Bad sender address syntax"),
+        (b"MAIL FROM:<@r1.org:>", b"501 5.1.7 Bad sender address syntax"),
+        (b"MAIL FROM:<\xe9@b.c>", b"501 5.1.7 Bad sender address syntax"),
+        (b"MAIL FROM:<a@b.c> FOO=bar", b"555 5.5.4 Unsupported option: FOO=bar"),
+        (b"MAIL FROM:<a@b.c> BODY=BINARYMIME", b"555 5.5.4 Unsupported option: BODY=BINARYMIME"),
+        (b"MAIL FROM:<a@b.c> SMTPUTF8", b"555 5.5.4 Unsupported option: SMTPUTF8"),
+        (b"MAIL FROM:<a@b.c> =x", b"555 5.5.4 Unsupported option: =x"),
+        (b"MAIL FROM:<a@b.c> SIZE=10485761", b"552 5.3.4 Message size exceeds fixed limit"),
+        (b"MAIL FROM:<a@b.c> SIZE=12k", b"501 5.5.4 Bad message size syntax"),
+        (b"MAIL FROM:<a@b.c> SIZE", b"501 5.5.4 Bad message size syntax"),
+    ],
+)
+def test_mail_errors(line: bytes, reply: bytes) -> None:
+    conn = ready()
+    assert pump(conn, line + b"\r\n") == []
+    assert conn.data_to_send() == reply + b"\r\n"
+    assert conn.state == "ready"
+
+
+def test_nested_mail() -> None:
+    conn = in_transaction()
+    assert pump(conn, b"MAIL FROM:<x@y.z>\r\n") == []
+    assert conn.data_to_send() == b"503 5.5.1 Error: nested MAIL command\r\n"
+    conn = ready()
+    pump(conn, b"MAIL FROM:<x@y.z>\r\nMAIL FROM:<x@y.z>\r\n")
+    assert conn.data_to_send() == b"250 2.1.0 Ok\r\n503 5.5.1 Error: nested MAIL command\r\n"
+
+
+def test_rcpt_without_mail() -> None:
+    conn = ready()
+    assert pump(conn, b"RCPT TO:<a@b.c>\r\n") == []
+    assert conn.data_to_send() == b"503 5.5.1 Error: need MAIL command\r\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "address"),
+    [
+        (b"RCPT TO:<Postmaster>", "Postmaster"),
+        (b"RCPT TO:<postmaster>", "postmaster"),
+        (b"RCPT TO: <a@b.c>", "a@b.c"),
+        (b"rcpt to:<@x.org:a@b.c>", "a@b.c"),
+    ],
+)
+def test_rcpt_accepted_forms(line: bytes, address: str) -> None:
+    conn = ready()
+    pump(conn, b"MAIL FROM:<>\r\n")
+    conn.data_to_send()
+    assert pump(conn, line + b"\r\n") == [RcptTo(address, {})]
+    assert conn.data_to_send() == b"250 2.1.5 Ok\r\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (b"RCPT", b"501 5.5.4 Syntax: RCPT TO:<address>"),
+        (b"RCPT FROM:<a@b.c>", b"501 5.5.4 Syntax: RCPT TO:<address>"),
+        (b"RCPT TO:a@b.c", b"501 5.5.4 Syntax: RCPT TO:<address>"),
+        (b"RCPT TO:<>", b"501 5.1.3 Bad recipient address syntax"),
+        (b"RCPT TO:<a@>", b"501 5.1.3 Bad recipient address syntax"),
+        (b"RCPT TO:<a>", b"501 5.1.3 Bad recipient address syntax"),
+        (b"RCPT TO:<a@b.c> NOTIFY=NEVER", b"555 5.5.4 Unsupported option: NOTIFY=NEVER"),
+    ],
+)
+def test_rcpt_errors(line: bytes, reply: bytes) -> None:
+    conn = ready()
+    pump(conn, b"MAIL FROM:<a@b.c>\r\n")
+    conn.data_to_send()
+    assert pump(conn, line + b"\r\n") == []
+    assert conn.data_to_send() == reply + b"\r\n"
+
+
+def test_too_many_recipients() -> None:
+    conn = ready(max_recipients=2)
+    lines = b"MAIL FROM:<a@b.c>\r\n" + b"RCPT TO:<r@x.y>\r\n" * 4
+    events = pump(conn, lines)
+    assert events == [MailFrom("a@b.c", {}), RcptTo("r@x.y", {}), RcptTo("r@x.y", {})]
+    assert conn.data_to_send() == (
+        b"250 2.1.0 Ok\r\n"
+        b"250 2.1.5 Ok\r\n"
+        b"250 2.1.5 Ok\r\n"
+        b"452 4.5.3 Error: too many recipients\r\n"
+        b"452 4.5.3 Error: too many recipients\r\n"
+    )
+    # the transaction carries on with the recipients accepted so far
+    events, out = send_message(conn, b"hi\r\n.\r\n")
+    assert events == [MessageReceived("a@b.c", ("r@x.y", "r@x.y"), b"hi\r\n")]
+    assert out == b"250 2.0.0 Ok: queued as Q1\r\n"
+
+
+def test_refused_recipients_do_not_count_toward_limit() -> None:
+    conn = ready(max_recipients=1)
+    pump(conn, b"MAIL FROM:<a@b.c>\r\n")
+    pump(conn, b"RCPT TO:<r@x.y>\r\n", lambda e: (550, "No", "5.1.1"))
+    pump(conn, b"RCPT TO:<s@x.y>\r\nRCPT TO:<t@x.y>\r\n")
+    assert conn.data_to_send() == (
+        b"250 2.1.0 Ok\r\n550 5.1.1 No\r\n250 2.1.5 Ok\r\n452 4.5.3 Error: too many recipients\r\n"
+    )
+
+
+# -- DATA command ----------------------------------------------------------------------------
+
+
+def test_data_without_mail_or_rcpt() -> None:
+    conn = ready()
+    pump(conn, b"DATA\r\nMAIL FROM:<a@b.c>\r\nDATA\r\n")
+    assert conn.data_to_send() == (
+        b"503 5.5.1 Error: need RCPT command\r\n"
+        b"250 2.1.0 Ok\r\n"
+        b"503 5.5.1 Error: need RCPT command\r\n"
+    )
+
+
+def test_data_when_all_recipients_refused() -> None:
+    conn = ready()
+    pump(conn, b"MAIL FROM:<a@b.c>\r\n")
+    pump(conn, b"RCPT TO:<r@x.y>\r\n", lambda e: (550, "No", "5.1.1"))
+    pump(conn, b"DATA\r\n")
+    assert conn.data_to_send() == (
+        b"250 2.1.0 Ok\r\n550 5.1.1 No\r\n554 5.5.1 Error: no valid recipients\r\n"
+    )
+
+
+def test_data_with_argument() -> None:
+    conn = in_transaction()
+    assert pump(conn, b"DATA now\r\n") == []
+    assert conn.data_to_send() == b"501 5.5.4 Syntax: DATA\r\n"
+    assert conn.state == "rcpt"
+
+
+# -- message content ---------------------------------------------------------------------
+
+
+def test_empty_message() -> None:
+    conn = in_transaction()
+    events, out = send_message(conn, b".\r\n")
+    assert events == [MessageReceived("a@example.com", ("b@example.net",), b"")]
+    assert out == b"250 2.0.0 Ok: queued as Q1\r\n"
+
+
+def test_dot_unstuffing() -> None:
+    conn = in_transaction()
+    body = b"..\r\n...x\r\n.y\r\na.b\r\n. \r\n"
+    events, _ = send_message(conn, body + b".\r\n")
+    assert events == [
+        MessageReceived(
+            "a@example.com", ("b@example.net",), b".\r\n..x\r\ny\r\na.b\r\n \r\n"
+        )
+    ]
+
+
+BARE_BODY = b"a\n.\nb\r.\rc\n.\r\nd\r\n\n.\n\r\n"
+
+
+def test_bare_lf_and_cr_do_not_end_or_split_data() -> None:
+    conn = in_transaction()
+    events, out = send_message(conn, BARE_BODY + b".\r\n")
+    assert events == [MessageReceived("a@example.com", ("b@example.net",), BARE_BODY)]
+    assert out == b"250 2.0.0 Ok: queued as Q1\r\n"
+
+
+def test_one_byte_chunks_give_same_result() -> None:
+    stream = (
+        b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n"
+        + BARE_BODY
+        + b"..stuffed\r\n.\r\nQUIT\r\n"
+    )
+    whole = new()
+    expected = pump(whole, stream)
+    expected_bytes = whole.data_to_send()
+    split = new()
+    events: list[object] = []
+    for i in range(len(stream)):
+        events += pump(split, stream[i : i + 1])
+    assert events == expected
+    assert split.data_to_send() == expected_bytes
+    assert expected[-3:] == [
+        MessageReceived("a@b.c", ("d@e.f",), BARE_BODY + b".stuffed\r\n"),
+        Quit(),
+        ConnectionClosed(),
+    ]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_bodies_and_chunkings_round_trip(seed: int) -> None:
+    rng = random.Random(seed)
+    pieces = [b"a", b"b", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n."]
+    body = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 200))) + b"\r\n"
+    # what a client sends: every CRLF-delimited line starting with "." gets one more
+    lines = body.split(b"\r\n")
+    stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
+    stream = b"DATA\r\n" + stuffed + b".\r\nNOOP\r\n"
+    conn = in_transaction()
+    events: list[object] = []
+    pos = 0
+    while pos < len(stream):
+        step = rng.randrange(1, 8)
+        events += pump(conn, stream[pos : pos + step])
+        pos += step
+    assert events == [MessageReceived("a@example.com", ("b@example.net",), body)]
+    assert conn.data_to_send() == (
+        b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        b"250 2.0.0 Ok: queued as Q1\r\n"
+        b"250 2.0.0 Ok\r\n"
+    )
+
+
+def test_terminator_split_across_chunks() -> None:
+    conn = in_transaction()
+    assert pump(conn, b"DATA\r\nline\r") == []
+    assert pump(conn, b"\n.") == []
+    assert pump(conn, b"\r") == []
+    events = pump(conn, b"\nNOOP\r\n")
+    assert events == [MessageReceived("a@example.com", ("b@example.net",), b"line\r\n")]
+    assert conn.data_to_send() == (
+        b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n250 2.0.0 Ok\r\n"
+    )
+
+
+def test_eight_bit_content_kept() -> None:
+    conn = in_transaction()
+    body = "Grüße\r\n".encode() + b"\x00\xff\r\n"
+    events, _ = send_message(conn, body + b".\r\n")
+    assert events == [MessageReceived("a@example.com", ("b@example.net",), body)]
+
+
+def test_oversize_message_then_session_continues() -> None:
+    conn = in_transaction(max_message_size=10)
+    events, out = send_message(conn, b"0123456789\r\nmore\r\n.\r\nNOOP\r\n")
+    assert events == []
+    assert out == b"552 5.3.4 Error: message too large\r\n250 2.0.0 Ok\r\n"
+    assert conn.state == "ready"
+    pump(conn, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n")
+    assert conn.data_to_send() == b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+    events, out = send_message(conn, b"12345678\r\n.\r\n")
+    assert events == [MessageReceived("a@b.c", ("d@e.f",), b"12345678\r\n")]
+    assert out == b"250 2.0.0 Ok: queued as Q1\r\n"
+
+
+def test_message_exactly_at_size_limit() -> None:
+    conn = in_transaction(max_message_size=10)
+    events, out = send_message(conn, b"..\r\n567890\r\n.\r\n")  # unstuffed: 3 + 8 = 11
+    assert (events, out) == ([], b"552 5.3.4 Error: message too large\r\n")
+    conn = in_transaction(max_message_size=11)
+    events, out = send_message(conn, b"..\r\n567890\r\n.\r\n")
+    assert events == [MessageReceived("a@example.com", ("b@example.net",), b".\r\n567890\r\n")]
+    assert out == b"250 2.0.0 Ok: queued as Q1\r\n"
+
+
+def test_oversize_content_is_not_stored() -> None:
+    conn = in_transaction(max_message_size=100)
+    pump(conn, b"DATA\r\n" + b"x" * 50 + b"\r\n" + b"y" * 60 + b"\r\n")
+    assert len(conn._content) == 0
+
+
+def test_long_text_line() -> None:
+    conn = in_transaction(max_text_line=10)
+    ok_line = b"12345678\r\n"  # exactly 10 octets with CRLF
+    events, out = send_message(conn, ok_line + b".\r\n")
+    assert events == [MessageReceived("a@example.com", ("b@example.net",), ok_line)]
+    assert out == b"250 2.0.0 Ok: queued as Q1\r\n"
+    pump(conn, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n")
+    assert conn.data_to_send() == b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+    events, out = send_message(conn, b"123456789\r\nok\r\n.\r\nNOOP\r\n")
+    assert events == []
+    assert out == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+    assert conn.state == "ready"
+
+
+def test_long_partial_line_is_dropped() -> None:
+    conn = in_transaction(max_text_line=10)
+    assert pump(conn, b"DATA\r\n" + b"x" * 25) == []
+    assert len(conn._in) < 10  # bounded: the overlong partial line was dropped
+    assert pump(conn, b"x" * 25 + b"\r") == []
+    assert len(conn._in) == 1  # only the CR whose LF may follow is kept
+    assert pump(conn, b"\n.\r\n") == []
+    assert conn.data_to_send() == (
+        b"354 End data with <CR><LF>.<CR><LF>\r\n500 5.5.2 Error: line too long\r\n"
+    )
+    assert conn.state == "ready"
+
+
+def test_long_line_then_dot_continuation() -> None:
+    conn = in_transaction(max_text_line=10)
+    assert pump(conn, b"DATA\r\n" + b"x" * 30) == []
+    assert pump(conn, b".\r\n") == []  # the end of the long line, not a terminator
+    assert conn.state == "data"
+    assert pump(conn, b".\r\n") == []
+    assert conn.state == "ready"
+    assert conn.data_to_send() == (
+        b"354 End data with <CR><LF>.<CR><LF>\r\n500 5.5.2 Error: line too long\r\n"
+    )
+
+
+def test_crlf_split_after_long_partial_line() -> None:
+    conn = in_transaction(max_text_line=10)
+    pump(conn, b"DATA\r\n" + b"x" * 20 + b"\r")
+    pump(conn, b"\n.\r\n")
+    assert conn.data_to_send().endswith(b"500 5.5.2 Error: line too long\r\n")
+    assert conn.state == "ready"
+
+
+def test_eof_mid_data() -> None:
+    conn = in_transaction()
+    events = pump(conn, b"DATA\r\nSubject: x\r\n\r\nbody\r\n")
+    assert events == []
+    assert pump(conn, b"") == [ConnectionClosed()]
+    assert conn.closed
+    assert conn.next_event() == ConnectionClosed()
+
+
+def test_eof_processes_buffered_commands_first() -> None:
+    conn = ready()
+    conn.receive_data(b"NOOP\r\nQUIT\r\n")
+    conn.receive_data(b"")
+    assert conn.next_event() == Quit()
+    assert conn.next_event() == ConnectionClosed()
+    assert conn.data_to_send() == b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n"
+
+
+def test_eof_while_decision_pending() -> None:
+    conn = in_transaction()
+    conn.receive_data(b"DATA\r\nx\r\n.\r\n")
+    conn.receive_data(b"")
+    event = conn.next_event()
+    assert event == MessageReceived("a@example.com", ("b@example.net",), b"x\r\n")
+    assert conn.next_event() is PAUSED  # the complete message still gets its answer
+    conn.reply(250, "Ok: queued as Q1", "2.0.0")
+    assert conn.next_event() == ConnectionClosed()
+    assert conn.data_to_send() == (
+        b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n"
+    )
+
+
+def test_eof_with_partial_command() -> None:
+    conn = ready()
+    assert pump(conn, b"NOOP") == []
+    assert pump(conn, b"") == [ConnectionClosed()]
+    assert conn.data_to_send() == b""
+
+
+# -- command line limits, error limit, timeout, shutdown ------------------------------------------
+
+
+def test_long_command_line() -> None:
+    conn = ready()
+    line = b"NOOP " + b"x" * 505 + b"\r\n"  # 512 octets: allowed
+    assert len(line) == 512
+    pump(conn, line)
+    assert conn.data_to_send() == b"250 2.0.0 Ok\r\n"
+    long_line = b"NOOP " + b"x" * 506 + b"\r\n"
+    pump(conn, long_line + b"NOOP\r\n")
+    assert conn.data_to_send() == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+
+
+def test_long_command_line_in_pieces_is_bounded() -> None:
+    conn = ready()
+    for _ in range(10):
+        assert pump(conn, b"x" * 300) == []
+        assert len(conn._in) < 512
+    assert conn.data_to_send() == b""
+    pump(conn, b"yyy\r\nNOOP\r\n")
+    assert conn.data_to_send() == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+
+
+def test_hard_error_limit() -> None:
+    conn = ready(hard_error_limit=3)
+    events = pump(conn, b"FOO\r\nNOOP\r\nEXPN x\r\nDATA\r\nNOOP\r\n")
+    assert events == [ConnectionClosed()]
+    assert conn.data_to_send() == (
+        b"500 5.5.2 Error: command not recognized\r\n"
+        b"250 2.0.0 Ok\r\n"
+        b"502 5.5.1 Error: command not implemented\r\n"
+        b"503 5.5.1 Error: need RCPT command\r\n"
+        b"421 4.7.0 mx.example.org Error: too many errors\r\n"
+    )
+    assert conn.closed
+
+
+def test_driver_rejections_do_not_count_as_errors() -> None:
+    conn = ready(hard_error_limit=2)
+    for _ in range(5):
+        pump(conn, b"MAIL FROM:<a@b.c>\r\n", lambda e: (550, "No", "5.7.1"))
+    assert not conn.closed
+
+
+def test_timeout() -> None:
+    conn = ready()
+    conn.receive_data(b"MAIL FROM:<a@b.c>\r\n")
+    assert isinstance(conn.next_event(), MailFrom)
+    conn.timeout()
+    assert conn.closed
+    assert conn.data_to_send() == b"421 4.4.2 mx.example.org Error: timeout exceeded\r\n"
+    conn.reply(250, "Ok", "2.1.0")  # a late answer after the close is ignored
+    assert conn.data_to_send() == b""
+    assert conn.next_event() == ConnectionClosed()
+
+
+def test_shutdown() -> None:
+    conn = in_transaction()
+    conn.shutdown()
+    conn.shutdown()  # idempotent
+    assert conn.data_to_send() == b"421 4.3.2 mx.example.org Service shutting down\r\n"
+    assert conn.closed
+    conn.receive_data(b"NOOP\r\n")
+    assert conn.next_event() == ConnectionClosed()
+    assert conn.data_to_send() == b""
