@@ -79,7 +79,7 @@ class SmtpServerRole:
                         return
                     if conn.closed:
                         return
-                    timeout = cfg.data_timeout if conn.state == "DATA" else cfg.command_timeout
+                    timeout = cfg.data_timeout if conn.state == "data" else cfg.command_timeout
                     with trio.move_on_after(timeout) as scope:
                         data = await stream.receive_some(65536)
                     if scope.cancelled_caught:
