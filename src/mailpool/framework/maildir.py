@@ -1,0 +1,110 @@
+"""Maildir delivery (https://cr.yp.to/proto/maildir.html).
+
+A message is written to tmp/<unique>, fsynced, hard-linked to new/<unique> (link, unlike
+rename, never replaces an existing file) and new/ is fsynced: only then is it delivered.
+Readers (POP, IMAP) move it to cur/<unique>:2,<flags>. The framework chooses `unique`
+from the queue id and recipient index, so after a crash a retry can see the message
+is already there and not deliver it twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from mailpool.fsutil import fsync_dir, write_all
+
+_SUBDIRS = ("tmp", "new", "cur")
+
+
+def ensure_maildir(path: Path) -> None:
+    """Create the Maildir and its tmp/ new/ cur/ (mode 0700), durably, if missing."""
+    path = Path(path)
+    for d in (path, *(path / s for s in _SUBDIRS)):
+        if d.is_dir():
+            continue
+        missing = [p for p in (d, *d.parents) if not p.exists()]
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A new directory is only durable once its parent is fsynced; otherwise a crash
+        # could drop a whole mailbox whose messages had been fsynced.
+        for p in missing:
+            fsync_dir(p.parent)
+
+
+def _check_unique(unique: str) -> None:
+    if not unique or "/" in unique or ":" in unique or unique.startswith(".") or "\0" in unique:
+        raise ValueError(f"invalid Maildir unique name {unique!r}")
+
+
+def unique_name(queue_id: str, index: int, hostname: str) -> str:
+    """The unique name `<queue_id>.R<index>.<hostname>`.
+
+    '/' and ':' in the hostname are written as '\\057' and '\\072', as the Maildir spec says.
+    """
+    if "/" in queue_id or ":" in queue_id or not queue_id:
+        raise ValueError(f"invalid queue id {queue_id!r}")
+    if index < 0:
+        raise ValueError(f"negative recipient index {index}")
+    host = hostname.replace("/", "\\057").replace(":", "\\072")
+    return f"{queue_id}.R{index}.{host}"
+
+
+def find(path: Path, unique: str) -> Path | None:
+    """Where the message `unique` is in the Maildir (new/ or cur/), or None."""
+    _check_unique(unique)
+    path = Path(path)
+    new = path / "new" / unique
+    if new.exists():
+        return new
+    prefix = unique + ":"
+    try:
+        with os.scandir(path / "cur") as it:
+            for entry in it:
+                if entry.name == unique or entry.name.startswith(prefix):
+                    return Path(entry.path)
+    except FileNotFoundError:
+        pass
+    # A reader may have moved it new/ -> cur/ between the two looks.
+    return new if new.exists() else None
+
+
+def is_delivered(path: Path, unique: str) -> bool:
+    """True if new/<unique>, cur/<unique> or cur/<unique>:<info> exists."""
+    return find(path, unique) is not None
+
+
+def deliver(path: Path, unique: str, content: bytes) -> Path:
+    """Deliver `content` durably as `unique`; returns its path in new/.
+
+    Idempotent: if a message with this unique name is already in new/ or cur/, nothing is
+    written and its current path is returned. The Maildir must exist (ensure_maildir).
+    """
+    path = Path(path)
+    existing = find(path, unique)
+    if existing is not None:
+        return existing
+    tmp = path / "tmp" / unique
+    final = path / "new" / unique
+    # O_TRUNC, not O_EXCL: a leftover tmp/<unique> can only be ours, from a crashed attempt.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            write_all(fd, content)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            pass  # a concurrent attempt delivered the same message: keep that one
+        except OSError as e:
+            # Filesystems without hard links: fall back to rename (we checked above that
+            # nothing holds this name).
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            os.rename(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(final.parent)
+    return final

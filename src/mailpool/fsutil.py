@@ -1,0 +1,79 @@
+"""Durability helpers shared by the spool, Maildir delivery and the directory file.
+
+Linux only. The pattern everywhere is: write a temporary name, fsync it, rename it into
+place, fsync the directory (the rename is only durable once its directory is). For group
+commit, many writers skip the fsyncs and one `syncfs` makes all of them durable at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import secrets
+from pathlib import Path
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.syncfs.argtypes = [ctypes.c_int]
+_libc.syncfs.restype = ctypes.c_int
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so that entries created, renamed or removed in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """os.write until everything is written (a regular file may take a short write)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_file_durably(
+    directory: str | os.PathLike[str],
+    name: str,
+    data: bytes | bytearray | memoryview,
+    *,
+    mode: int = 0o600,
+    sync: bool = True,
+) -> Path:
+    """Atomically replace `directory/name` with `data`; durable on return when `sync`.
+
+    Readers see either the old file or the new one, never a partial file. The temporary
+    name is a dotfile in the same directory (a rename cannot cross filesystems).
+    """
+    directory = Path(directory)
+    final = directory / name
+    tmp = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            write_all(fd, data)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync:
+        fsync_dir(directory)
+    return final
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """syncfs(2) on the filesystem holding `path`: one call makes every write on it durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fspath(path))
+    finally:
+        os.close(fd)
