@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -52,7 +51,7 @@ from mailpool.supervisor.channel import (
     socketpair,
 )
 from mailpool.supervisor.control import serve_control
-from mailpool.supervisor.pool import PoolEntry
+from mailpool.supervisor.pool import Plan, PoolEntry
 
 SUPERVISOR = "supervisor"
 BUSY_REPLY = b"421 4.3.2 Service not available, closing transmission channel\r\n"
@@ -110,6 +109,7 @@ class Supervisor:
         self.spool = Spool(loaded.spool_dir)
         self.listeners: dict[str, trio.socket.SocketType] = {}
         self.started = time.time()
+        self.listen_scope = trio.CancelScope()
 
     # --- journal -----------------------------------------------------------------------
 
@@ -137,8 +137,15 @@ class Supervisor:
         self.listeners[name] = sock
         return sock
 
+    def listen_addresses(self) -> dict[str, str]:
+        out = {}
+        for name, sock in self.listeners.items():
+            host, port = sock.getsockname()[:2]
+            out[name] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return out
+
     def write_listen_file(self) -> None:
-        info = {name: "%s:%d" % sock.getsockname()[:2] for name, sock in self.listeners.items()}
+        info: dict[str, Any] = self.listen_addresses()
         info["pid"] = os.getpid()
         tmp = self.loaded.run_dir / "listen.json.tmp"
         tmp.write_text(json.dumps(info))
@@ -164,7 +171,7 @@ class Supervisor:
             return 1
         self.write_listen_file()
         # A crash during DATA leaves only a temp file: it was never accepted.
-        removed = self.spool.cleanup_tmp()
+        removed = self.spool.cleanup_tmp(max_age=0)
         for queue_id in self.spool.list("incoming"):
             self.enqueue_work(queue_id)
         listeners = {"smtp-server": "smtp", "pop-server": "pop3", "framework": None}
@@ -181,16 +188,23 @@ class Supervisor:
                 nursery.start_soon(self.journal_syncer)
                 nursery.start_soon(self.group_syncer)
                 for entry in self.entries.values():
-                    entry.rules.start()
                     nursery.start_soon(self.manage, entry)
-                    if entry.listener is not None:
-                        nursery.start_soon(self.accept_loop, entry,
-                                           self.listeners[entry.listener])
+                nursery.start_soon(self.accept_loops)
                 nursery.start_soon(self.dispatch_work)
         finally:
             self.journal.close()
         log("stopped")
         return 0
+
+    async def accept_loops(self) -> None:
+        with self.listen_scope:
+            async with trio.open_nursery() as nursery:
+                for entry in self.entries.values():
+                    if entry.listener is not None:
+                        nursery.start_soon(self.accept_loop, entry,
+                                           self.listeners[entry.listener])
+        for sock in self.listeners.values():
+            sock.close()
 
     # --- signals, drain and reload --------------------------------------------------------
 
@@ -214,9 +228,7 @@ class Supervisor:
         self.write_snapshot()
         for name, entry in self.entries.items():
             entry.rules.change(new.config.pool[name])
-            for job in list(entry.jobs.values()):
-                self.nursery.start_soon(self.send_drain, job, "reload")
-            entry.rules.reload()
+            entry.rules.reload()  # the next plan drains the old jobs and starts new ones
             entry.poke()
         log(f"configuration reloaded from {new.path}; old jobs drain")
 
@@ -230,14 +242,13 @@ class Supervisor:
     async def drain_and_exit(self) -> None:
         log("draining: listeners closed, sessions finish, jobs end")
         self.stopping = True
-        for sock in self.listeners.values():
-            sock.close()
+        self.listen_scope.cancel()
         # Work already dispatched completes; nothing new is handed out.
         longest = max(e.rules.params.drain_timeout for e in self.entries.values())
         for entry in self.entries.values():
+            entry.rules.shutdown()
+            await self.execute(entry, entry.rules.plan())
             entry.poke()
-            for job in list(entry.jobs.values()):
-                await self.send_drain(job, "drain")
         with trio.move_on_after(longest + 5):
             while any(e.jobs for e in self.entries.values()):
                 await trio.sleep(0.05)
@@ -327,42 +338,45 @@ class Supervisor:
             entry.rules.job_ready(job.id)
             entry.poke()
 
+    async def execute(self, entry: EntryRuntime, plan: Plan) -> None:
+        for _ in range(plan.spawn):
+            job_id = entry.rules.job_spawned()
+            self.nursery.start_soon(self.run_job, entry, job_id)
+        for job_id, reason in plan.drain:
+            job = entry.jobs.get(job_id)
+            if job is not None:
+                await self.send_drain(job, reason)
+        for job_id, reason in plan.kill:
+            job = entry.jobs.get(job_id)
+            if job is not None and job.process is not None:
+                job.killed_for = reason
+                job.process.kill()
+        if plan.spawn_blocked_until is not None and not entry.throttled:
+            entry.throttled = True
+            delay = plan.spawn_blocked_until - trio.current_time()
+            self.record("JT", entry=entry.name, detail=f"restart delayed {delay:.1f}s")
+        elif plan.spawn_blocked_until is None:
+            entry.throttled = False
+
     async def manage(self, entry: EntryRuntime) -> None:
-        """One pass of the rules per wake-up or tick: reap, kill silent jobs, size the pool."""
-        while True:
+        """One pass of the rules per wake-up: reap, kill silent jobs, size the pool."""
+        await self.execute(entry, entry.rules.start())
+        while not self.stopping:
             entry.wake = trio.Event()
-            if not self.stopping:
-                plan = entry.rules.plan()
-                for _ in range(plan.spawn):
-                    job_id = entry.rules.job_spawned()
-                    self.nursery.start_soon(self.run_job, entry, job_id)
-                for job_id, reason in plan.drain:
-                    job = entry.jobs.get(job_id)
-                    if job is not None:
-                        await self.send_drain(job, reason)
-                for job_id, reason in plan.kill:
-                    job = entry.jobs.get(job_id)
-                    if job is not None and job.process is not None:
-                        job.killed_for = reason
-                        job.process.kill()
-                if plan.spawn_blocked_until is not None and not entry.throttled:
-                    entry.throttled = True
-                    self.record("JT", entry=entry.name,
-                                detail=f"restart delayed {plan.spawn_blocked_until - trio.current_time():.1f}s")
-                elif plan.spawn_blocked_until is None:
-                    entry.throttled = False
-            with trio.move_on_after(0.25):
+            plan = entry.rules.plan()
+            await self.execute(entry, plan)
+            deadline = plan.wake_at if plan.wake_at is not None else trio.current_time() + 1.0
+            with trio.move_on_at(min(deadline, trio.current_time() + 1.0)):
                 await entry.wake.wait()
 
     # --- connections -------------------------------------------------------------------------
 
     async def accept_loop(self, entry: EntryRuntime, listener: trio.socket.SocketType) -> None:
-        while not self.stopping:
+        while True:
             try:
                 sock, addr = await listener.accept()
-            except OSError:
-                if self.stopping:
-                    return
+            except OSError as exc:
+                log(f"accept on {entry.listener}: {exc}")
                 await trio.sleep(0.1)  # EMFILE and friends: back off, do not spin
                 continue
             self.nursery.start_soon(self.hand_off, entry, sock, addr)
@@ -517,8 +531,7 @@ class Supervisor:
             return {"path": str(self.journal.rotate())}
         if op == "status":
             return {"pid": os.getpid(), "started": self.started,
-                    "listen": {n: "%s:%d" % s.getsockname()[:2]
-                               for n, s in self.listeners.items()}}
+                    "listen": self.listen_addresses()}
         return {"error": f"unknown op {op!r}"}
 
 

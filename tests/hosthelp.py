@@ -1,0 +1,179 @@
+"""A real mailpool host for end-to-end tests: a `mailpool serve` process on free ports.
+
+Listeners are configured on port 0; the supervisor writes the bound addresses to
+<data>/run/listen.json, so no port is guessed. Each host runs in its own session so the
+whole process group (supervisor and jobs) is killed at cleanup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MAILPOOL = [sys.executable, "-m", "mailpool.cli"]
+
+BASE_CONFIG = """\
+[host]
+name = "mail.example.test"
+local_domains = ["example.test", "other.test"]
+
+[listen]
+smtp = "127.0.0.1:0"
+pop3 = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[paths]
+data = "var"
+
+[smtp]
+command_timeout = 20.0
+data_timeout = 20.0
+"""
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Host:
+    def __init__(self, root: Path, extra_config: str = "") -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.config_path = root / "mailpool.toml"
+        self.config_path.write_text(BASE_CONFIG + extra_config)
+        self.data = root / "var"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.listen: dict[str, Any] = {}
+        self.log_path = root / "serve.log"
+
+    # --- process --------------------------------------------------------------------
+
+    def start(self, wait_jobs: dict[str, int] | None = None) -> Host:
+        listen_file = self.data / "run" / "listen.json"
+        listen_file.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [*MAILPOOL, "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+
+        def ready() -> dict[str, Any] | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mailpool serve exited {self.proc.returncode}: "
+                                     + self.log_path.read_text()[-2000:])
+            try:
+                info = json.loads(listen_file.read_text())
+            except (OSError, ValueError):
+                return None
+            return info if info.get("pid") == self.proc.pid else None
+
+        self.listen = wait_for(ready, what="listen.json")
+        self.wait_jobs(wait_jobs or {"smtp-server": 1, "framework": 1})
+        return self
+
+    def wait_jobs(self, counts: dict[str, int], timeout: float = 30.0) -> None:
+        """Until each entry has at least N jobs ready to take work."""
+
+        def ok() -> bool:
+            try:
+                entries = self.pool_show()
+            except AssertionError:
+                return False
+            return all(entries[name]["jobs"]["current"] - entries[name]["in_use"]["current"]
+                       >= n and self.ready_jobs(name) >= n for name, n in counts.items())
+
+        wait_for(ok, timeout, what=f"jobs {counts}")
+
+    def ready_jobs(self, entry: str) -> int:
+        return int(self.pool_show()[entry].get("ready", 10**6))
+
+    def stop(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.kill_group()
+        return code
+
+    def kill(self) -> None:
+        """kill -9 of everything: the supervisor and every job (a host crash)."""
+        self.kill_group()
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def kill_group(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # --- addresses ------------------------------------------------------------------
+
+    def addr(self, name: str) -> tuple[str, int]:
+        host, _, port = self.listen[name].rpartition(":")
+        return host, int(port)
+
+    @property
+    def smtp(self) -> tuple[str, int]:
+        return self.addr("smtp")
+
+    @property
+    def pop3(self) -> tuple[str, int]:
+        return self.addr("pop3")
+
+    # --- CLI ------------------------------------------------------------------------
+
+    def cli(self, *args: str, input: str | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([*MAILPOOL, *args, "--config", str(self.config_path)],
+                             input=input, capture_output=True, text=True, timeout=60)
+        if check and res.returncode != 0:
+            raise AssertionError(f"mailpool {' '.join(args)} failed: {res.stderr}{res.stdout}")
+        return res
+
+    def add_user(self, name: str, *addresses: str, password: str | None = None) -> None:
+        args = ["user", "add", name]
+        for a in addresses:
+            args += ["--address", a]
+        if password is not None:
+            args.append("--password-stdin")
+        self.cli(*args, input=(password + "\n") if password is not None else None)
+
+    def pool_show(self) -> dict[str, Any]:
+        res = self.cli("pool", "show", "--json", check=False)
+        if res.returncode != 0:
+            raise AssertionError(res.stderr)
+        return json.loads(res.stdout)["entries"]
+
+    def journal(self, *args: str) -> list[dict[str, Any]]:
+        res = self.cli("journal", "dump", "--format", "json", *args)
+        return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+    # --- mailboxes ------------------------------------------------------------------
+
+    def maildir_files(self, user: str) -> list[Path]:
+        box = self.data / "mailboxes" / user
+        return sorted([*(box / "new").glob("*"), *(box / "cur").glob("*")])
+
+    def wait_delivered(self, user: str, count: int, timeout: float = 20.0) -> list[Path]:
+        return wait_for(lambda: len(self.maildir_files(user)) >= count
+                        and self.maildir_files(user), timeout,
+                        what=f"{count} message(s) in {user}'s Maildir")
+
+    def queue_files(self, queue: str = "incoming") -> list[Path]:
+        return sorted((self.data / "spool" / queue).glob("*"))
