@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import email.utils
 import re
+from datetime import UTC, datetime
 
-_MSGID_HEADER = re.compile(rb"^message-id[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+_MSGID_HEADER = re.compile(rb"^message-id[ \t]*:(.*(?:\r?\n[ \t].*)*)",
+                           re.IGNORECASE | re.MULTILINE)
 _ANGLE = re.compile(rb"<([^<>\s]+)>")
 
 
@@ -31,7 +33,7 @@ def find_message_id(content: bytes) -> str | None:
 
 
 def received_header(*, helo: str, peer_ip: str, hostname: str, queue_id: str,
-                    recipients: list[str], esmtp: bool, now: float | None = None) -> bytes:
+                    recipients: list[str], esmtp: bool) -> bytes:
     """RFC 5321 4.4 trace header, folded the way Postfix folds it."""
     proto = "ESMTP" if esmtp else "SMTP"
     lines = [f"Received: from {helo or 'unknown'} ([{peer_ip}])",
@@ -40,7 +42,7 @@ def received_header(*, helo: str, peer_ip: str, hostname: str, queue_id: str,
         lines.append(f"\tfor <{recipients[0]}>;")
     else:
         lines[-1] += ";"
-    lines.append("\t" + email.utils.formatdate(now, localtime=False, usegmt=False))
+    lines.append("\t" + email.utils.format_datetime(datetime.now(UTC)))
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 

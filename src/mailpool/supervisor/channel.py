@@ -30,6 +30,8 @@ class Assign(Msg):
     peer_ip: str
     peer_port: int
     listener: str
+    # Recent failed logins from this peer address (any job): POP slows them down.
+    auth_failures: int = 0
 
 
 class Work(Msg):
@@ -86,8 +88,15 @@ class SyncRequest(Msg):
     token: int
 
 
+class AuthFailed(Msg):
+    """A login from this address failed; the supervisor keeps the count across jobs."""
+
+    ip: str
+
+
 ToJob = Assign | Work | Drain | Synced
-ToSupervisor = Ready | Heartbeat | SessionEnded | WorkDone | Journal | Queued | SyncRequest
+ToSupervisor = (Ready | Heartbeat | SessionEnded | WorkDone | Journal | Queued | SyncRequest
+                | AuthFailed)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_job = msgspec.msgpack.Decoder(ToJob)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import signal
 import socket
@@ -35,6 +36,7 @@ from mailpool.fsutil import syncfs
 from mailpool.journal.writer import JournalWriter, NullJournal
 from mailpool.supervisor.channel import (
     Assign,
+    AuthFailed,
     Channel,
     ChannelClosed,
     Drain,
@@ -55,6 +57,7 @@ from mailpool.supervisor.pool import Plan, PoolEntry
 
 SUPERVISOR = "supervisor"
 BUSY_REPLY = b"421 4.3.2 Service not available, closing transmission channel\r\n"
+AUTH_FAILURE_MEMORY = 900.0
 POP_BUSY_REPLY = b"-ERR [SYS/TEMP] service not available, try again later\r\n"
 
 
@@ -110,6 +113,8 @@ class Supervisor:
         self.listeners: dict[str, trio.socket.SocketType] = {}
         self.started = time.time()
         self.listen_scope = trio.CancelScope()
+        # Failed POP logins per peer address, forgotten after AUTH_FAILURE_MEMORY quiet seconds.
+        self.auth_failures: dict[str, tuple[int, float]] = {}
 
     # --- journal -----------------------------------------------------------------------
 
@@ -295,8 +300,6 @@ class Supervisor:
         finally:
             parent.close()
             del entry.jobs[job_id]
-            for _ in job.conns:
-                entry.rules.release(job_id)
             why = entry.rules.job_exited(job_id, crashed)
             if job.killed_for:
                 why = job.killed_for
@@ -334,6 +337,9 @@ class Supervisor:
         elif isinstance(msg, SyncRequest):
             self.sync_waiters.append((job.channel, msg.token))
             self.sync_wake.set()
+        elif isinstance(msg, AuthFailed):
+            count, _ = self.auth_failures.get(msg.ip, (0, 0.0))
+            self.auth_failures[msg.ip] = (count + 1, trio.current_time())
         elif isinstance(msg, Ready):
             entry.rules.job_ready(job.id)
             entry.poke()
@@ -381,20 +387,27 @@ class Supervisor:
                 continue
             self.nursery.start_soon(self.hand_off, entry, sock, addr)
 
-    async def acquire(self, entry: EntryRuntime, wait: bool) -> tuple[int | None, float]:
-        """A job with a free slot: now, or (when the rules say wait) within wait_timeout."""
+    async def acquire(self, entry: EntryRuntime, timeout: float | None
+                      ) -> tuple[int | None, float | None]:
+        """A job with a free slot, now or once one frees up within `timeout` (None: forever).
+
+        Returns (job id or None, seconds waited or None when the request was never held).
+        """
         job_id = entry.rules.acquire()
-        if job_id is not None or not wait:
-            return job_id, 0.0
+        if job_id is not None or not entry.rules.can_wait():
+            return job_id, None
         start = trio.current_time()
         entry.rules.request_waiting()
         self.record("JW", entry=entry.name)
         entry.poke()
-        with trio.move_on_after(entry.rules.params.wait_timeout):
+        with trio.move_on_after(timeout if timeout is not None else math.inf):
             while job_id is None and not self.stopping:
                 await entry.changed.wait()
                 job_id = entry.rules.acquire()
-        return job_id, trio.current_time() - start
+        waited = trio.current_time() - start
+        if job_id is not None:
+            entry.rules.request_served(waited)
+        return job_id, waited
 
     async def hand_off(self, entry: EntryRuntime, sock: trio.socket.SocketType,
                        addr: tuple[Any, ...]) -> None:
@@ -402,12 +415,8 @@ class Supervisor:
         peer_ip, peer_port = str(addr[0]), int(addr[1])
         with sock:
             while True:
-                job_id, waited = await self.acquire(entry, entry.rules.params.wait)
-                job = entry.jobs.get(job_id) if job_id is not None else None
-                if job is None or job.channel is None:
-                    if job_id is not None:
-                        entry.rules.release(job_id)
-                        continue
+                job_id, waited = await self.acquire(entry, entry.rules.params.wait_timeout)
+                if job_id is None:
                     entry.rules.request_rejected(waited)
                     self.record("JR", entry=entry.name, ip=peer_ip, connection_id=conn_id)
                     busy = POP_BUSY_REPLY if entry.name == "pop-server" else BUSY_REPLY
@@ -417,20 +426,33 @@ class Supervisor:
                         except OSError:
                             pass
                     return
+                job = entry.jobs.get(job_id)
+                if job is None or job.channel is None:
+                    entry.rules.cancel(job_id)
+                    continue
                 job.conns.add(conn_id)
                 try:
                     await job.channel.send(Assign(conn_id=conn_id, peer_ip=peer_ip,
-                                                  peer_port=peer_port, listener=entry.listener
-                                                  or ""), fd=sock.fileno())
+                                                  peer_port=peer_port,
+                                                  listener=entry.listener or "",
+                                                  auth_failures=self.recent_failures(peer_ip)),
+                                           fd=sock.fileno())
                 except ChannelClosed:
                     # The job died between acquire and send: try another one.
                     job.conns.discard(conn_id)
+                    entry.rules.cancel(job_id)
                     continue
-                entry.rules.request_served(waited)
                 self.record("JH", job.name, entry=entry.name, ip=peer_ip,
                             connection_id=conn_id)
                 entry.poke()
                 return
+
+    def recent_failures(self, ip: str) -> int:
+        count, last = self.auth_failures.get(ip, (0, 0.0))
+        if count and trio.current_time() - last > AUTH_FAILURE_MEMORY:
+            del self.auth_failures[ip]
+            return 0
+        return count
 
     # --- queue dispatcher (incoming -> framework jobs) -----------------------------------------
 
@@ -453,21 +475,21 @@ class Supervisor:
                 await self.work_ready.wait()
             queue_id = self.pending_work.popleft()
             while True:
-                job_id = entry.rules.acquire()
+                job_id, _ = await self.acquire(entry, None)
                 job = entry.jobs.get(job_id) if job_id is not None else None
-                if job is None or job.channel is None:
-                    if job_id is not None:
-                        entry.rules.release(job_id)
-                    entry.poke()
+                if job_id is None:
                     await entry.changed.wait()
+                    continue
+                if job is None or job.channel is None:
+                    entry.rules.cancel(job_id)
                     continue
                 job.work.add(queue_id)
                 try:
                     await job.channel.send(Work(queue_id=queue_id))
                 except ChannelClosed:
                     job.work.discard(queue_id)
+                    entry.rules.cancel(job_id)
                     continue
-                entry.rules.request_served(0.0)
                 break
 
     # --- durability and journal housekeeping ----------------------------------------------------

@@ -1,0 +1,114 @@
+"""The POP3 server session: thin Trio code driving the sans-IO core (the source's QTPOP jobs)."""
+
+from __future__ import annotations
+
+import trio
+
+from mailpool.directory import Directory
+from mailpool.jobs.runtime import JobContext
+from mailpool.maildrop import DropMessage, Maildrop
+from mailpool.protocol import pop3 as core
+from mailpool.supervisor.channel import Assign, AuthFailed
+
+
+class PopServerRole:
+    def __init__(self, ctx: JobContext) -> None:
+        cfg = ctx.config
+        self.directory = Directory(ctx.loaded.directory_file)
+        self.mailbox_root = ctx.loaded.mailbox_dir
+        self.limits = core.Pop3Limits(hostname=cfg.host.name,
+                                      allow_cleartext_login=cfg.pop3.allow_cleartext_login)
+
+    def failure_delay(self, ctx: JobContext, failures: int) -> float:
+        """Every failure waits the base delay (unknown user and bad password alike); repeated
+        failures from one address wait longer, doubling up to the cap."""
+        cfg = ctx.config.pop3
+        return min(cfg.auth_fail_delay * 2 ** max(0, failures - 1), cfg.auth_fail_delay_max)
+
+    async def session(self, ctx: JobContext, stream: trio.SocketStream, assign: Assign) -> None:
+        conn = core.Pop3Connection(self.limits)
+        conn.greeting()
+        timeout = ctx.config.pop3.inactivity_timeout
+        peer_ip = assign.peer_ip
+        failures = assign.auth_failures
+        drop: Maildrop | None = None
+        listing: dict[str, DropMessage] = {}
+        user: str | None = None
+
+        async def flush() -> bool:
+            out = conn.data_to_send()
+            if out:
+                with trio.move_on_after(timeout):
+                    await stream.send_all(out)
+                    return True
+                return False
+            return True
+
+        try:
+            while True:
+                event = conn.next_event()
+                if event is core.NEED_DATA:
+                    if not await flush():
+                        return
+                    with trio.move_on_after(timeout) as scope:
+                        data = await stream.receive_some(65536)
+                    if scope.cancelled_caught:
+                        conn.timeout()
+                    else:
+                        conn.receive_data(data)
+                elif isinstance(event, core.Authenticate):
+                    ok = await trio.to_thread.run_sync(self.directory.authenticate, event.user,
+                                                       event.password)
+                    if not ok:
+                        failures += 1
+                        await ctx.channel.send(AuthFailed(ip=peer_ip))
+                        await ctx.journal("DF", ip=peer_ip, user=event.user)
+                        await trio.sleep(self.failure_delay(ctx, failures))
+                        conn.auth_failed()
+                        continue
+                    candidate = Maildrop(self.mailbox_root / event.user)
+                    if not await trio.to_thread.run_sync(candidate.lock):
+                        conn.maildrop_busy()
+                        continue
+                    try:
+                        messages = await trio.to_thread.run_sync(candidate.scan)
+                    except OSError as exc:
+                        candidate.unlock()
+                        conn.sys_temp_error(f"cannot read maildrop ({exc.strerror})")
+                        continue
+                    drop, user = candidate, event.user
+                    listing = {m.uid: m for m in messages}
+                    conn.auth_ok([core.MessageInfo(uid=m.uid, size=m.size) for m in messages])
+                    await ctx.journal("DL", user=user, ip=peer_ip,
+                                      detail=f"{len(messages)} messages")
+                elif isinstance(event, core.Retrieve):
+                    try:
+                        content = await trio.to_thread.run_sync(listing[event.uid].path.read_bytes)
+                    except OSError as exc:
+                        conn.sys_temp_error(f"cannot read message ({exc.strerror})")
+                        continue
+                    conn.message_content(content)
+                elif isinstance(event, core.Retrieved):
+                    await ctx.journal("DR", user=user, ip=peer_ip, detail=event.uid,
+                                      size=event.size)
+                elif isinstance(event, core.Update):
+                    assert drop is not None
+                    gone = [listing[uid] for uid in event.deleted_uids]
+                    try:
+                        await trio.to_thread.run_sync(drop.delete, gone)
+                    except OSError:
+                        conn.update_done(ok=False)
+                        continue
+                    for msg in gone:
+                        await ctx.journal("DD", user=user, ip=peer_ip, detail=msg.uid,
+                                          size=msg.size)
+                    conn.update_done(ok=True)
+                elif isinstance(event, core.ConnectionClosed):
+                    await flush()
+                    return
+                # Quit, Deleted, Undeleted: nothing to do until UPDATE.
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        finally:
+            if drop is not None:
+                drop.unlock()
