@@ -36,29 +36,23 @@ def hypercorn_config(sock: socket.socket) -> Config:
     config.accesslog = None
     config.errorlog = "-"
     config.loglevel = "WARNING"
-    # The supervisor cancels us on shutdown; don't hold a drain for slow browsers.
-    config.graceful_timeout = 1.0
     return config
-
-
-def _split_bind(bind: str) -> tuple[str, int]:
-    """'http://127.0.0.1:8025' or 'http://[::1]:8025' -> (host, port)."""
-    hostport = bind.partition("://")[2]
-    host, _, port = hostport.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 async def serve_admin(source: AdminSource, host: str, port: int, *,
                       task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
                       ) -> None:
     """Serve until cancelled. Reports (host, port) actually bound (port 0 picks one) once
-    listening; a bind failure raises OSError from nursery.start()."""
+    listening; a bind failure raises OSError from nursery.start(). Cancellation closes the
+    listener and every open connection at once (no graceful drain: nothing here is worth
+    holding a supervisor shutdown for)."""
+    sock = bind_socket(host, port)
+    bound: tuple[str, int] = sock.getsockname()[:2]
+    config = hypercorn_config(sock)
 
-    # hypercorn reports its binds as URLs; translate them into our (host, port) once.
+    # hypercorn reports its binds as URLs once listening; report our (host, port) instead.
     class _Started:
-        def started(self, binds: list[str]) -> None:
-            task_status.started(_split_bind(binds[0]))
+        def started(self, binds: object = None) -> None:
+            task_status.started(bound)
 
-    config = hypercorn_config(bind_socket(host, port))
-    await serve(create_app(source), config,
-                task_status=_Started())  # type: ignore[arg-type]
+    await serve(create_app(source), config, task_status=_Started())  # type: ignore[arg-type]
