@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Generator, Iterator
@@ -203,36 +204,44 @@ def verify_report(journal_dir: Path) -> VerifyReport:
     for _, path in list_receivers(Path(journal_dir)):
         report.receivers += 1
         try:
-            items = list(scan_path(path))
+            f = path.open("rb")
         except FileNotFoundError:
-            continue
-        for item in items:
-            if isinstance(item, Bad):
-                report.problems.append(Problem("corrupt", path, item.start, item.end, item.reason))
-                continue
-            seq = item.record.seq
-            report.records += 1
-            if report.first_seq is None:
-                report.first_seq = seq
-            if prev is not None and seq > prev + 1:
-                report.problems.append(
-                    Problem("gap", path, item.start, item.end, first_seq=prev + 1, last_seq=seq - 1)
-                )
-            elif prev is not None and seq <= prev:
-                report.problems.append(
-                    Problem(
-                        "order",
-                        path,
-                        item.start,
-                        item.end,
-                        f"seq {seq} after seq {prev}",
-                        first_seq=prev + 1,
-                        last_seq=seq,
-                    )
-                )
-            prev = seq if prev is None else max(prev, seq)
-            report.last_seq = prev
+            continue  # removed since listed (receivers are user managed)
+        with f:
+            _verify_receiver(report, path, scan(f), prev)
+            prev = report.last_seq
     return report
+
+
+def _verify_receiver(
+    report: VerifyReport, path: Path, items: Iterator[Good | Bad], prev: int | None
+) -> None:
+    for item in items:
+        if isinstance(item, Bad):
+            report.problems.append(Problem("corrupt", path, item.start, item.end, item.reason))
+            continue
+        seq = item.record.seq
+        report.records += 1
+        if report.first_seq is None:
+            report.first_seq = seq
+        if prev is not None and seq > prev + 1:
+            report.problems.append(
+                Problem("gap", path, item.start, item.end, first_seq=prev + 1, last_seq=seq - 1)
+            )
+        elif prev is not None and seq <= prev:
+            report.problems.append(
+                Problem(
+                    "order",
+                    path,
+                    item.start,
+                    item.end,
+                    f"seq {seq} after seq {prev}",
+                    first_seq=prev + 1,
+                    last_seq=seq,
+                )
+            )
+        prev = seq if prev is None else max(prev, seq)
+        report.last_seq = prev
 
 
 def verify(journal_dir: Path) -> list[Problem]:
@@ -259,6 +268,7 @@ def follow(
         raise FileNotFoundError(f"journal directory {journal_dir} does not exist")
     current: int | None = None
     offset = 0
+    last: int | None = None  # highest seq yielded: never yield a record twice
     while stop is None or not stop.is_set():
         receivers = list_receivers(journal_dir)
         if current is None and receivers:
@@ -269,6 +279,8 @@ def follow(
             final = bool(newer)  # listed before reading: a complete receiver
             try:
                 with (journal_dir / receiver_name(current)).open("rb") as f:
+                    if os.fstat(f.fileno()).st_size < offset:
+                        offset = 0  # cut below what we read: re-read, skipping seen seqs
                     gen = scan(f, offset, final=final)
                     while True:
                         try:
@@ -278,7 +290,11 @@ def follow(
                             break
                         if isinstance(item, Good):
                             offset = item.end
-                            if from_seq is None or item.record.seq >= from_seq:
+                            seq = item.record.seq
+                            if (from_seq is None or seq >= from_seq) and (
+                                last is None or seq > last
+                            ):
+                                last = seq
                                 yield item.record
             except FileNotFoundError:
                 pass
