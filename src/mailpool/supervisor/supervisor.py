@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import trio
 
+from mailpool.admin.server import serve_admin
 from mailpool.config import (
     ConfigError,
     LoadedConfig,
@@ -113,6 +114,7 @@ class Supervisor:
         self.listeners: dict[str, trio.socket.SocketType] = {}
         self.started = time.time()
         self.listen_scope = trio.CancelScope()
+        self.admin_address: str | None = None
         # Failed POP logins per peer address, forgotten after AUTH_FAILURE_MEMORY quiet seconds.
         self.auth_failures: dict[str, tuple[int, float]] = {}
 
@@ -151,6 +153,8 @@ class Supervisor:
 
     def write_listen_file(self) -> None:
         info: dict[str, Any] = self.listen_addresses()
+        if self.admin_address:
+            info["admin"] = self.admin_address
         info["pid"] = os.getpid()
         tmp = self.loaded.run_dir / "listen.json.tmp"
         tmp.write_text(json.dumps(info))
@@ -190,6 +194,16 @@ class Supervisor:
                 self.nursery = nursery
                 nursery.start_soon(self.signals)
                 await nursery.start(serve_control, self.loaded.control_socket, self.control)
+                host, port = parse_hostport(cfg.listen.admin)
+                try:
+                    bound = await nursery.start(serve_admin, self, host, port)
+                except OSError as exc:
+                    log(str(exc))
+                    nursery.cancel_scope.cancel()
+                    return 1
+                self.admin_address = (f"[{bound[0]}]:{bound[1]}" if ":" in bound[0]
+                                      else f"{bound[0]}:{bound[1]}")
+                self.write_listen_file()
                 nursery.start_soon(self.journal_syncer)
                 nursery.start_soon(self.group_syncer)
                 for entry in self.entries.values():
@@ -520,12 +534,30 @@ class Supervisor:
             await trio.sleep(interval)
             self.journal.sync()
 
+    # --- admin console source (mailpool.admin.app.AdminSource) -------------------------------
+
+    def pool_stats(self) -> dict[str, dict[str, Any]]:
+        return {name: e.rules.stats() for name, e in self.entries.items()}
+
+    def queue_counts(self) -> dict[str, int]:
+        # Runs in a worker thread (directory listing): filesystem only, no Trio objects.
+        return {q: len(self.spool.list(q)) for q in Spool.QUEUES}
+
+    def status(self) -> dict[str, Any]:
+        listen = self.listen_addresses()
+        if self.admin_address:
+            listen["admin"] = self.admin_address
+        return {"pid": os.getpid(), "started": self.started, "listen": listen}
+
+    async def change_pool(self, entry: str, changes: dict[str, Any]) -> dict[str, Any]:
+        return await self.control({"op": "pool-change", "entry": entry, "changes": changes})
+
     # --- control endpoint (pool show / change, journal rotate) -----------------------------------
 
     async def control(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "pool-show":
-            return {"entries": {name: e.rules.stats() for name, e in self.entries.items()}}
+            return {"entries": self.pool_stats()}
         if op == "pool-change":
             name = req["entry"]
             entry = self.entries.get(name)
@@ -552,8 +584,7 @@ class Supervisor:
                 return {"error": "journaling is turned off ([journal] enabled = false)"}
             return {"path": str(self.journal.rotate())}
         if op == "status":
-            return {"pid": os.getpid(), "started": self.started,
-                    "listen": self.listen_addresses()}
+            return self.status()
         return {"error": f"unknown op {op!r}"}
 
 
