@@ -52,10 +52,15 @@ class JobContext:
         self._next_token = 0
 
     async def journal(self, code: str, **fields: Any) -> None:
+        await self.journal_many([(code, fields)])
+
+    async def journal_many(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
+        """Send several entries as one channel message; they keep their order."""
         if self._journal_on:
-            await self.channel.send(Journal(code=code, time_ns=time.time_ns(),
-                                            fields={k: v for k, v in fields.items()
-                                                    if v is not None}))
+            now = time.time_ns()
+            await self.channel.send(Journal(entries=[
+                (code, now, {k: v for k, v in fields.items() if v is not None})
+                for code, fields in entries]))
 
     async def queued(self, queue: str, queue_id: str) -> None:
         await self.channel.send(Queued(queue=queue, queue_id=queue_id))

@@ -72,9 +72,10 @@ class WorkDone(Msg):
 
 
 class Journal(Msg):
-    code: str
-    time_ns: int
-    fields: dict[str, Any]
+    """Journal entries, in order: (code, time_ns, fields). One message for a group of
+    entries (e.g. the 94 91 92 9T 99 97 of one received message) saves channel round trips."""
+
+    entries: list[tuple[str, int, dict[str, Any]]]
 
 
 class Queued(Msg):

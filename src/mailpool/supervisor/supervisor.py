@@ -122,8 +122,12 @@ class Supervisor:
 
     def record(self, code: str, job: str = SUPERVISOR, time_ns: int | None = None,
                **fields: Any) -> None:
-        self.journal.write(code, job, {k: v for k, v in fields.items() if v is not None},
-                           time_ns=time_ns)
+        try:
+            self.journal.write(code, job, {k: v for k, v in fields.items() if v is not None},
+                               time_ns=time_ns)
+        except (ValueError, OSError) as exc:
+            # The journal is a side channel: a bad entry or a full disk must not stop mail.
+            log(f"journal: cannot write {code} from {job}: {exc}")
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -329,7 +333,8 @@ class Supervisor:
     def on_message(self, job: JobHandle, msg: Any) -> None:
         entry = job.entry
         if isinstance(msg, Journal):
-            self.record(msg.code, job.name, time_ns=msg.time_ns, **msg.fields)
+            for code, time_ns, fields in msg.entries:
+                self.record(code, job.name, time_ns=time_ns, **fields)
         elif isinstance(msg, Heartbeat):
             entry.rules.heartbeat(job.id)
         elif isinstance(msg, SessionEnded):
