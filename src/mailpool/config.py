@@ -80,7 +80,9 @@ class PoolParams(Base):
     threshold: int = 2
     additional_jobs: int = 2
     maximum_jobs: int = 20
-    max_use: int = 200
+    # Sessions before a job is replaced. The source's jobs are cheap to start; a Python
+    # job costs ~0.3 s of CPU to start, so the default recycles rarely (Postfix: 100).
+    max_use: int = 10000
     wait: bool = True
     wait_timeout: float = 30.0
     sessions_per_job: int = 1
