@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,43 @@ data_timeout = 20.0
 """
 
 
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def _toml(table: dict[str, Any], name: str = "") -> list[str]:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    if name and lines:
+        lines = ["", f"[{name}]", *lines]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            lines += _toml(value, f"{name}.{key}" if name else key)
+    return lines
+
+
+def config_text(extra_config: str = "") -> str:
+    """BASE_CONFIG with `extra_config` laid over it: a table the base has too (e.g. [smtp])
+    changes only the keys it names, so tests can set `[smtp] max_recipients = 3` freely."""
+    lines = _toml(_merge(tomllib.loads(BASE_CONFIG), tomllib.loads(extra_config)))
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -54,7 +92,7 @@ class Host:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.config_path = root / "mailpool.toml"
-        self.config_path.write_text(BASE_CONFIG + extra_config)
+        self.config_path.write_text(config_text(extra_config))
         self.data = root / "var"
         self.proc: subprocess.Popen[bytes] | None = None
         self.listen: dict[str, Any] = {}
