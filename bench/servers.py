@@ -251,16 +251,17 @@ class Mailpool(Server):
                 lines.append(f"{key} = {text}")
         self.config.write_text("\n".join(lines) + "\n")
 
-    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, stdin: str = "", timeout: float = 60.0,
+            ) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*mailpool_command(), *args, "--config", str(self.config)],
                               capture_output=True, text=True, timeout=timeout,
-                              cwd=self.dir, stdin=subprocess.DEVNULL)
+                              cwd=self.dir, input=stdin)
 
     def add_user(self, name: str, address: str, password: str | None = None) -> None:
         args = ["user", "add", name, "--address", address]
         if password is not None:
-            args += ["--password", password]
-        res = self.cli(*args)
+            args.append("--password-stdin")
+        res = self.cli(*args, stdin=f"{password}\n" if password is not None else "")
         if res.returncode != 0:
             raise ServerError(f"`mailpool {' '.join(args)}` failed: "
                               f"{(res.stderr or res.stdout).strip()[:200]}")
@@ -269,6 +270,8 @@ class Mailpool(Server):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.write_config()
         self.add_user(USER, RCPT)
+        for i in range(self.pop_users):
+            self.add_user(f"pop{i}", f"pop{i}@{DOMAIN}", POP_PASSWORD)
         self.proc = self._popen([*mailpool_command(), "serve", "--config", str(self.config)],
                                 cwd=self.dir)
         try:

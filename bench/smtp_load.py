@@ -79,6 +79,7 @@ class LoadResult:
     errors: dict[str, int]
     pipelined: bool = False
     stopped_early: bool = False
+    started_at: float = 0.0  # time.time() of the first connection (for end-to-end rates)
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -298,7 +299,7 @@ class Load:
             elapsed=elapsed, msgs_per_sec=self.sent / elapsed if elapsed > 0 else 0.0,
             greeting_ms=percentiles(self.greeting), data_ms=percentiles(self.data),
             errors=dict(sorted(self.errors.items())), pipelined=self.pipelined,
-            stopped_early=self.stopped_early,
+            stopped_early=self.stopped_early, started_at=self.wall_start,
         )
 
 
@@ -347,7 +348,8 @@ def run_procs(cfg: LoadConfig) -> LoadResult:
         msgs_per_sec=sent / elapsed if elapsed > 0 else 0.0,
         greeting_ms=percentiles(greeting), data_ms=percentiles(data),
         errors=dict(sorted(errors.items())), pipelined=any(p[0].pipelined for p in parts),
-        stopped_early=any(p[0].stopped_early for p in parts), extra={"procs": procs},
+        stopped_early=any(p[0].stopped_early for p in parts),
+        started_at=min(p[3] for p in parts), extra={"procs": procs},
     )
 
 

@@ -1,0 +1,272 @@
+"""The driver's printed report (one table, ratios against mailpool, targets) and its chart."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TARGET_LABEL = "20s 1KB k=1"
+BASE = "mailpool"  # the configuration ratios are taken against
+
+
+def _f(value: float | None, fmt: str = "{:.0f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows if r)) for i, h in enumerate(headers)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i])
+                         for i, c in enumerate(cells)).rstrip()
+
+    out = [fmt(headers), fmt(["-" * w for w in widths])]
+    out += [fmt(r) if r else "" for r in rows]
+    return out
+
+
+def smtp_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("kind") == "smtp" and "error" not in r["result"]]
+
+
+def _find(rows: list[dict[str, Any]], server: str, label: str, client: str = "smtp_load",
+          ) -> dict[str, Any] | None:
+    for r in smtp_rows(rows):
+        if r["server"] == server and r["label"] == label and r["client"] == client:
+            return r
+    return None
+
+
+def smtp_table(rows: list[dict[str, Any]]) -> list[str]:
+    smtp = [r for r in rows if r.get("kind") == "smtp" and not r["server"].startswith(
+        "mailpool journal")]
+    labels: list[str] = []
+    for r in smtp:
+        if r["label"] not in labels:
+            labels.append(r["label"])
+    body: list[list[str]] = []
+    for label in labels:
+        if body:
+            body.append([])
+        base = _find(rows, BASE, label)
+        base_acc = base["result"]["msgs_per_sec"] if base else None
+        base_del = base.get("delivered_per_sec") if base else None
+        for r in (x for x in smtp if x["label"] == label):
+            res = r["result"]
+            if "error" in res:
+                body.append([label, r["server"], r["client"], "-", "-", "-", "-", "-", "-", "-",
+                             "-", "-", "ERROR: " + res["error"][:60]])
+                continue
+            g, d = res.get("greeting_ms", {}), res.get("data_ms", {})
+            errs = ", ".join(f"{k}:{v}" for k, v in res.get("errors", {}).items())
+            acc, dlv = res["msgs_per_sec"], r.get("delivered_per_sec")
+            if "delivered" in r and dlv is None:
+                dlv_text = f"{r['delivered']}/{res['sent']}!"
+            else:
+                dlv_text = _f(dlv)
+            body.append([
+                label, r["server"], r["client"], str(res["sent"]), _f(acc),
+                _f(_ratio(acc, base_acc), "{:.2f}"), dlv_text,
+                _f(_ratio(dlv, base_del), "{:.2f}"),
+                _f(g.get("p50"), "{:.1f}"), _f(g.get("p99"), "{:.1f}"),
+                _f(d.get("p50"), "{:.1f}"), _f(d.get("p99"), "{:.1f}"), errs,
+            ])
+    headers = ["workload", "server", "client", "sent", "accepted/s", "x mp", "delivered/s",
+               "x mp", "greet p50", "greet p99", "DATA p50", "DATA p99", "errors"]
+    return _table(headers, body, right=set(range(3, 12)))
+
+
+def idle_table(rows: list[dict[str, Any]]) -> list[str]:
+    body = []
+    for r in (x for x in rows if x.get("kind") == "idle"):
+        b, a = r["before"], r["after"]
+        body.append([r["server"], f"{r['held']}/{r['bound']}", f"{r['ramp_seconds']:.1f}",
+                     f"{b['rss_kb'] / 1024:.1f} -> {a['rss_kb'] / 1024:.1f}",
+                     _f(r.get("rss_kb_per_session"), "{:.1f}"),
+                     _f(r.get("pss_kb_per_session"), "{:.1f}"),
+                     f"{b['processes']} -> {a['processes']}"])
+    if not body:
+        return []
+    return _table(["server", "held", "ramp s", "RSS MiB before -> after", "KiB/session RSS",
+                   "KiB/session PSS", "processes"], body, right={1, 2, 4, 5})
+
+
+def pop_table(rows: list[dict[str, Any]]) -> list[str]:
+    pops = [r for r in rows if r.get("kind") == "pop"]
+    body = []
+    for r in pops:
+        res = r["result"]
+        base = next((x for x in pops if x["server"] == BASE and x["sessions"] == r["sessions"]),
+                    None)
+        ratio = _ratio(res["retr_per_sec"], base["result"]["retr_per_sec"] if base else None)
+        body.append([r["server"], str(r["sessions"]), str(res["retrieved"]),
+                     _f(res["retr_per_sec"]), _f(ratio, "{:.2f}"), f"{res['mb_per_sec']:.1f}",
+                     _f(res["login_ms"].get("p99"), "{:.1f}"),
+                     _f(res["retr_ms"].get("p99"), "{:.2f}"),
+                     ", ".join(f"{k}:{v}" for k, v in res["errors"].items())])
+    if not body:
+        return []
+    return _table(["server", "sessions", "RETRs", "RETR/s", "x mp", "MB/s", "login p99",
+                   "RETR p99", "errors"], body, right={1, 2, 3, 4, 5, 6, 7})
+
+
+def targets(rows: list[dict[str, Any]], spj: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, goal: str, ok: Callable[[float], bool], ratio: float | None,
+            detail: str, why_missing: str = "") -> None:
+        if ratio is None:
+            status = f"n/a ({why_missing or 'not measured'})"
+        else:
+            status = "MET" if ok(ratio) else "MISSED"
+        out.append({"kind": "target", "name": name, "goal": goal, "ratio": ratio,
+                    "detail": detail, "status": status})
+
+    postfix = [r for r in smtp_rows(rows) if r["server"] == "postfix"
+               and r["label"] == TARGET_LABEL]
+    pf_best = max(postfix, key=lambda r: r.get("delivered_per_sec") or 0, default=None)
+    pf_del = pf_best.get("delivered_per_sec") if pf_best else None
+    pf_gen = _find(rows, "postfix", TARGET_LABEL)
+    aio = _find(rows, "aiosmtpd-fsync", TARGET_LABEL)
+    for mp_label in (BASE, f"{BASE} spj={spj}"):
+        mp = _find(rows, mp_label, TARGET_LABEL)
+        mp_del = mp.get("delivered_per_sec") if mp else None
+        mp_acc = mp["result"]["msgs_per_sec"] if mp else None
+        missing = "mailpool not measured" if mp is None else ""
+        add(f"{mp_label}: durable end to end >= 1.5x Postfix ({TARGET_LABEL})", ">= 1.5",
+            lambda x: x >= 1.5, _ratio(mp_del, pf_del),
+            f"delivered/s {_f(mp_del)} vs Postfix {_f(pf_del)}"
+            + (f" (via {pf_best['client']})" if pf_best else ""),
+            missing or ("Postfix not measured" if pf_del is None else ""))
+        aio_acc = aio["result"]["msgs_per_sec"] if aio else None
+        add(f"{mp_label}: accepted/s >= 2x aiosmtpd-fsync ({TARGET_LABEL})", ">= 2.0",
+            lambda x: x >= 2.0, _ratio(mp_acc, aio_acc),
+            f"accepted/s {_f(mp_acc)} vs aiosmtpd-fsync {_f(aio_acc)}",
+            missing or ("aiosmtpd-fsync not measured" if aio is None else ""))
+        mp_g = mp["result"]["greeting_ms"].get("p99") if mp else None
+        pf_g = pf_gen["result"]["greeting_ms"].get("p99") if pf_gen else None
+        add(f"{mp_label}: connect-to-greeting p99 no worse than Postfix ({TARGET_LABEL})",
+            "<= 1.0", lambda x: x <= 1.0, _ratio(mp_g, pf_g),
+            f"p99 {_f(mp_g, '{:.1f}')} ms vs Postfix {_f(pf_g, '{:.1f}')} ms",
+            missing or ("Postfix not measured" if pf_g is None else ""))
+    journal = next((r for r in rows if r.get("kind") == "journal"), None)
+    cost = journal.get("cost") if journal else None
+    add("journal on costs < 5% throughput", "< 0.05", lambda x: x < 0.05, cost,
+        (f"median accepted/s on {journal['median_on']:.0f} vs off {journal['median_off']:.0f}"
+         if journal else "-"), "journal comparison not run")
+    idle = next((r for r in rows if r.get("kind") == "idle"
+                 and r["server"] == f"{BASE} spj={spj}"), None)
+    per = idle.get("rss_kb_per_session") if idle else None
+    add(f"memory per idle session < 50 KB (sessions_per_job={spj})", "< 50 KiB",
+        lambda x: x < 50, per,
+        (f"{_f(per, '{:.1f}')} KiB RSS/session over {idle['held']} sessions "
+         f"(PSS {_f(idle.get('pss_kb_per_session'), '{:.1f}')})" if idle else "-"),
+        "mailpool not measured")
+    return out
+
+
+def print_report(rows: list[dict[str, Any]], spj: int) -> list[dict[str, Any]]:
+    lines = ["", "== SMTP (accepted/s = 250 replies to DATA per second; delivered/s = messages "
+             "in the Maildir per second from the first connection; x mp = ratio to mailpool "
+             "default; latencies in ms)"]
+    lines += smtp_table(rows)
+    idle = idle_table(rows)
+    if idle:
+        lines += ["", "== Idle capacity (silent sessions held with a 220 greeting; memory "
+                  "summed over the server's process tree)", *idle]
+    journal = next((r for r in rows if r.get("kind") == "journal"), None)
+    if journal:
+        lines += ["", f"== Journal cost ({journal['label']}, medians of "
+                  f"{len(journal['on'])} alternated runs)",
+                  f"journal on {journal['median_on']:.0f}/s, off {journal['median_off']:.0f}/s: "
+                  f"cost {journal['cost'] * 100:+.1f}%"]
+    pop = pop_table(rows)
+    if pop:
+        lines += ["", "== POP3 retrieval (each session logs in as its own user, RETRs every "
+                  "message, QUITs, again)", *pop]
+    skipped = [r for r in rows if r.get("kind") == "skipped"]
+    if skipped:
+        lines += ["", "== Skipped"] + [f"{r['server']}: {r['reason']}" for r in skipped]
+    tg = targets(rows, spj)
+    lines += ["", "== Targets (measured on this machine in this run)"]
+    width = max(len(t["name"]) for t in tg)
+    for t in tg:
+        ratio = _f(t["ratio"], "{:.2f}")
+        lines.append(f"{t['name']:<{width}}  goal {t['goal']:<8} measured {ratio:>6}  "
+                     f"{t['status']:<7} {t['detail']}")
+    print("\n".join(lines), flush=True)
+    return tg
+
+
+def _matplotlib() -> Any:
+    """Import matplotlib (Agg), installing it into this interpreter's environment if missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("installing matplotlib for the chart (pip install matplotlib) ...", flush=True)
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"],
+                           check=True, timeout=600, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"chart skipped: cannot install matplotlib: {exc}")
+            return None
+        import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    smtp = [r for r in smtp_rows(rows) if not r["server"].startswith("mailpool journal")]
+    if not smtp:
+        return None
+    plt = _matplotlib()
+    if plt is None:
+        return None
+    labels: list[str] = []
+    series: list[str] = []
+    for r in smtp:
+        if r["label"] not in labels:
+            labels.append(r["label"])
+        name = r["server"] if r["client"] == "smtp_load" else f"{r['server']} ({r['client']})"
+        if name not in series:
+            series.append(name)
+
+    def value(name: str, label: str, key: str) -> float:
+        for r in smtp:
+            n = r["server"] if r["client"] == "smtp_load" else f"{r['server']} ({r['client']})"
+            if n == name and r["label"] == label:
+                if key == "rate":
+                    return r["result"]["msgs_per_sec"]
+                return r["result"].get("data_ms", {}).get("p99", 0.0)
+        return 0.0
+
+    fig, axes = plt.subplots(2, 1, figsize=(max(10, len(labels) * 1.6), 9), sharex=True)
+    width = 0.8 / max(1, len(series))
+    for i, name in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        axes[0].bar(xs, [value(name, lb, "rate") for lb in labels], width, label=name)
+        axes[1].bar(xs, [value(name, lb, "p99") for lb in labels], width, label=name)
+    axes[0].set_ylabel("accepted messages / s")
+    axes[0].set_yscale("log")
+    axes[0].set_title("SMTP throughput (higher is better)")
+    axes[1].set_ylabel("DATA-to-250 p99 (ms)")
+    axes[1].set_yscale("log")
+    axes[1].set_title("DATA-to-250 p99 latency (lower is better; smtp-source measures none)")
+    axes[1].set_xticks(range(len(labels)))
+    axes[1].set_xticklabels(labels, rotation=30, ha="right")
+    axes[0].legend(fontsize=8, ncol=2)
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,515 @@
+"""The benchmark driver: mailpool against the servers its users would otherwise run.
+
+    python -m bench.run [--quick]
+
+In one run, on 127.0.0.1 with free ports chosen now, it starts each server,
+measures how many idle sessions it holds and what they cost in memory, drives
+it with the same SMTP workloads, stops it, and then compares: mailpool (default
+pools, and sessions_per_job raised), Postfix (end to end into a Maildir, driven
+by this project's generator and by Postfix's own smtp-source), aiosmtpd with a
+handler that fsyncs each message, and smtp-sink (no disk: the ceiling of the
+loopback and the client). Then the journal's cost (mailpool with journaling on
+and off, alternated) and POP3 retrieval against Dovecot. It prints one table
+with ratios against mailpool and each target as MET or MISSED, and saves JSON
+lines and a chart under bench/results/.
+
+Every run is bounded: each workload stops starting messages after --duration
+seconds, every wait has a timeout, and every server started is stopped again,
+also on Ctrl-C and errors. Peers that cannot be installed are reported as
+skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import trio
+
+from bench import servers as S
+from bench.idle import idle_capacity
+from bench.pop_load import PopConfig, run_pop
+from bench.smtp_load import make_body, raise_fd_limit
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results"
+KB = 1024
+
+
+@dataclass(frozen=True)
+class Workload:
+    sessions: int
+    size: int
+    per_connection: int
+    messages: int  # upper bound; --duration usually ends the run first
+
+    @property
+    def label(self) -> str:
+        size = f"{self.size // KB}KB" if self.size >= KB else f"{self.size}B"
+        return f"{self.sessions}s {size} k={self.per_connection}"
+
+
+TARGET = Workload(20, KB, 1, 20000)  # durable end to end: the targets are measured here
+
+
+def workloads(quick: bool) -> list[Workload]:
+    if quick:
+        return [TARGET, Workload(100, KB, 100, 20000)]
+    out = []
+    for sessions in (1, 20, 100):
+        for size in (KB, 100 * KB):
+            for k in (1, 100):
+                cap = 2000 if size == KB else 500
+                out.append(Workload(sessions, size, k, cap * max(1, sessions // 10)))
+    return out
+
+
+@dataclass
+class Options:
+    quick: bool
+    duration: float
+    idle_bound: int
+    idle_window: float
+    journal_rounds: int
+    spj: int
+    client_procs: int
+    install: bool
+    only: set[str]
+    keep: bool
+
+
+class Runner:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.out_path = RESULTS / f"bench-{self.stamp}.jsonl"
+        self.out = open(self.out_path, "a")  # closed in close()
+        self.rows: list[dict[str, Any]] = []
+        self.work = Path(tempfile.mkdtemp(prefix="mailpool-bench-"))
+        self.work.chmod(0o755)  # peers deliver as nobody below it
+        self.running: list[S.Server] = []
+
+    # --- bookkeeping ---------------------------------------------------------------
+
+    def record(self, row: dict[str, Any]) -> None:
+        row = {"run": self.stamp, **row}
+        self.rows.append(row)
+        self.out.write(json.dumps(row, separators=(",", ":")) + "\n")
+        self.out.flush()
+
+    def skip(self, server: str, reason: str) -> None:
+        print(f"  {server}: skipped: {reason}", flush=True)
+        self.record({"kind": "skipped", "server": server, "reason": reason})
+
+    def close(self) -> None:
+        for server in reversed(self.running):
+            stop_quietly(server)
+        self.running.clear()
+        self.out.close()
+        if not self.opts.keep:
+            subprocess.run(["rm", "-rf", str(self.work)], check=False)
+
+    @contextmanager
+    def serving(self, server: S.Server) -> Iterator[S.Server | None]:
+        """Start the server (None when it cannot start: recorded as skipped); always stop it."""
+        self.running.append(server)
+        try:
+            t0 = time.monotonic()
+            try:
+                server.start()
+            except (S.ServerError, OSError, subprocess.SubprocessError) as exc:
+                self.skip(server.label, str(exc))
+                yield None
+                return
+            print(f"  {server.label}: listening on {S.HOST}:{server.port} "
+                  f"(started in {time.monotonic() - t0:.1f} s)", flush=True)
+            yield server
+        finally:
+            stop_quietly(server)
+            self.running.remove(server)
+
+    def wanted(self, name: str) -> bool:
+        return not self.opts.only or name in self.opts.only
+
+    # --- measurements -------------------------------------------------------------
+
+    def smtp_load(self, server: S.Server, wl: Workload, **extra: Any) -> dict[str, Any] | None:
+        """The project's generator as a subprocess (its CPU is not the driver's)."""
+        argv = [sys.executable, "-m", "bench.smtp_load", "--host", S.HOST,
+                "--port", str(server.port), "--sessions", str(wl.sessions),
+                "--messages", str(wl.messages), "--size", str(wl.size),
+                "--per-connection", str(wl.per_connection), "--to", server.rcpt,
+                "--from", S.SENDER, "--duration", str(self.opts.duration),
+                "--timeout", "30", "--procs", str(self.opts.client_procs), "--json"]
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, cwd=BENCH_DIR.parent,
+                                 timeout=self.opts.duration + 90)
+        except subprocess.TimeoutExpired:
+            return {"error": "generator did not finish in time"}
+        try:
+            return json.loads(res.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            return {"error": f"generator failed: {res.stderr.strip()[-300:]}"}
+
+    def smtp_source(self, server: S.Server, wl: Workload, messages: int) -> dict[str, Any]:
+        """Postfix's smtp-source with the same sessions, size and message count."""
+        exe = S.postfix_tool("smtp-source")
+        if exe is None:
+            return {"error": "smtp-source not found"}
+        messages = max(messages, wl.sessions)
+        argv = [exe, "-s", str(wl.sessions), "-m", str(messages), "-l", str(wl.size),
+                "-f", S.SENDER, "-t", server.rcpt]
+        if wl.per_connection > 1:
+            argv.append("-d")  # one connection per session for all its messages
+        argv.append(f"{S.HOST}:{server.port}")
+        t0 = time.perf_counter()
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True,
+                                 timeout=max(60.0, self.opts.duration * 20))
+        except subprocess.TimeoutExpired:
+            return {"error": "smtp-source did not finish in time"}
+        elapsed = time.perf_counter() - t0
+        if res.returncode != 0:
+            return {"error": f"smtp-source: {(res.stderr or res.stdout).strip()[-200:]}"}
+        return {"tool": "smtp-source", "sent": messages, "attempted": messages, "failed": 0,
+                "elapsed": elapsed, "msgs_per_sec": messages / elapsed, "errors": {},
+                "per_connection": -(-messages // wl.sessions) if wl.per_connection > 1 else 1}
+
+    def wait_delivered(self, server: S.Server, before: int, expect: int, t0: float,
+                       ) -> tuple[int, float | None]:
+        """Poll the server's Maildirs until expect more messages are there (bounded).
+
+        t0 is the time.time() the load started; the rate is messages over the time from
+        then until the last one was seen in a Maildir (polled every 50 ms).
+        """
+        limit = time.monotonic() + min(60.0, 10.0 + (time.time() - t0))
+        got = 0
+        while time.monotonic() < limit:
+            got = (server.delivered() or 0) - before
+            if got >= expect:
+                elapsed = time.time() - t0
+                return got, got / elapsed if elapsed > 0 else None
+            time.sleep(0.05)
+        return got, None
+
+    def drive(self, server: S.Server, client: str, wl: Workload, messages: int = 0,
+              ) -> dict[str, Any] | None:
+        before = server.delivered() if server.durable else None
+        t0 = time.time()
+        if client == "smtp_load":
+            result = self.smtp_load(server, wl)
+            t0 = (result or {}).get("started_at") or t0  # the generator's own start line
+        else:
+            result = self.smtp_source(server, wl, messages)
+        assert result is not None
+        row: dict[str, Any] = {"kind": "smtp", "server": server.label, "server_kind": server.kind,
+                               "client": client, "workload": asdict(wl), "label": wl.label,
+                               "result": result}
+        if "error" not in result and before is not None and result.get("sent"):
+            got, rate = self.wait_delivered(server, before, result["sent"], t0)
+            row["delivered"] = got
+            row["delivered_per_sec"] = rate
+        self.record(row)
+        print("    " + one_line(row), flush=True)
+        return result
+
+    def idle(self, server: S.Server) -> None:
+        stats = trio.run(idle_capacity, S.HOST, server.port, self.opts.idle_bound,
+                         self.opts.idle_window, server.memory)
+        row = {"kind": "idle", "server": server.label, "server_kind": server.kind, **stats}
+        self.record(row)
+        per = row.get("rss_kb_per_session")
+        print(f"    idle: held {row['held']}/{row['bound']} sessions; "
+              f"RSS {row['before']['rss_kb']} -> {row['after']['rss_kb']} KiB"
+              + (f" = {per:.1f} KiB/session" if per is not None else "")
+              + f" ({row['after']['processes']} processes)", flush=True)
+
+    # --- the phases ----------------------------------------------------------------
+
+    def smtp_servers(self) -> list[tuple[S.Server, list[str]]]:
+        w, spj = self.work, self.opts.spj
+        out: list[tuple[S.Server, list[str]]] = []
+        if self.wanted("mailpool"):
+            out.append((S.Mailpool("mailpool", w), ["smtp_load"]))
+            out.append((S.Mailpool(f"mailpool spj={spj}", w, {"sessions_per_job": spj}),
+                        ["smtp_load"]))
+        if self.wanted("postfix"):
+            out.append((S.Postfix("postfix", w), ["smtp_load", "smtp-source"]))
+        if self.wanted("aiosmtpd"):
+            out.append((S.AiosmtpdFsync("aiosmtpd-fsync", w), ["smtp_load"]))
+        if self.wanted("smtp-sink"):
+            out.append((S.SmtpSink("smtp-sink", w, self.opts.idle_bound + 100),
+                        ["smtp_load", "smtp-source"]))
+        return out
+
+    def run_smtp(self) -> None:
+        wls = workloads(self.opts.quick)
+        for server, clients in self.smtp_servers():
+            print(f"\n== {server.label}", flush=True)
+            with self.serving(server) as up:
+                if up is None:
+                    continue
+                self.idle(server)
+                for wl in wls:
+                    sent = 0
+                    for client in clients:
+                        if client == "smtp-source":
+                            if not sent:  # it sends what the generator managed, in one go
+                                continue
+                            if wl.per_connection > 1:  # -d: all of a session's on one link
+                                sent = min(sent, wl.sessions * wl.per_connection)
+                        res = self.drive(server, client, wl, sent)
+                        if client == "smtp_load" and res and "error" not in res:
+                            sent = res["sent"]
+
+    def run_journal(self) -> None:
+        if not self.wanted("journal"):
+            return
+        print("\n== journal cost (mailpool, default pools, journal on vs off)", flush=True)
+        on = S.Mailpool("mailpool journal=on", self.work)
+        off = S.Mailpool("mailpool journal=off", self.work, journal=False)
+        with self.serving(on) as a, self.serving(off) as b:
+            if a is None or b is None:
+                return
+            rates: dict[str, list[float]] = {"on": [], "off": []}
+            for _ in range(self.opts.journal_rounds):
+                for name, server in (("on", on), ("off", off)):
+                    res = self.drive(server, "smtp_load", TARGET)
+                    if res and "error" not in res:
+                        rates[name].append(res["msgs_per_sec"])
+            if rates["on"] and rates["off"]:
+                m_on, m_off = median(rates["on"]), median(rates["off"])
+                self.record({"kind": "journal", "workload": asdict(TARGET), "label": TARGET.label,
+                             "on": rates["on"], "off": rates["off"], "median_on": m_on,
+                             "median_off": m_off, "cost": 1 - m_on / m_off if m_off else None})
+
+    def run_pop(self) -> None:
+        if not self.wanted("pop"):
+            return
+        per_user = 50 if self.opts.quick else 100
+        sessions_list = [10] if self.opts.quick else [1, 10]
+        users = max(sessions_list)
+        names = [f"pop{i}" for i in range(users)]
+        body = make_body(KB)
+        message = (f"From: <{S.SENDER}>\r\nTo: <pop@{S.DOMAIN}>\r\nSubject: pop\r\n\r\n"
+                   ).encode() + body
+        print("\n== POP3 retrieval", flush=True)
+        dovecot = S.Dovecot("dovecot", self.work)
+        mailpool = S.Mailpool("mailpool pop", self.work, pop_users=users)
+        for server in (mailpool, dovecot):
+            if server is dovecot:
+                try:
+                    dovecot.fill(names, per_user, message)
+                except OSError as exc:
+                    self.skip("dovecot", f"cannot fill maildirs: {exc}")
+                    continue
+            with self.serving(server) as up:
+                if up is None:
+                    continue
+                if server is mailpool:
+                    if not mailpool.pop_available():
+                        self.skip("mailpool pop", "no POP3 greeting on [listen] pop3")
+                        continue
+                    if not self.fill_mailpool(mailpool, names, per_user):
+                        continue
+                    port = mailpool.pop_port
+                else:
+                    port = dovecot.port
+                for sessions in sessions_list:
+                    cfg = PopConfig(host=S.HOST, port=port, sessions=sessions, user="pop{n}",
+                                    password=S.POP_PASSWORD, users=sessions,
+                                    messages=1_000_000, duration=self.opts.duration,
+                                    timeout=30)
+                    res = asdict(trio.run(run_pop, cfg))
+                    row = {"kind": "pop", "server": server.label.replace(" pop", ""),
+                           "sessions": sessions, "messages_per_user": per_user,
+                           "size": len(message), "result": res}
+                    self.record(row)
+                    print(f"    {sessions} sessions: {res['retr_per_sec']:.0f} RETR/s, "
+                          f"{res['mb_per_sec']:.1f} MB/s, login p99 "
+                          f"{res['login_ms'].get('p99', 0):.1f} ms, RETR p99 "
+                          f"{res['retr_ms'].get('p99', 0):.2f} ms, errors {res['errors'] or 0}",
+                          flush=True)
+
+    def fill_mailpool(self, server: S.Mailpool, names: list[str], per_user: int) -> bool:
+        for name in names:
+            server.rcpt = f"{name}@{S.DOMAIN}"
+            before = server.delivered() or 0
+            res = self.smtp_load(server, Workload(4, KB, per_user, per_user))
+            if not res or "error" in res or res.get("sent") != per_user:
+                self.skip("mailpool pop", f"could not fill {name}'s mailbox: {res}")
+                return False
+            got, _ = self.wait_delivered(server, before, per_user, time.time())
+            if got < per_user:
+                self.skip("mailpool pop", f"only {got}/{per_user} delivered to {name}")
+                return False
+        server.rcpt = S.RCPT
+        return True
+
+
+def stop_quietly(server: S.Server) -> None:
+    try:
+        server.stop()
+    except Exception as exc:  # a failing stop must not hide the others
+        print(f"  {server.label}: stop failed: {exc}", file=sys.stderr)
+
+
+def one_line(row: dict[str, Any]) -> str:
+    r = row["result"]
+    if "error" in r:
+        return f"{row['label']:<16} {row['client']:<11} ERROR {r['error']}"
+    text = (f"{row['label']:<16} {row['client']:<11} {r['sent']:>6} sent "
+            f"{r['msgs_per_sec']:>8.1f}/s")
+    if row.get("delivered_per_sec"):
+        text += f"  delivered {row['delivered_per_sec']:.1f}/s"
+    elif "delivered" in row:
+        text += f"  delivered {row['delivered']}/{r['sent']} (timed out)"
+    if r.get("data_ms", {}).get("n"):
+        text += (f"  greet p99 {r['greeting_ms']['p99']:.1f} ms"
+                 f"  DATA p99 {r['data_ms']['p99']:.1f} ms")
+    if r.get("errors"):
+        text += f"  errors {r['errors']}"
+    return text
+
+
+def peers_missing() -> list[str]:
+    missing = []
+    if S.postfix_tool("postfix") is None or S.postfix_tool("smtp-sink") is None:
+        missing.append("postfix")
+    if S.postfix_tool("dovecot") is None or not Path("/usr/lib/dovecot/pop3").exists():
+        missing.append("dovecot-pop3d")
+    return missing
+
+
+def ensure_peers(install: bool) -> None:
+    missing = peers_missing()
+    if not missing:
+        return
+    if not install:
+        print(f"peers missing ({', '.join(missing)}); --no-install given: they are skipped")
+        return
+    print(f"installing peers ({', '.join(missing)}) with bench/install_peers.sh ...", flush=True)
+    try:
+        res = subprocess.run(["sh", str(BENCH_DIR / "install_peers.sh")], capture_output=True,
+                             text=True, timeout=600, stdin=subprocess.DEVNULL)
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [""]
+        print(f"  install_peers.sh: exit {res.returncode} {tail[0]}")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"  install_peers.sh failed: {exc}")
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "kernel": platform.release(),
+                            "python": platform.python_version(), "load": os.getloadavg()}
+    try:
+        res = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True,
+                             text=True, timeout=10)
+        info["postfix"] = res.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        info["postfix"] = None
+    try:
+        res = subprocess.run(["dovecot", "--version"], capture_output=True, text=True,
+                             timeout=10)
+        info["dovecot"] = res.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        info["dovecot"] = None
+    try:
+        import aiosmtpd
+
+        info["aiosmtpd"] = aiosmtpd.__version__
+    except ImportError:
+        info["aiosmtpd"] = None
+    return info
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="a ~1 minute subset: the target workload and one reuse workload")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds each workload runs at most (default 3, --quick 2)")
+    p.add_argument("--idle-bound", type=int, default=None,
+                   help="idle sessions to try to hold (default 1000, --quick 300)")
+    p.add_argument("--spj", type=int, default=8,
+                   help="sessions_per_job of the second mailpool configuration (default 8)")
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="generator processes (default 1; raise it on machines with many cores)")
+    p.add_argument("--only", action="append", default=[],
+                   choices=["mailpool", "postfix", "aiosmtpd", "smtp-sink", "journal", "pop"],
+                   help="run only these parts (repeatable)")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not try to install missing peers")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the servers' temporary directories (logs, spools)")
+    a = p.parse_args(argv)
+    return Options(
+        quick=a.quick,
+        duration=a.duration or (2.0 if a.quick else 3.0),
+        idle_bound=a.idle_bound or (300 if a.quick else 1000),
+        idle_window=4.0 if a.quick else 8.0,
+        journal_rounds=2 if a.quick else 3,
+        spj=a.spj, client_procs=a.client_procs, install=not a.no_install,
+        only=set(a.only), keep=a.keep,
+    )
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.report import chart, print_report
+
+    opts = parse_args(argv)
+    raise_fd_limit()
+    signal.signal(signal.SIGTERM, _sigterm)
+    started = time.monotonic()
+    ensure_peers(opts.install)
+    runner = Runner(opts)
+    info = machine()
+    runner.record({"kind": "meta", "machine": info, "options": asdict(opts) | {
+        "only": sorted(opts.only)}})
+    print(f"mailpool benchmark {runner.stamp}: {info['cpus']} CPUs, load average "
+          f"{info['load'][0]:.2f}; results in {runner.out_path.relative_to(BENCH_DIR.parent)}")
+    if info["load"][0] > 0.5:
+        print("  note: the machine is busy; figures will be noisy (compare ratios, rerun)")
+    phases: list[Callable[[], None]] = [runner.run_smtp, runner.run_journal, runner.run_pop]
+    interrupted = False
+    try:
+        for phase in phases:
+            phase()
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping servers", file=sys.stderr)
+    finally:
+        runner.close()
+    targets = print_report(runner.rows, opts.spj)
+    for t in targets:
+        runner.rows.append(t)
+    with open(runner.out_path, "a") as f:
+        for t in targets:
+            f.write(json.dumps({"run": runner.stamp, **t}, separators=(",", ":")) + "\n")
+    png = chart(runner.rows, runner.out_path.with_suffix(".png"))
+    if png:
+        print(f"\nchart: {png.relative_to(BENCH_DIR.parent)}")
+    print(f"results: {runner.out_path.relative_to(BENCH_DIR.parent)} "
+          f"({time.monotonic() - started:.0f} s)")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
