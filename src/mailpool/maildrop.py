@@ -68,12 +68,18 @@ class Maildrop:
             fsync_dir(cur)
             fsync_dir(new)
         out = []
+        seen: set[str] = set()
         for entry in sorted(os.scandir(cur), key=lambda e: e.name):
             if entry.name.startswith(".") or not entry.is_file():
                 continue
-            base = entry.name.split(":", 1)[0]
+            uid = uid_for(entry.name.split(":", 1)[0])
+            if uid in seen:
+                # Two files with one base name (a copied or hand-edited Maildir): POP3 needs
+                # unique uids, so the later one is named by its whole file name instead.
+                uid = hashlib.sha1(entry.name.encode("utf-8", "surrogateescape")).hexdigest()
+            seen.add(uid)
             data = Path(entry.path).read_bytes()
-            out.append(DropMessage(uid=uid_for(base), path=Path(entry.path), size=pop_size(data)))
+            out.append(DropMessage(uid=uid, path=Path(entry.path), size=pop_size(data)))
         return out
 
     def delete(self, messages: list[DropMessage]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from mailpool.directory import Directory
+from mailpool.directory import Directory, DirectoryError
 from mailpool.jobs.runtime import JobContext
 from mailpool.maildrop import DropMessage, Maildrop
 from mailpool.protocol import pop3 as core
@@ -57,8 +57,14 @@ class PopServerRole:
                     else:
                         conn.receive_data(data)
                 elif isinstance(event, core.Authenticate):
-                    ok = await trio.to_thread.run_sync(self.directory.authenticate, event.user,
-                                                       event.password)
+                    try:
+                        ok = await trio.to_thread.run_sync(self.directory.authenticate,
+                                                           event.user, event.password)
+                    except (OSError, DirectoryError):
+                        # A broken directory is the host's fault: not a failed login, and
+                        # not a reason to crash the job with every session in it.
+                        conn.sys_temp_error("cannot check the password now")
+                        continue
                     if not ok:
                         failures += 1
                         await ctx.channel.send(AuthFailed(ip=peer_ip))
@@ -67,14 +73,20 @@ class PopServerRole:
                         conn.auth_failed()
                         continue
                     candidate = Maildrop(self.mailbox_root / event.user)
-                    if not await trio.to_thread.run_sync(candidate.lock):
+                    try:
+                        locked = await trio.to_thread.run_sync(candidate.lock)
+                    except OSError as exc:
+                        # e.g. the mailbox path is not a directory: answer, do not crash.
+                        conn.sys_temp_error(f"cannot open maildrop ({exc.strerror or exc})")
+                        continue
+                    if not locked:
                         conn.maildrop_busy()
                         continue
                     try:
                         messages = await trio.to_thread.run_sync(candidate.scan)
                     except OSError as exc:
                         candidate.unlock()
-                        conn.sys_temp_error(f"cannot read maildrop ({exc.strerror})")
+                        conn.sys_temp_error(f"cannot read maildrop ({exc.strerror or exc})")
                         continue
                     drop, user = candidate, event.user
                     listing = {m.uid: m for m in messages}
@@ -85,7 +97,7 @@ class PopServerRole:
                     try:
                         content = await trio.to_thread.run_sync(listing[event.uid].path.read_bytes)
                     except OSError as exc:
-                        conn.sys_temp_error(f"cannot read message ({exc.strerror})")
+                        conn.sys_temp_error(f"cannot read message ({exc.strerror or exc})")
                         continue
                     conn.message_content(content)
                 elif isinstance(event, core.Retrieved):
