@@ -42,7 +42,7 @@ import trio
 from bench import servers as S
 from bench.idle import idle_capacity
 from bench.pop_load import PopConfig, run_pop
-from bench.smtp_load import make_body, raise_fd_limit
+from bench.smtp_load import LoadConfig, LoadResult, make_body, raise_fd_limit, run_load
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
@@ -66,14 +66,17 @@ TARGET = Workload(20, KB, 1, 20000)  # durable end to end: the targets are measu
 
 
 def workloads(quick: bool) -> list[Workload]:
+    """The target workload first, so that a run cut short by its budget still has it."""
     if quick:
-        return [TARGET, Workload(100, KB, 100, 20000)]
-    out = []
+        return [TARGET]
+    out = [TARGET]
     for sessions in (1, 20, 100):
         for size in (KB, 100 * KB):
             for k in (1, 100):
                 cap = 2000 if size == KB else 500
-                out.append(Workload(sessions, size, k, cap * max(1, sessions // 10)))
+                wl = Workload(sessions, size, k, cap * max(1, sessions // 10))
+                if wl.label != TARGET.label:
+                    out.append(wl)
     return out
 
 
@@ -89,6 +92,9 @@ class Options:
     install: bool
     only: set[str]
     keep: bool
+    budget: float  # seconds for the whole run; later parts are skipped once it is spent
+    pop_sessions: tuple[int, ...]
+    pop_per_user: int
 
 
 class Runner:
@@ -102,6 +108,17 @@ class Runner:
         self.work = Path(tempfile.mkdtemp(prefix="mailpool-bench-"))
         self.work.chmod(0o755)  # peers deliver as nobody below it
         self.running: list[S.Server] = []
+        self.deadline = time.monotonic() + opts.budget
+
+    def time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def over_budget(self, what: str, reserve: float = 0.0) -> bool:
+        """True (and recorded as skipped) when the run's --budget leaves no time for what."""
+        if self.time_left() > reserve:
+            return False
+        self.skip(what, f"time budget spent (--budget {self.opts.budget:.0f} s)")
+        return True
 
     # --- bookkeeping ---------------------------------------------------------------
 
@@ -196,7 +213,7 @@ class Runner:
         t0 is the time.time() the load started; the rate is messages over the time from
         then until the last one was seen in a Maildir (polled every 50 ms).
         """
-        limit = time.monotonic() + min(60.0, 10.0 + (time.time() - t0))
+        limit = time.monotonic() + min(30.0, 5.0 + (time.time() - t0))
         got = 0
         while time.monotonic() < limit:
             got = (server.delivered() or 0) - before
@@ -258,13 +275,20 @@ class Runner:
 
     def run_smtp(self) -> None:
         wls = workloads(self.opts.quick)
+        # Time kept back for the journal and POP phases that follow.
+        reserve = (30.0 if self.opts.quick else 90.0) * (
+            self.wanted("journal") + self.wanted("pop")) / 2
         for server, clients in self.smtp_servers():
             print(f"\n== {server.label}", flush=True)
+            if self.over_budget(server.label, reserve):
+                continue
             with self.serving(server) as up:
                 if up is None:
                     continue
                 self.idle(server)
                 for wl in wls:
+                    if self.over_budget(f"{server.label} {wl.label}", reserve):
+                        break
                     sent = 0
                     for client in clients:
                         if client == "smtp-source":
@@ -280,6 +304,8 @@ class Runner:
         if not self.wanted("journal"):
             return
         print("\n== journal cost (mailpool, default pools, journal on vs off)", flush=True)
+        if self.over_budget("journal comparison", 15.0):
+            return
         on = S.Mailpool("mailpool journal=on", self.work)
         off = S.Mailpool("mailpool journal=off", self.work, journal=False)
         with self.serving(on) as a, self.serving(off) as b:
@@ -300,14 +326,16 @@ class Runner:
     def run_pop(self) -> None:
         if not self.wanted("pop"):
             return
-        per_user = 50 if self.opts.quick else 100
-        sessions_list = [10] if self.opts.quick else [1, 10]
+        per_user = self.opts.pop_per_user
+        sessions_list = self.opts.pop_sessions
         users = max(sessions_list)
         names = [f"pop{i}" for i in range(users)]
         body = make_body(KB)
         message = (f"From: <{S.SENDER}>\r\nTo: <pop@{S.DOMAIN}>\r\nSubject: pop\r\n\r\n"
                    ).encode() + body
         print("\n== POP3 retrieval", flush=True)
+        if self.over_budget("POP3 retrieval", 10.0):
+            return
         dovecot = S.Dovecot("dovecot", self.work)
         mailpool = S.Mailpool("mailpool pop", self.work, pop_users=users)
         for server in (mailpool, dovecot):
@@ -346,18 +374,32 @@ class Runner:
                           flush=True)
 
     def fill_mailpool(self, server: S.Mailpool, names: list[str], per_user: int) -> bool:
-        for name in names:
-            server.rcpt = f"{name}@{S.DOMAIN}"
-            before = server.delivered() or 0
-            res = self.smtp_load(server, Workload(4, KB, per_user, per_user))
-            if not res or "error" in res or res.get("sent") != per_user:
-                self.skip("mailpool pop", f"could not fill {name}'s mailbox: {res}")
-                return False
-            got, _ = self.wait_delivered(server, before, per_user, time.time())
-            if got < per_user:
-                self.skip("mailpool pop", f"only {got}/{per_user} delivered to {name}")
-                return False
-        server.rcpt = S.RCPT
+        """Deliver per_user messages to every POP user through mailpool's own SMTP."""
+        before = server.delivered() or 0
+        results: list[LoadResult] = []
+
+        async def fill() -> None:
+            async def one(name: str) -> None:
+                cfg = LoadConfig(host=S.HOST, port=server.port, sessions=2, messages=per_user,
+                                 size=KB, per_connection=per_user, mail_from=S.SENDER,
+                                 rcpt_to=f"{name}@{S.DOMAIN}", timeout=30)
+                results.append(await run_load(cfg))
+
+            async with trio.open_nursery() as nursery:
+                for name in names:
+                    nursery.start_soon(one, name)
+
+        trio.run(fill)
+        sent = sum(r.sent for r in results)
+        if sent < per_user * len(names):
+            errors = {k: v for r in results for k, v in r.errors.items()}
+            self.skip("mailpool pop", f"filling the maildrops: {sent}/{per_user * len(names)} "
+                      f"accepted, errors {errors}")
+            return False
+        got, _ = self.wait_delivered(server, before, sent, time.time())
+        if got < sent:
+            self.skip("mailpool pop", f"only {got}/{sent} delivered to the POP users")
+            return False
         return True
 
 
@@ -439,7 +481,7 @@ def machine() -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="a ~1 minute subset: the target workload and one reuse workload")
+                   help="a ~1 minute subset: the target workload only, fewer idle sessions")
     p.add_argument("--duration", type=float, default=None,
                    help="seconds each workload runs at most (default 3, --quick 2)")
     p.add_argument("--idle-bound", type=int, default=None,
@@ -451,6 +493,9 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--only", action="append", default=[],
                    choices=["mailpool", "postfix", "aiosmtpd", "smtp-sink", "journal", "pop"],
                    help="run only these parts (repeatable)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole run (default 540, --quick 90); parts that "
+                        "would start later are reported as skipped")
     p.add_argument("--no-install", action="store_true",
                    help="do not try to install missing peers")
     p.add_argument("--keep", action="store_true",
@@ -459,11 +504,14 @@ def parse_args(argv: list[str] | None) -> Options:
     return Options(
         quick=a.quick,
         duration=a.duration or (2.0 if a.quick else 3.0),
-        idle_bound=a.idle_bound or (300 if a.quick else 1000),
-        idle_window=4.0 if a.quick else 8.0,
-        journal_rounds=2 if a.quick else 3,
+        idle_bound=a.idle_bound or (200 if a.quick else 1000),
+        idle_window=3.0 if a.quick else 8.0,
+        journal_rounds=1 if a.quick else 3,
         spj=a.spj, client_procs=a.client_procs, install=not a.no_install,
         only=set(a.only), keep=a.keep,
+        budget=a.budget or (90.0 if a.quick else 540.0),
+        pop_sessions=(5,) if a.quick else (1, 10),
+        pop_per_user=20 if a.quick else 100,
     )
 
 
