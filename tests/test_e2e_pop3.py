@@ -78,7 +78,7 @@ def crlf(data: bytes) -> bytes:
 
 
 def journal(host: Host, code: str, **match: object) -> list[dict]:
-    return [r for r in host.journal() if r.get("code") == code
+    return [r for r in host.journal("--code", code) if r.get("code") == code
             and all(r.get(k) == v for k, v in match.items())]
 
 
@@ -291,6 +291,10 @@ def test_maildrop_lock_released_on_quit_disconnect_and_kill(pop_host: Host) -> N
     add_user(pop_host, "lena")
     deliver(pop_host, "lena", b"Subject: locked\r\n\r\nbody\r\n")
 
+    # Two free jobs, so no session idles towards the inactivity timeout while the other
+    # waits for a job to start.
+    pop_host.wait_jobs({"pop-server": 2})
+
     # 1. QUIT releases the lock.
     first = RawPop(pop_host)
     assert first.login("lena").startswith(b"+OK maildrop has 1 message")
@@ -311,6 +315,7 @@ def test_maildrop_lock_released_on_quit_disconnect_and_kill(pop_host: Host) -> N
     # 3. kill -9 of the job holding it: the kernel drops the flock with the process.
     fourth.cmd("QUIT")
     fourth.close()
+    pop_host.wait_jobs({"pop-server": 2})
     holder = RawPop(pop_host, source_ip="127.0.0.31")
     assert holder.login("lena").startswith(b"+OK"), "the maildrop should be free"
     job, pid = pop_job_for(pop_host, "127.0.0.31", keepalive=holder)
@@ -457,7 +462,9 @@ def test_failed_logins_same_reply_journaled_and_slower(pop_host: Host) -> None:
 
     # The count belongs to the address, not the connection: the 6th failure, on a new
     # connection, waits >= 1.6 s. Meanwhile a good login from the same address, started
-    # later on another connection, is answered first: it is not slowed.
+    # later on another connection, is answered first: it is not slowed. (Two free jobs
+    # first, so the good one does not wait for a job to start.)
+    pop_host.wait_jobs({"pop-server": 2})
     bad = RawPop(pop_host, source_ip=ip)
     assert bad.cmd("USER gina").startswith(b"+OK")
     start = time.monotonic()
