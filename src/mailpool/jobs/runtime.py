@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -107,6 +108,9 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
         try:
             assert session is not None
             await session(ctx, stream, msg)
+        except Exception as exc:  # one broken session must not end the job's other sessions
+            print(f"mailpool {ctx.job_name}: session {msg.conn_id} from {msg.peer_ip} failed: "
+                  f"{exc!r}", file=sys.stderr, flush=True)
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -117,7 +121,12 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
 
     async def one_work(queue_id: str) -> None:
         assert work is not None
-        ok = await work(ctx, queue_id)
+        try:
+            ok = await work(ctx, queue_id)
+        except Exception as exc:  # the message stays queued; the supervisor retries it later
+            print(f"mailpool {ctx.job_name}: work on {queue_id} failed: {exc!r}",
+                  file=sys.stderr, flush=True)
+            ok = False
         try:
             await channel.send(WorkDone(queue_id=queue_id, ok=ok))
         except ChannelClosed:

@@ -538,6 +538,10 @@ class Supervisor:
         while True:
             await trio.sleep(interval)
             self.journal.sync()
+            now = trio.current_time()
+            for ip in [ip for ip, (_, last) in self.auth_failures.items()
+                       if now - last > AUTH_FAILURE_MEMORY]:
+                del self.auth_failures[ip]
 
     # --- admin console source (mailpool.admin.app.AdminSource) -------------------------------
 
