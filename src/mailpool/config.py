@@ -300,7 +300,7 @@ def load_config(path: Path | str) -> LoadedConfig:
         if why.startswith("Object contains unknown field"):
             field = why.split("`")[1]
             full = f"{key}.{field}" if key else field
-            raise ConfigError(f"{path}: {full}: unknown key") from None
+            raise ConfigError(f"{path}: {full}: {_lookup(raw, full)!r}: unknown key") from None
         if why.startswith("Object missing required field"):
             field = why.split("`")[1]
             full = f"{key}.{field}" if key else field

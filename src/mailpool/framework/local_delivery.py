@@ -17,6 +17,7 @@ from mailpool.framework import maildir
 from mailpool.framework.spool import Spool
 
 JournalFn = Callable[..., None]
+DurableFn = Callable[[], bool]
 
 TAG_LOCAL = "POP LclDel"
 TAG_FORWARD = "SMTP MsgFwd"
@@ -48,8 +49,12 @@ class LocalFramework:
             return TAG_LOCAL, self.postmaster
         return TAG_NONDEL, None
 
-    def process(self, queue_id: str, journal: JournalFn) -> bool:
-        """Run the whole framework pass; True when the message left the incoming queue."""
+    def process(self, queue_id: str, journal: JournalFn, make_durable: DurableFn) -> bool:
+        """Run the whole framework pass; True when the message left the incoming queue.
+
+        Writes are not fsynced one by one: `make_durable()` (a group commit shared with every
+        other job) runs once the Maildir copies exist and before the queue file goes.
+        """
         if queue_id not in self.spool.list("incoming"):
             return True  # already done by an earlier pass
         envelope, content = self.spool.load("incoming", queue_id)
@@ -61,26 +66,34 @@ class LocalFramework:
             journal("72", recipient=rcpt, **ids)
         done = self.spool.delivered(queue_id)
         undeliverable: list[str] = []
+        outcome: list[tuple[str, str, Path | None]] = []
         for index, rcpt in enumerate(envelope.recipients):
             tag, user = self.resolve(rcpt)
-            journal("P2", recipient=rcpt, tag=tag, detail=tag, **ids)
             if user is None:
                 undeliverable.append(rcpt)
-                continue
-            if index in done:
+                outcome.append((rcpt, tag, None))
                 continue
             box = self.mailbox_root / user
-            unique = maildir.unique_name(queue_id, index, self.hostname)
-            maildir.ensure_maildir(box)
-            if not maildir.is_delivered(box, unique):
-                maildir.deliver(box, unique, content)
-            self.spool.mark_delivered(queue_id, index)
-            journal("B8", mailbox=str(box), detail=str(box), **ids)
-            journal("B2", recipient=rcpt, **ids)
+            if index not in done:
+                unique = maildir.unique_name(queue_id, index, self.hostname)
+                maildir.ensure_maildir(box)
+                maildir.deliver(box, unique, content, sync=False)
+                self.spool.mark_delivered(queue_id, index, sync=False)
+            outcome.append((rcpt, tag, box))
+        if not make_durable():
+            return False  # nothing is lost: the queue file stays and is tried again
+        # Journaled once durable, per recipient: P2, then B8 B2 when it went to a mailbox.
+        for rcpt, tag, box in outcome:
+            journal("P2", recipient=rcpt, tag=tag, detail=tag, **ids)
+            if box is not None:
+                journal("B8", mailbox=str(box), detail=str(box), **ids)
+                journal("B2", recipient=rcpt, **ids)
         if undeliverable:
             # Non-delivery notices and forwarding come with the outbound issue; until then
             # the message is kept on hold, never dropped.
             self.spool.move(queue_id, "incoming", "hold")
             return True
-        self.spool.remove("incoming", queue_id)
+        # Durable at the next group commit; until then a crash re-runs this pass, which
+        # finds every copy already delivered.
+        self.spool.remove("incoming", queue_id, sync=False)
         return True

@@ -74,8 +74,11 @@ def is_delivered(path: Path, unique: str) -> bool:
     return find(path, unique) is not None
 
 
-def deliver(path: Path, unique: str, content: bytes) -> Path:
+def deliver(path: Path, unique: str, content: bytes, *, sync: bool = True) -> Path:
     """Deliver `content` durably as `unique`; returns its path in new/.
+
+    With sync=False nothing is fsynced: the caller makes it durable (group commit with
+    syncfs) before it reports the delivery or removes the queue file.
 
     Idempotent: if a message with this unique name is already in new/ or cur/, nothing is
     written and its current path is returned. The Maildir must exist (ensure_maildir).
@@ -91,7 +94,8 @@ def deliver(path: Path, unique: str, content: bytes) -> Path:
     try:
         try:
             write_all(fd, content)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         try:
@@ -106,5 +110,6 @@ def deliver(path: Path, unique: str, content: bytes) -> Path:
             os.rename(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(final.parent)
+    if sync:
+        fsync_dir(final.parent)
     return final

@@ -20,10 +20,28 @@ from mailpool.supervisor.channel import Channel, ToJob
 
 
 async def _framework_work(framework, ctx: JobContext, queue_id: str) -> bool:
-    def journal(code: str, **fields: object) -> None:
-        trio.from_thread.run(functools.partial(ctx.journal, code, **fields))
+    # Entries are collected in the worker thread and sent in groups: one channel message
+    # before the group commit and one at the end, instead of one round trip per entry.
+    pending: list[tuple[str, dict[str, object]]] = []
 
-    return await trio.to_thread.run_sync(framework.process, queue_id, journal)
+    def journal(code: str, **fields: object) -> None:
+        pending.append((code, fields))
+
+    def flush() -> None:
+        if pending:
+            batch = pending[:]
+            pending.clear()
+            trio.from_thread.run(ctx.journal_many, batch)
+
+    def make_durable() -> bool:
+        flush()
+        return trio.from_thread.run(ctx.group_sync)
+
+    try:
+        return await trio.to_thread.run_sync(framework.process, queue_id, journal, make_durable)
+    finally:
+        if pending:
+            await ctx.journal_many(pending)
 
 
 async def job_main(entry: str, job_id: int, fd: int, config_path: Path) -> None:

@@ -6,6 +6,7 @@ lives in mailpool.protocol.smtp_server.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import trio
@@ -139,19 +140,33 @@ class SmtpServerRole:
                             originator=event.originator, recipients=recipients,
                             received_ns=time.time_ns(), peer_ip=peer_ip, helo=conn.helo or "",
                             size=len(data))
+        # Group commit: the file is written and renamed into the queue without an fsync of
+        # its own; one syncfs in the supervisor then makes every message written meanwhile
+        # durable at once, and only then does any of those sessions answer 250.
         try:
             with trio.fail_after(ctx.config.smtp.spool_timeout):
-                await trio.to_thread.run_sync(self.spool.store, "incoming", envelope, data)
+                await trio.to_thread.run_sync(
+                    functools.partial(self.spool.store, "incoming", envelope, data, sync=False))
+                durable = await ctx.group_sync()
         except (OSError, trio.TooSlowError) as exc:
-            conn.reply(451, f"Error: queue file write error ({type(exc).__name__})", "4.3.0")
+            durable = False
+            reason = type(exc).__name__
+        else:
+            reason = "sync failed"
+        if not durable:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(
+                    functools.partial(self.spool.remove, "incoming", queue_id, sync=False))
+            conn.reply(451, f"Error: queue file write error ({reason})", "4.3.0")
             return
         ids = {"queue_id": queue_id, "message_id": message_id}
-        await ctx.journal("94", ip=peer_ip, **ids)
-        await ctx.journal("91", originator=event.originator, **ids)
-        for rcpt in recipients:
-            await ctx.journal("92", recipient=rcpt, **ids)
-        await ctx.journal("9T", size=len(data), **ids)
-        await ctx.journal("99", **ids)
-        await ctx.journal("97", detail="incoming", **ids)
+        await ctx.journal_many([
+            ("94", {"ip": peer_ip, **ids}),
+            ("91", {"originator": event.originator, **ids}),
+            *(("92", {"recipient": rcpt, **ids}) for rcpt in recipients),
+            ("9T", {"size": len(data), **ids}),
+            ("99", ids),
+            ("97", {"detail": "incoming", **ids}),
+        ])
         await ctx.queued("incoming", queue_id)
         conn.reply(250, f"Ok: queued as {queue_id}", "2.0.0")
