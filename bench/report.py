@@ -87,15 +87,20 @@ def idle_table(rows: list[dict[str, Any]]) -> list[str]:
     body = []
     for r in (x for x in rows if x.get("kind") == "idle"):
         b, a = r["before"], r["after"]
+        warm = r.get("warm") or {}
         body.append([r["server"], f"{r['held']}/{r['bound']}", f"{r['ramp_seconds']:.1f}",
                      f"{b['rss_kb'] / 1024:.1f} -> {a['rss_kb'] / 1024:.1f}",
                      _f(r.get("rss_kb_per_session"), "{:.1f}"),
                      _f(r.get("pss_kb_per_session"), "{:.1f}"),
-                     f"{b['processes']} -> {a['processes']}"])
+                     f"{b['processes']} -> {a['processes']}",
+                     f"{warm['held']}/{warm['bound']}" if warm else "-",
+                     _f(warm.get("rss_kb_per_session"), "{:.1f}"),
+                     _f(warm.get("pss_kb_per_session"), "{:.1f}")])
     if not body:
         return []
-    return _table(["server", "held", "ramp s", "RSS MiB before -> after", "KiB/session RSS",
-                   "KiB/session PSS", "processes"], body, right={1, 2, 4, 5})
+    return _table(["server", "held", "ramp s", "RSS MiB before -> after", "KiB/sess RSS",
+                   "KiB/sess PSS", "processes", "warm held", "warm RSS", "warm PSS"], body,
+                  right={1, 2, 4, 5, 7, 8, 9})
 
 
 def pop_table(rows: list[dict[str, Any]]) -> list[str]:

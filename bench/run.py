@@ -245,15 +245,25 @@ class Runner:
         return result
 
     def idle(self, server: S.Server) -> None:
-        stats = trio.run(idle_capacity, S.HOST, server.port, self.opts.idle_bound,
-                         self.opts.idle_window, server.memory)
-        row = {"kind": "idle", "server": server.label, "server_kind": server.kind, **stats}
+        """Idle capacity on the fresh server ("cold": workers it starts for the sessions
+        count), then, unless --quick, again at once ("warm": the workers exist already)."""
+        def run() -> dict[str, Any]:
+            return trio.run(idle_capacity, S.HOST, server.port, self.opts.idle_bound,
+                            self.opts.idle_window, server.memory)
+
+        row: dict[str, Any] = {"kind": "idle", "server": server.label,
+                               "server_kind": server.kind, **run()}
+        if not self.opts.quick:
+            time.sleep(1.0)  # let the server notice the closed sessions
+            row["warm"] = run()
         self.record(row)
         per = row.get("rss_kb_per_session")
+        warm = row.get("warm", {}).get("rss_kb_per_session")
         print(f"    idle: held {row['held']}/{row['bound']} sessions; "
               f"RSS {row['before']['rss_kb']} -> {row['after']['rss_kb']} KiB"
               + (f" = {per:.1f} KiB/session" if per is not None else "")
-              + f" ({row['after']['processes']} processes)", flush=True)
+              + (f" (warm: {warm:.1f})" if warm is not None else "")
+              + f"; {row['after']['processes']} processes", flush=True)
 
     # --- the phases ----------------------------------------------------------------
 
