@@ -18,6 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mailpool.journal.reader import iter_records
+from mailpool.supervisor.control import ControlError, ControlUnavailable, request
+
 MAILPOOL = [sys.executable, "-m", "mailpool.cli"]
 
 BASE_CONFIG = """\
@@ -76,6 +79,14 @@ def config_text(extra_config: str = "") -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -125,17 +136,45 @@ class Host:
         return self
 
     def wait_jobs(self, counts: dict[str, int], timeout: float = 30.0) -> None:
-        """Until each entry has at least N jobs ready to take work."""
+        """Until each entry has at least N jobs ready to take work, and every job of the
+        host has been started (its JS record is written).
+
+        `pool show` has no count of jobs that said Ready, so "started" is the best outside
+        view. It matters for a stop() right after start(): a job still being spawned when
+        SIGTERM arrives misses its Drain and holds the shutdown for drain_timeout + 5 s.
+        """
+        journal_on = tomllib.loads(self.config_path.read_text()).get(
+            "journal", {}).get("enabled", True)
 
         def ok() -> bool:
             try:
-                entries = self.pool_show()
-            except AssertionError:
+                entries = self.pool_stats()
+            except (ControlUnavailable, ControlError, OSError, ValueError):
                 return False
+            if journal_on:
+                started = self.started_jobs()
+                if any(started.get(name, 0) < e["jobs"]["current"]
+                       for name, e in entries.items()):
+                    return False
             return all(entries[name]["jobs"]["current"] - entries[name]["in_use"]["current"]
-                       >= n and self.ready_jobs(name) >= n for name, n in counts.items())
+                       >= n and int(entries[name].get("ready", 10**6)) >= n
+                       for name, n in counts.items())
 
         wait_for(ok, timeout, what=f"jobs {counts}")
+
+    def started_jobs(self) -> dict[str, int]:
+        """Per pool entry, the running supervisor's live jobs that have a JS record."""
+        live: dict[Any, str] = {}
+        for rec in iter_records(self.data / "journal"):
+            if rec.code == "JS":
+                live[rec.fields.get("pid")] = str(rec.fields.get("entry"))
+            elif rec.code == "JE":
+                live.pop(rec.fields.get("pid"), None)
+        counts: dict[str, int] = {}
+        for pid, entry in live.items():
+            if self.proc is not None and isinstance(pid, int) and _ppid(pid) == self.proc.pid:
+                counts[entry] = counts.get(entry, 0) + 1
+        return counts
 
     def ready_jobs(self, entry: str) -> int:
         return int(self.pool_show()[entry].get("ready", 10**6))
@@ -191,6 +230,12 @@ class Host:
         if password is not None:
             args.append("--password-stdin")
         self.cli(*args, input=(password + "\n") if password is not None else None)
+
+    def pool_stats(self) -> dict[str, Any]:
+        """`pool show --json` without the CLI's ~0.5 s start-up: straight to the control
+        socket (polling loops call this many times)."""
+        return request(self.data / "run" / "control.sock", {"op": "pool-show"},
+                       timeout=5.0)["entries"]
 
     def pool_show(self) -> dict[str, Any]:
         res = self.cli("pool", "show", "--json", check=False)

@@ -507,22 +507,16 @@ def serve_bad_config(tmp_path: Path, line: str) -> str:
 
 
 @pytest.mark.parametrize(("line", "key", "value"), [
-    ("max_recipents = 7", "smtp.max_recipents", None),
+    ("max_recipents = 12345", "smtp.max_recipents", "12345"),
     ('max_recipients = "seven"', "smtp.max_recipients", "seven"),
     ("max_recipients = 0", "smtp.max_recipients", "0"),
     ("max_recipients = 7\ncommand_timeout = -1.0", "smtp.command_timeout", "-1.0"),
 ])
 def test_serve_with_bad_config_exits_with_one_line(tmp_path: Path, line: str, key: str,
-                                                   value: str | None) -> None:
+                                                   value: str) -> None:
     message = serve_bad_config(tmp_path, line)
     assert message.startswith("mailpool: bad.toml: ") and key in message, message
-    if value is not None:
-        assert value in message, message
-
-
-def test_unknown_key_error_names_the_value(tmp_path: Path) -> None:
-    message = serve_bad_config(tmp_path, "max_recipents = 12345")
-    assert "12345" in message, message
+    assert value in message, message
 
 
 def test_config_check_prints_effective_config(tmp_path: Path) -> None:
