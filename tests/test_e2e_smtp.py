@@ -49,6 +49,7 @@ USERS = {
     "gone": ["gone@example.test"],
     "swaks": ["swaks@example.test"],
     "fmt": ["fmt@example.test"],
+    "twice": ["twice@example.test"],
 }
 
 
@@ -216,6 +217,22 @@ def test_journal_dump_filters_and_formats(mailhost: Host) -> None:
     (line,) = res.stdout.splitlines()
     assert re.match(rf"\s*{records[3]['seq']} \S+ LG 9T smtp-server/\d+ ", line), line
     assert f"queue_id={queue_id}" in line and f"size={records[3]['size']}" in line
+
+
+def test_recipient_named_twice_gets_one_copy(mailhost: Host) -> None:
+    with smtp(mailhost) as s:
+        s.ehlo()
+        assert s.mail("a@remote.test")[0] == 250
+        for rcpt in ("twice@example.test", "Twice@Example.TEST", "twice@example.test"):
+            assert status(s.rcpt(rcpt)) == (250, "2.1.5")
+        code, text = s.data(b"Subject: once\r\n\r\nx\r\n")
+        assert code == 250
+    queue_id = re.search(rb"queued as (\S+)", text).group(1).decode()
+    records = wait_journal(mailhost, "--queue-id", queue_id,
+                           until=lambda recs: recs and recs[-1]["code"] == "B2", what="B2")
+    assert [r["code"] for r in records] == expected_codes(1)
+    assert [p.name for p in mailhost.maildir_files("twice")] == [
+        f"{queue_id}.R0.{HOSTNAME}"]
 
 
 def test_null_sender_to_postmaster(mailhost: Host) -> None:

@@ -128,7 +128,10 @@ class SmtpServerRole:
         """Make the message durable in the incoming queue, journal it, then answer 250."""
         queue_id = self.spool.new_queue_id()
         content = event.content
-        recipients = list(event.recipients)
+        # A recipient named twice in one transaction (in any letter case: local mailboxes
+        # are case-insensitive) gets one copy, as Postfix's cleanup does; each RCPT still
+        # got its 250.
+        recipients = list({r.lower(): r for r in reversed(event.recipients)}.values())[::-1]
         message_id = find_message_id(content)
         prefix = received_header(helo=conn.helo or "", peer_ip=peer_ip, hostname=self.hostname,
                                  queue_id=queue_id, recipients=recipients, esmtp=conn.esmtp)
