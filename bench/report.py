@@ -21,7 +21,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows if r)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows if r)]) for i, h in enumerate(headers)]
 
     def fmt(cells: list[str]) -> str:
         return "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i])

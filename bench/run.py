@@ -248,7 +248,7 @@ class Runner:
         """Idle capacity on the fresh server ("cold": workers it starts for the sessions
         count), then, unless --quick, again at once ("warm": the workers exist already)."""
         def run() -> dict[str, Any]:
-            return trio.run(idle_capacity, S.HOST, server.port, self.opts.idle_bound,
+            return run_trio(idle_capacity, S.HOST, server.port, self.opts.idle_bound,
                             self.opts.idle_window, server.memory)
 
         row: dict[str, Any] = {"kind": "idle", "server": server.label,
@@ -372,7 +372,7 @@ class Runner:
                                     password=S.POP_PASSWORD, users=sessions,
                                     messages=1_000_000, duration=self.opts.duration,
                                     timeout=30)
-                    res = asdict(trio.run(run_pop, cfg))
+                    res = asdict(run_trio(run_pop, cfg))
                     row = {"kind": "pop", "server": server.label.replace(" pop", ""),
                            "sessions": sessions, "messages_per_user": per_user,
                            "size": len(message), "result": res}
@@ -399,7 +399,7 @@ class Runner:
                 for name in names:
                     nursery.start_soon(one, name)
 
-        trio.run(fill)
+        run_trio(fill)
         sent = sum(r.sent for r in results)
         if sent < per_user * len(names):
             errors = {k: v for r in results for k, v in r.errors.items()}
@@ -525,7 +525,38 @@ def parse_args(argv: list[str] | None) -> Options:
     )
 
 
+class _Stop:
+    """Where a SIGTERM finds the driver: in plain code, or inside a trio.run."""
+
+    requested = False
+    token: trio.lowlevel.TrioToken | None = None
+    scope: trio.CancelScope | None = None
+
+
+def run_trio(fn: Callable[..., Any], *args: Any) -> Any:
+    """trio.run, cancelled cleanly by SIGTERM (which then surfaces as KeyboardInterrupt)."""
+    async def wrapper() -> Any:
+        _Stop.token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope() as scope:
+            _Stop.scope = scope
+            return await fn(*args)
+        return None
+
+    try:
+        result = trio.run(wrapper)
+    finally:
+        _Stop.token = _Stop.scope = None
+    if _Stop.requested:
+        raise KeyboardInterrupt
+    return result
+
+
 def _sigterm(signum: int, frame: object) -> None:
+    _Stop.requested = True
+    token, scope = _Stop.token, _Stop.scope
+    if token is not None and scope is not None:
+        token.run_sync_soon(scope.cancel)  # raising here would tear Trio's run apart
+        return
     raise KeyboardInterrupt
 
 
