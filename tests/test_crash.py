@@ -17,9 +17,15 @@ from typing import Any
 
 from hosthelp import Host, wait_for
 
-# No POP here; a framework job stopped with SIGSTOP must not be replaced for missing its
-# heartbeats while the test runs.
+# Small pools: these tests start a host seven times and every job is a fresh Python
+# process. No POP. A framework job stopped with SIGSTOP must not be replaced for missing
+# its heartbeats while the test runs.
 CONFIG = """
+[pool.smtp-server]
+initial_jobs = 1
+threshold = 1
+additional_jobs = 1
+
 [pool.pop-server]
 start_jobs = false
 
