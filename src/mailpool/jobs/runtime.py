@@ -29,6 +29,7 @@ from mailpool.supervisor.channel import (
     Queued,
     Ready,
     SessionEnded,
+    SessionStarted,
     Synced,
     SyncRequest,
     Work,
@@ -51,6 +52,10 @@ class JobContext:
         self._sync_waiters: dict[int, trio.Event] = {}
         self._sync_ok: dict[int, bool] = {}
         self._next_token = 0
+        self.active = 0  # open sessions on this job
+
+    def free_slots(self) -> int:
+        return max(0, self.params.sessions_per_job - self.active)
 
     async def journal(self, code: str, **fields: Any) -> None:
         await self.journal_many([(code, fields)])
@@ -105,7 +110,9 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
     async def one_session(msg: Assign, fd: int) -> None:
         sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
         stream = trio.SocketStream(sock)
+        ctx.active += 1
         try:
+            await channel.send(SessionStarted(conn_id=msg.conn_id, free_slots=ctx.free_slots()))
             assert session is not None
             await session(ctx, stream, msg)
         except Exception as exc:  # one broken session must not end the job's other sessions
@@ -114,8 +121,10 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+                ctx.active -= 1
                 try:
-                    await channel.send(SessionEnded(conn_id=msg.conn_id))
+                    await channel.send(SessionEnded(conn_id=msg.conn_id,
+                                                    free_slots=ctx.free_slots()))
                 except ChannelClosed:
                     pass
 

@@ -62,8 +62,14 @@ class Heartbeat(Msg):
     pass
 
 
+class SessionStarted(Msg):
+    conn_id: int
+    free_slots: int
+
+
 class SessionEnded(Msg):
     conn_id: int
+    free_slots: int = 0
 
 
 class WorkDone(Msg):
@@ -96,7 +102,7 @@ class AuthFailed(Msg):
 
 
 ToJob = Assign | Work | Drain | Synced
-ToSupervisor = (Ready | Heartbeat | SessionEnded | WorkDone | Journal | Queued | SyncRequest
+ToSupervisor = (Ready | Heartbeat | SessionStarted | SessionEnded | WorkDone | Journal | Queued | SyncRequest
                 | AuthFailed)
 
 _encoder = msgspec.msgpack.Encoder()

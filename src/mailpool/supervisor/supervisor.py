@@ -46,6 +46,7 @@ from mailpool.supervisor.channel import (
     Queued,
     Ready,
     SessionEnded,
+    SessionStarted,
     Synced,
     SyncRequest,
     ToSupervisor,
@@ -337,6 +338,8 @@ class Supervisor:
                 self.record(code, job.name, time_ns=time_ns, **fields)
         elif isinstance(msg, Heartbeat):
             entry.rules.heartbeat(job.id)
+        elif isinstance(msg, SessionStarted):
+            pass  # the slot was booked at hand-off; the job's own count is informational
         elif isinstance(msg, SessionEnded):
             if msg.conn_id in job.conns:
                 job.conns.discard(msg.conn_id)
