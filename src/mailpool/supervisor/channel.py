@@ -102,8 +102,8 @@ class AuthFailed(Msg):
 
 
 ToJob = Assign | Work | Drain | Synced
-ToSupervisor = (Ready | Heartbeat | SessionStarted | SessionEnded | WorkDone | Journal | Queued | SyncRequest
-                | AuthFailed)
+ToSupervisor = (Ready | Heartbeat | SessionStarted | SessionEnded | WorkDone | Journal | Queued
+                | SyncRequest | AuthFailed)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_job = msgspec.msgpack.Decoder(ToJob)
