@@ -8,7 +8,7 @@ from mailpool.directory import Directory, DirectoryError
 from mailpool.jobs.runtime import JobContext
 from mailpool.maildrop import DropMessage, Maildrop
 from mailpool.protocol import pop3 as core
-from mailpool.supervisor.channel import Assign, AuthFailed
+from mailpool.supervisor.channel import Assign
 
 
 class PopServerRole:
@@ -50,8 +50,19 @@ class PopServerRole:
                 if event is core.NEED_DATA:
                     if not await flush():
                         return
+                    # Not logged in yet and the job drains: close at once. A logged-in
+                    # session may finish (QUIT) within the drain timeout.
+                    idle = conn.state == "AUTHORIZATION"
+                    if idle and ctx.draining.is_set():
+                        conn.timeout()
+                        continue
                     with trio.move_on_after(timeout) as scope:
-                        data = await stream.receive_some(65536)
+                        if idle:
+                            ctx.idle_scopes.add(scope)
+                        try:
+                            data = await stream.receive_some(65536)
+                        finally:
+                            ctx.idle_scopes.discard(scope)
                     if scope.cancelled_caught:
                         conn.timeout()
                     else:
@@ -66,8 +77,8 @@ class PopServerRole:
                         conn.sys_temp_error("cannot check the password now")
                         continue
                     if not ok:
-                        failures += 1
-                        await ctx.channel.send(AuthFailed(ip=peer_ip))
+                        # The count across every job, so parallel guessing is slowed too.
+                        failures = max(failures + 1, await ctx.auth_failed(peer_ip))
                         await ctx.journal("DF", ip=peer_ip, user=event.user)
                         await trio.sleep(self.failure_delay(ctx, failures))
                         conn.auth_failed()

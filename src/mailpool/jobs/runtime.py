@@ -21,6 +21,8 @@ import trio
 from mailpool.config import LoadedConfig, PoolParams
 from mailpool.supervisor.channel import (
     Assign,
+    AuthCount,
+    AuthFailed,
     Channel,
     ChannelClosed,
     Drain,
@@ -49,10 +51,13 @@ class JobContext:
         self.channel = channel
         self.params: PoolParams = loaded.config.pool[entry]
         self._journal_on = loaded.config.journal.enabled
-        self._sync_waiters: dict[int, trio.Event] = {}
-        self._sync_ok: dict[int, bool] = {}
+        self._waiters: dict[int, trio.Event] = {}
+        self._replies: dict[int, Any] = {}
         self._next_token = 0
         self.active = 0  # open sessions on this job
+        # Set when the supervisor asks this job to drain: idle sessions end at once.
+        self.draining = trio.Event()
+        self.idle_scopes: set[trio.CancelScope] = set()
 
     def free_slots(self) -> int:
         return max(0, self.params.sessions_per_job - self.active)
@@ -71,26 +76,45 @@ class JobContext:
     async def queued(self, queue: str, queue_id: str) -> None:
         await self.channel.send(Queued(queue=queue, queue_id=queue_id))
 
-    async def group_sync(self) -> bool:
-        """Ask the supervisor's syncer to make everything written so far durable."""
+    async def _ask(self, make: Callable[[int], Any]) -> Any:
+        """Send a request carrying a fresh token; the reply with that token (None if the
+        channel closed first)."""
         self._next_token += 1
         token = self._next_token
-        event = self._sync_waiters[token] = trio.Event()
-        await self.channel.send(SyncRequest(token=token))
+        event = self._waiters[token] = trio.Event()
+        try:
+            await self.channel.send(make(token))
+        except ChannelClosed:
+            self._waiters.pop(token, None)
+            return None
         await event.wait()
-        return self._sync_ok.pop(token, False)
+        return self._replies.pop(token, None)
 
-    def _synced(self, msg: Synced) -> None:
-        event = self._sync_waiters.pop(msg.token, None)
+    async def group_sync(self) -> bool:
+        """Ask the supervisor's syncer to make everything written so far durable."""
+        reply = await self._ask(lambda token: SyncRequest(token=token))
+        return isinstance(reply, Synced) and reply.ok
+
+    async def auth_failed(self, ip: str) -> int:
+        """Report a failed login; returns the recent failures from `ip` across all jobs."""
+        reply = await self._ask(lambda token: AuthFailed(token=token, ip=ip))
+        return reply.failures if isinstance(reply, AuthCount) else 1
+
+    def _reply(self, msg: Synced | AuthCount) -> None:
+        event = self._waiters.pop(msg.token, None)
         if event is not None:
-            self._sync_ok[msg.token] = msg.ok
+            self._replies[msg.token] = msg
             event.set()
 
-    def _fail_syncs(self) -> None:
-        for token, event in self._sync_waiters.items():
-            self._sync_ok[token] = False
+    def _channel_lost(self) -> None:
+        for event in self._waiters.values():
             event.set()
-        self._sync_waiters.clear()
+        self._waiters.clear()
+
+    def _start_drain(self) -> None:
+        self.draining.set()
+        for scope in self.idle_scopes:
+            scope.cancel()
 
 
 SessionHandler = Callable[[JobContext, trio.SocketStream, Assign], Awaitable[None]]
@@ -148,10 +172,10 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
                 msg, fd = await channel.receive()
                 if fd is not None:
                     os.close(fd)
-                if isinstance(msg, Synced):
-                    ctx._synced(msg)
+                if isinstance(msg, Synced | AuthCount):
+                    ctx._reply(msg)
         except ChannelClosed:
-            ctx._fail_syncs()
+            ctx._channel_lost()
 
     async with trio.open_nursery() as control:
         control.start_soon(heartbeats)
@@ -164,15 +188,16 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
                         tasks.start_soon(one_session, msg, fd)
                     elif isinstance(msg, Work) and work is not None:
                         tasks.start_soon(one_work, msg.queue_id)
-                    elif isinstance(msg, Synced):
-                        ctx._synced(msg)
+                    elif isinstance(msg, Synced | AuthCount):
+                        ctx._reply(msg)
                     elif isinstance(msg, Drain):
                         break
                     elif fd is not None:
                         os.close(fd)
                 control.start_soon(keep_reading)
             except ChannelClosed:
-                ctx._fail_syncs()
+                ctx._channel_lost()
+            ctx._start_drain()
             # Draining: no new work; open sessions get drain_timeout to finish.
             tasks.cancel_scope.deadline = trio.current_time() + ctx.params.drain_timeout
         control.cancel_scope.cancel()

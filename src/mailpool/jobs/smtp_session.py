@@ -80,11 +80,26 @@ class SmtpServerRole:
                         return
                     if conn.closed:
                         return
+                    # Between transactions a draining job ends the session at once (421);
+                    # a transaction in progress may finish within the drain timeout.
+                    idle = conn.state in ("start", "ready")
+                    if idle and ctx.draining.is_set():
+                        conn.shutdown()
+                        await flush()
+                        return
                     timeout = cfg.data_timeout if conn.state == "data" else cfg.command_timeout
                     with trio.move_on_after(timeout) as scope:
-                        data = await stream.receive_some(65536)
+                        if idle:
+                            ctx.idle_scopes.add(scope)
+                        try:
+                            data = await stream.receive_some(65536)
+                        finally:
+                            ctx.idle_scopes.discard(scope)
                     if scope.cancelled_caught:
-                        conn.timeout()
+                        if idle and ctx.draining.is_set():
+                            conn.shutdown()
+                        else:
+                            conn.timeout()
                         await flush()
                         return
                     conn.receive_data(data)
@@ -111,6 +126,15 @@ class SmtpServerRole:
                 # Hello, Reset, Quit: the core already answered.
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+        except trio.Cancelled:
+            # The drain deadline passed mid-session: say so before the socket closes.
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                conn.shutdown()
+                try:
+                    await stream.send_all(conn.data_to_send())
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            raise
 
     def verify(self, conn: core.ServerConnection, argument: str) -> None:
         addr = argument.strip().strip("<>")

@@ -96,12 +96,19 @@ class SyncRequest(Msg):
 
 
 class AuthFailed(Msg):
-    """A login from this address failed; the supervisor keeps the count across jobs."""
+    """A login from this address failed; the supervisor counts them across all jobs and
+    answers AuthCount with the address's recent total."""
 
+    token: int
     ip: str
 
 
-ToJob = Assign | Work | Drain | Synced
+class AuthCount(Msg):
+    token: int
+    failures: int
+
+
+ToJob = Assign | Work | Drain | Synced | AuthCount
 ToSupervisor = (Ready | Heartbeat | SessionStarted | SessionEnded | WorkDone | Journal | Queued
                 | SyncRequest | AuthFailed)
 

@@ -37,6 +37,7 @@ from mailpool.fsutil import syncfs
 from mailpool.journal.writer import JournalWriter, NullJournal
 from mailpool.supervisor.channel import (
     Assign,
+    AuthCount,
     AuthFailed,
     Channel,
     ChannelClosed,
@@ -77,6 +78,7 @@ class JobHandle:
         self.conns: set[int] = set()
         self.work: set[str] = set()
         self.killed_for: str | None = None
+        self.pending_drain: str | None = None
 
 
 class EntryRuntime:
@@ -257,11 +259,13 @@ class Supervisor:
         log(f"configuration reloaded from {new.path}; old jobs drain")
 
     async def send_drain(self, job: JobHandle, reason: str) -> None:
-        if job.channel is not None:
-            try:
-                await job.channel.send(Drain(reason=reason))
-            except ChannelClosed:
-                pass
+        if job.channel is None:
+            job.pending_drain = reason  # still starting: sent as soon as its channel exists
+            return
+        try:
+            await job.channel.send(Drain(reason=reason))
+        except ChannelClosed:
+            pass
 
     async def drain_and_exit(self) -> None:
         log("draining: listeners closed, sessions finish, jobs end")
@@ -302,12 +306,14 @@ class Supervisor:
                 child.close()
             job.channel = Channel(trio.socket.from_stdlib_socket(parent), ToSupervisor)
             self.record("JS", job.name, entry=entry.name, pid=job.process.pid)
+            if job.pending_drain or self.stopping:
+                await self.send_drain(job, job.pending_drain or "drain")
             try:
                 while True:
                     msg, fd = await job.channel.receive()
                     if fd is not None:
                         os.close(fd)
-                    self.on_message(job, msg)
+                    await self.on_message(job, msg)
             except ChannelClosed:
                 pass
             with trio.move_on_after(5):
@@ -318,6 +324,11 @@ class Supervisor:
             crashed = job.process.returncode != 0 or job.killed_for is not None
         finally:
             parent.close()
+            if job.process is not None and job.process.returncode is None:
+                # Cancelled (shutdown) before the job was reaped: reap it now, briefly.
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    job.process.kill()
+                    await job.process.wait()
             del entry.jobs[job_id]
             why = entry.rules.job_exited(job_id, crashed)
             if job.killed_for:
@@ -331,7 +342,7 @@ class Supervisor:
                 self.enqueue_work(queue_id, again=True)
             entry.poke()
 
-    def on_message(self, job: JobHandle, msg: Any) -> None:
+    async def on_message(self, job: JobHandle, msg: Any) -> None:
         entry = job.entry
         if isinstance(msg, Journal):
             for code, time_ns, fields in msg.entries:
@@ -360,8 +371,12 @@ class Supervisor:
             self.sync_waiters.append((job.channel, msg.token))
             self.sync_wake.set()
         elif isinstance(msg, AuthFailed):
-            count, _ = self.auth_failures.get(msg.ip, (0, 0.0))
-            self.auth_failures[msg.ip] = (count + 1, trio.current_time())
+            count = self.recent_failures(msg.ip) + 1
+            self.auth_failures[msg.ip] = (count, trio.current_time())
+            try:
+                await job.channel.send(AuthCount(token=msg.token, failures=count))
+            except ChannelClosed:
+                pass
         elif isinstance(msg, Ready):
             entry.rules.job_ready(job.id)
             entry.poke()
