@@ -15,7 +15,6 @@ import asyncio
 import itertools
 import os
 import signal
-import socket
 from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -60,9 +59,11 @@ class FsyncHandler:
 async def serve(host: str, port: int, maildir: Path) -> None:
     handler = FsyncHandler(maildir)
     loop = asyncio.get_running_loop()
-    sock = socket.create_server((host, port), backlog=1024, reuse_port=False)
+    # Let asyncio make the socket: it sets TCP_NODELAY only on sockets whose proto is
+    # IPPROTO_TCP, and without it aiosmtpd's line-by-line EHLO reply meets the client's
+    # delayed ACK (40 ms per connection).
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname="aiosmtpd.bench.test"), sock=sock)
+        lambda: SMTP(handler, hostname="aiosmtpd.bench.test"), host, port, backlog=1024)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
