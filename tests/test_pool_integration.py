@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 import tomllib
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hosthelp import BASE_CONFIG, Host, wait_for
+from hosthelp import BASE_CONFIG, MAILPOOL, Host, wait_for
 
 from mailpool.journal.dump import record_dict
 from mailpool.journal.reader import iter_records
@@ -143,6 +144,24 @@ class PoolHost(Host):
 
     def write_config(self, pools: dict[str, dict[str, Any]]) -> None:
         self.config_path.write_text(build_config(pools))
+
+    def spawn(self) -> None:
+        """`mailpool serve` without waiting for any job (Host.start waits for them all)."""
+        (self.data / "run" / "listen.json").unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*MAILPOOL, "serve", "--config", str(self.config_path)], stdout=log,
+                stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def catches(self, signum: int) -> bool:
+        """The supervisor has its handler for `signum` installed (else it would die of it)."""
+        assert self.proc is not None
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return False
+        mask = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+        return bool(int(mask.split()[1], 16) >> (signum - 1) & 1)
 
     def connect(self, greet: bool = True) -> Client:
         client = Client(self.smtp)
@@ -474,8 +493,13 @@ def test_sigterm_drains_open_sessions_then_exits_0(make_host) -> None:
     client = host.connect()
     client.start_data("alice@example.test")
     client.sock.sendall(b"Subject: drained\r\n\r\nfirst half\r\n")
+    idle = host.connect()  # between transactions: ended at once by the drain
+    idle.expect("EHLO idle.test", 250)
     assert host.proc is not None
     host.proc.send_signal(signal.SIGTERM)
+    code, text = idle.reply()
+    assert code == 421 and text.startswith(BUSY), text
+    assert idle.at_eof()
 
     def refused() -> bool:
         try:
@@ -488,7 +512,8 @@ def test_sigterm_drains_open_sessions_then_exits_0(make_host) -> None:
     wait_for(refused, what="new connections refused")
     client.sock.sendall(b"second half\r\n")
     client.expect(".", 250)
-    client.expect("QUIT", 221)
+    code, text = client.reply()  # the transaction is over: the session ends with 421 too
+    assert code == 421 and text.startswith(BUSY), text
     assert host.proc.wait(30) == 0
     drained = host.records("JE", job=SMTP)
     assert drained and {r["detail"] for r in drained} == {"drain"}
@@ -506,30 +531,77 @@ def test_sigterm_drains_open_sessions_then_exits_0(make_host) -> None:
 def test_sighup_reloads_pool_values_and_old_jobs_drain(make_host) -> None:
     pools = {SMTP: {**SMALL, "maximum_jobs": 6}}
     host = make_host(pools)
+    host.add_user("alice", "alice@example.test")
     host.start(wait_jobs={SMTP: 2, "framework": 1})
-    host.settle(lambda s: jobs_of(s) == 2, what="2 jobs")
-    old = host.connect()
-    old.expect("EHLO old.test", 250)
-    old_job = host.job_of_last_handoff(1)
+    busy = host.connect()  # mid-transaction at the reload: may finish it
+    busy.expect("EHLO busy.test", 250)
+    busy.expect("MAIL FROM:<sender@remote.test>", 250)
+    busy_job = host.job_of_last_handoff(1)
+    idle = host.connect()  # between transactions at the reload: ended at once
+    idle.expect("EHLO idle.test", 250)
+    host.settle(lambda s: jobs_of(s) == 3 and s["in_use"]["current"] == 2, what="3 jobs")
 
-    host.write_config({SMTP: {**pools[SMTP], "initial_jobs": 3}})
+    host.write_config({SMTP: {**pools[SMTP], "initial_jobs": 3, "threshold": 2}})
     assert host.proc is not None
     host.proc.send_signal(signal.SIGHUP)
+    code, text = idle.reply()
+    assert code == 421 and text.startswith(BUSY), text
     stats = host.settle(lambda s: s["parameters"]["initial_jobs"] == 3, what="the new value")
+    assert stats["parameters"]["threshold"] == 2
     assert host.show_cli()["parameters"]["initial_jobs"] == 3
-    wait_for(lambda: host.smtp_records("JE", detail="reload"), what="the idle old job drained")
-    reloaded = host.smtp_records("JE", detail="reload")
-    assert old_job not in {r["job"] for r in reloaded}  # its session is still open
-
-    old.expect("NOOP", 250)  # the draining job still serves its session
-    old.expect("QUIT", 221)
     wait_for(lambda: len(host.smtp_records("JE", detail="reload")) == 2,
-             what="both old jobs drained")
+             what="the two old jobs without a transaction drained")
+    assert busy_job not in {r["job"] for r in host.smtp_records("JE")}
+
+    busy.expect("RCPT TO:<alice@example.test>", 250)  # the draining job finishes its work
+    busy.expect("DATA", 354)
+    busy.sock.sendall(b"Subject: across-the-reload\r\n\r\nbody\r\n")
+    busy.expect(".", 250)
+    code, text = busy.reply()
+    assert code == 421 and text.startswith(BUSY), text
+    wait_for(lambda: len(host.smtp_records("JE", detail="reload")) == 3,
+             what="all three old jobs drained")
     reloaded = host.smtp_records("JE", detail="reload")
-    assert {r["job"] for r in reloaded} == {f"{SMTP}/1", f"{SMTP}/2"}
+    assert {r["job"] for r in reloaded} == {f"{SMTP}/{i}" for i in (1, 2, 3)}
     stats = host.settle(lambda s: jobs_of(s) == 3 and s["in_use"]["current"] == 0,
                         what="3 new jobs")
-    assert stats["parameters"]["initial_jobs"] == 3
     host.connect().expect("QUIT", 221)
-    new_job = host.job_of_last_handoff(2)
-    assert int(new_job.rpartition("/")[2]) > 2  # served by a job started after the reload
+    new_job = host.job_of_last_handoff(3)
+    assert int(new_job.rpartition("/")[2]) > 3  # served by a job started after the reload
+    host.wait_delivered("alice", 1)
+
+
+def test_sighup_while_jobs_start_drains_them_too(make_host) -> None:
+    """A reload while jobs are being spawned (no process or channel yet) reaches them too."""
+    n = 6  # several jobs at once: a wider window while they are being spawned
+    # A job that got its Drain ends as soon as it has started (about a second); one that
+    # missed it is killed at drain_timeout.
+    host = make_host({SMTP: {"initial_jobs": n, "threshold": 0, "additional_jobs": 1,
+                             "drain_timeout": 10.0}})
+    host.spawn()
+    wait_for(lambda: host.catches(signal.SIGHUP), what="the SIGHUP handler")
+
+    def spawning() -> bool | None:
+        """True while jobs are counted by the rules but have no JS record yet (the process
+        and its channel are being created); None once every job has one (window missed)."""
+        try:
+            counted = jobs_of(host.pool())
+        except OSError:
+            return False
+        started = len(host.records("JS", job=SMTP))
+        if started == n:
+            return None
+        return counted == n and started < n
+
+    deadline = time.monotonic() + 20
+    while not (state := spawning()):
+        if state is None or time.monotonic() > deadline:
+            pytest.skip("every job had started before the SIGHUP could be sent")
+    assert host.proc is not None
+    host.proc.send_signal(signal.SIGHUP)
+    unborn = {f"{SMTP}/{i}" for i in range(1, n + 1)} - {r["job"] for r in host.records("JS")}
+    ended = wait_for(lambda: len(e := [r for r in host.records("JE", job=SMTP)
+                                       if int(r["job"].rpartition("/")[2]) <= n]) == n and e,
+                     timeout=30.0, what=f"the {n} first jobs ended")
+    details = sorted((r["job"], r["detail"]) for r in ended)
+    assert {d for _, d in details} == {"reload"}, f"{details}; no process yet: {sorted(unborn)}"
