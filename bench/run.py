@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,7 +139,7 @@ class Runner:
         self.running.clear()
         self.out.close()
         if not self.opts.keep:
-            subprocess.run(["rm", "-rf", str(self.work)], check=False)
+            shutil.rmtree(self.work, ignore_errors=True)
 
     @contextmanager
     def serving(self, server: S.Server) -> Iterator[S.Server | None]:
