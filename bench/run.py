@@ -272,9 +272,10 @@ class Runner:
         w, spj = self.work, self.opts.spj
         out: list[tuple[S.Server, list[str]]] = []
         if self.wanted("mailpool"):
-            out.append((S.Mailpool("mailpool", w), ["smtp_load"]))
+            # smtp-source too, on the target workload only: the targets compare like with like.
+            out.append((S.Mailpool("mailpool", w), ["smtp_load", "smtp-source"]))
             out.append((S.Mailpool(f"mailpool spj={spj}", w, {"sessions_per_job": spj}),
-                        ["smtp_load"]))
+                        ["smtp_load", "smtp-source"]))
         if self.wanted("postfix"):
             out.append((S.Postfix("postfix", w), ["smtp_load", "smtp-source"]))
         if self.wanted("aiosmtpd"):
@@ -304,6 +305,8 @@ class Runner:
                     for client in clients:
                         if client == "smtp-source":
                             if not sent:  # it sends what the generator managed, in one go
+                                continue
+                            if server.kind == "mailpool" and wl != TARGET:
                                 continue
                             if wl.per_connection > 1:  # -d: all of a session's on one link
                                 sent = min(sent, wl.sessions * wl.per_connection)
