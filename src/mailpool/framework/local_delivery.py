@@ -55,9 +55,10 @@ class LocalFramework:
         Writes are not fsynced one by one: `make_durable()` (a group commit shared with every
         other job) runs once the Maildir copies exist and before the queue file goes.
         """
-        if queue_id not in self.spool.list("incoming"):
+        try:
+            envelope, content = self.spool.load("incoming", queue_id)
+        except FileNotFoundError:
             return True  # already done by an earlier pass
-        envelope, content = self.spool.load("incoming", queue_id)
         ids: dict[str, Any] = {"queue_id": queue_id, "message_id": envelope.message_id}
         journal("7A", **ids)
         journal("7H", **ids)

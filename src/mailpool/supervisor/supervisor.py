@@ -345,8 +345,11 @@ class Supervisor:
     async def on_message(self, job: JobHandle, msg: Any) -> None:
         entry = job.entry
         if isinstance(msg, Journal):
-            for code, time_ns, fields in msg.entries:
-                self.record(code, job.name, time_ns=time_ns, **fields)
+            try:
+                self.journal.write_many([(code, job.name, fields, time_ns)
+                                         for code, time_ns, fields in msg.entries])
+            except OSError as exc:
+                log(f"journal: cannot write entries from {job.name}: {exc}")
         elif isinstance(msg, Heartbeat):
             entry.rules.heartbeat(job.id)
         elif isinstance(msg, SessionStarted):
@@ -555,7 +558,8 @@ class Supervisor:
         interval = self.loaded.config.journal.sync_interval
         while True:
             await trio.sleep(interval)
-            self.journal.sync()
+            # fdatasync can take a while on a busy disk: not on the supervisor's loop.
+            await trio.to_thread.run_sync(self.journal.sync)
             now = trio.current_time()
             for ip in [ip for ip, (_, last) in self.auth_failures.items()
                        if now - last > AUTH_FAILURE_MEMORY]:
