@@ -1,14 +1,15 @@
 """The mail server framework pass for one message from the incoming queue (QMSF).
 
 Bridge (7A, 7H 71 72), address resolution (P2) and POP local delivery (B8 B2), written
-as plain synchronous steps: a framework job runs them in a worker thread. A message
-leaves the incoming queue only after every recipient is delivered; per-recipient progress
-marks plus deterministic Maildir names make a re-run after a crash deliver nothing twice.
+as plain synchronous steps in two halves around a group commit (deliver, then complete).
+A message leaves the incoming queue only after every copy is durable; per-recipient
+progress marks plus deterministic Maildir names make a re-run after a crash deliver
+nothing twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,22 @@ from mailpool.directory import Directory
 from mailpool.framework import maildir
 from mailpool.framework.spool import Spool
 
-JournalFn = Callable[..., None]
-DurableFn = Callable[[], bool]
+
+@dataclass
+class FrameworkPass:
+    """One message's way through the framework: its journal entries and per-recipient fate."""
+
+    queue_id: str
+    ids: dict[str, Any]
+    entries: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    outcome: list[tuple[str, str, Path | None]] = field(default_factory=list)
+
+    def journal(self, code: str, **fields: Any) -> None:
+        self.entries.append((code, {**fields, **self.ids}))
+
+    def take_entries(self) -> list[tuple[str, dict[str, Any]]]:
+        out, self.entries = self.entries, []
+        return out
 
 TAG_LOCAL = "POP LclDel"
 TAG_FORWARD = "SMTP MsgFwd"
@@ -49,30 +64,29 @@ class LocalFramework:
             return TAG_LOCAL, self.postmaster
         return TAG_NONDEL, None
 
-    def process(self, queue_id: str, journal: JournalFn, make_durable: DurableFn) -> bool:
-        """Run the whole framework pass; True when the message left the incoming queue.
+    def deliver(self, queue_id: str) -> FrameworkPass | None:
+        """First half of the pass: resolve and write every local copy, not yet durable.
 
-        Writes are not fsynced one by one: `make_durable()` (a group commit shared with every
-        other job) runs once the Maildir copies exist and before the queue file goes.
+        None when the message is no longer queued (an earlier pass finished it). The caller
+        makes the copies durable (one group commit shared with every other job), then calls
+        complete(); journal entries accumulate on the returned pass in order.
         """
         try:
             envelope, content = self.spool.load("incoming", queue_id)
         except FileNotFoundError:
-            return True  # already done by an earlier pass
+            return None
         ids: dict[str, Any] = {"queue_id": queue_id, "message_id": envelope.message_id}
-        journal("7A", **ids)
-        journal("7H", **ids)
-        journal("71", originator=envelope.originator, **ids)
+        fp = FrameworkPass(queue_id=queue_id, ids=ids)
+        fp.journal("7A")
+        fp.journal("7H")
+        fp.journal("71", originator=envelope.originator)
         for rcpt in envelope.recipients:
-            journal("72", recipient=rcpt, **ids)
+            fp.journal("72", recipient=rcpt)
         done = self.spool.delivered(queue_id)
-        undeliverable: list[str] = []
-        outcome: list[tuple[str, str, Path | None]] = []
         for index, rcpt in enumerate(envelope.recipients):
             tag, user = self.resolve(rcpt)
             if user is None:
-                undeliverable.append(rcpt)
-                outcome.append((rcpt, tag, None))
+                fp.outcome.append((rcpt, tag, None))
                 continue
             box = self.mailbox_root / user
             if index not in done:
@@ -80,21 +94,22 @@ class LocalFramework:
                 maildir.ensure_maildir(box)
                 maildir.deliver(box, unique, content, sync=False)
                 self.spool.mark_delivered(queue_id, index, sync=False)
-            outcome.append((rcpt, tag, box))
-        if not make_durable():
-            return False  # nothing is lost: the queue file stays and is tried again
-        # Journaled once durable, per recipient: P2, then B8 B2 when it went to a mailbox.
-        for rcpt, tag, box in outcome:
-            journal("P2", recipient=rcpt, tag=tag, detail=tag, **ids)
+            fp.outcome.append((rcpt, tag, box))
+        return fp
+
+    def complete(self, fp: FrameworkPass) -> None:
+        """Second half, once the copies are durable: journal them, take the message off."""
+        # Per recipient: P2, then B8 B2 when it went to a mailbox.
+        for rcpt, tag, box in fp.outcome:
+            fp.journal("P2", recipient=rcpt, tag=tag, detail=tag)
             if box is not None:
-                journal("B8", mailbox=str(box), detail=str(box), **ids)
-                journal("B2", recipient=rcpt, **ids)
-        if undeliverable:
+                fp.journal("B8", mailbox=str(box), detail=str(box))
+                fp.journal("B2", recipient=rcpt)
+        if any(box is None for _, _, box in fp.outcome):
             # Non-delivery notices and forwarding come with the outbound issue; until then
             # the message is kept on hold, never dropped.
-            self.spool.move(queue_id, "incoming", "hold")
-            return True
-        # Durable at the next group commit; until then a crash re-runs this pass, which
-        # finds every copy already delivered.
-        self.spool.remove("incoming", queue_id, sync=False)
-        return True
+            self.spool.move(fp.queue_id, "incoming", "hold")
+            return
+        # Durable at the next group commit; until then a crash re-runs the pass, which finds
+        # every copy already delivered.
+        self.spool.remove("incoming", fp.queue_id, sync=False)
