@@ -486,9 +486,6 @@ def test_kill_9_of_a_job_mid_session(make_host) -> None:
         host.connect().expect("QUIT", 221)
 
 
-@pytest.mark.xfail(reason="pool.py job_exited (lines 217/223) counts a job that crashed within "
-                   "EARLY_WINDOW with served == 0 as a start-up failure even when it had a "
-                   "session open (active > 0): its replacement is throttled (JT)", strict=False)
 def test_a_job_killed_mid_session_is_not_a_startup_failure(make_host) -> None:
     host = make_host({SMTP: {"initial_jobs": 2, "threshold": 0, "additional_jobs": 1}})
     host.start(wait_jobs={SMTP: 2, "framework": 1})

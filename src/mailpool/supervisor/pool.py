@@ -209,18 +209,21 @@ class PoolEntry:
         job = self._jobs.pop(job_id)
         now = self._clock()
         never_ready = job.ready_at is None
+        # A job that took a session did start: dying mid-session is a crash, not a failure
+        # to start, so it does not feed the back-off.
+        unused = job.served == 0 and job.active == 0
         if job.reason in KILL_REASONS:
             why = job.reason
             early = False  # a kill before READY was counted when it was issued
         elif crashed:
             why = "crash"
-            early = never_ready or (job.served == 0 and now - job.started_at <= self._early_window)
+            early = never_ready or (unused and now - job.started_at <= self._early_window)
         elif job.reason is not None:
             why = job.reason
             early = False
         else:
             why = "exit"
-            early = never_ready or (job.served == 0 and now - job.started_at <= self._early_window)
+            early = never_ready or (unused and now - job.started_at <= self._early_window)
         if early:
             self._start_failed(now)
         self._observe(now)

@@ -458,7 +458,10 @@ class Supervisor:
                 job_id, waited = await self.acquire(entry, entry.rules.params.wait_timeout)
                 if job_id is None:
                     entry.rules.request_rejected(waited)
-                    self.record("JR", entry=entry.name, ip=peer_ip, connection_id=conn_id)
+                    why = (f"no job free within wait_timeout ({waited:.1f}s)"
+                           if waited is not None else "at the maximum, wait off")
+                    self.record("JR", entry=entry.name, ip=peer_ip, connection_id=conn_id,
+                                detail=why)
                     busy = POP_BUSY_REPLY if entry.name == "pop-server" else BUSY_REPLY
                     with trio.move_on_after(5):
                         try:
