@@ -157,7 +157,7 @@ class Host:
                        for name, e in entries.items()):
                     return False
             return all(entries[name]["jobs"]["current"] - entries[name]["in_use"]["current"]
-                       >= n and int(entries[name].get("ready", 10**6)) >= n
+                       >= n and entries[name]["ready"] >= n
                        for name, n in counts.items())
 
         wait_for(ok, timeout, what=f"jobs {counts}")
@@ -175,9 +175,6 @@ class Host:
             if self.proc is not None and isinstance(pid, int) and _ppid(pid) == self.proc.pid:
                 counts[entry] = counts.get(entry, 0) + 1
         return counts
-
-    def ready_jobs(self, entry: str) -> int:
-        return int(self.pool_show()[entry].get("ready", 10**6))
 
     def stop(self, timeout: float = 60.0) -> int:
         assert self.proc is not None

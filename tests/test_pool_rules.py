@@ -513,7 +513,8 @@ def test_stats_json_shape() -> None:
     clock = FakeClock()
     pool = started(clock)
     stats = json.loads(json.dumps(pool.stats()))
-    assert set(stats) == {"parameters", "jobs", "in_use", "waiting", "accepted", "rejected"}
+    assert set(stats) == {"parameters", "jobs", "in_use", "waiting", "accepted", "rejected",
+                          "ready", "available"}
     assert set(stats["parameters"]) == set(PoolParams.__struct_fields__)
     assert stats["parameters"]["maximum_jobs"] == 20
     for key in ("jobs", "in_use"):

@@ -504,4 +504,7 @@ class PoolEntry:
             "waiting": waiting,
             "accepted": self._accepted,
             "rejected": self._rejected,
+            # Beyond the source's display: jobs that said Ready, and jobs free to take work.
+            "ready": sum(1 for j in self._jobs.values() if j.state is JobState.READY),
+            "available": self.available(),
         }
