@@ -61,6 +61,7 @@ from mailpool.supervisor.pool import Plan, PoolEntry
 SUPERVISOR = "supervisor"
 BUSY_REPLY = b"421 4.3.2 Service not available, closing transmission channel\r\n"
 AUTH_FAILURE_MEMORY = 900.0
+MANAGE_COALESCE = 0.01
 POP_BUSY_REPLY = b"-ERR [SYS/TEMP] service not available, try again later\r\n"
 
 
@@ -414,6 +415,9 @@ class Supervisor:
             deadline = plan.wake_at if plan.wake_at is not None else trio.current_time() + 1.0
             with trio.move_on_at(min(deadline, trio.current_time() + 1.0)):
                 await entry.wake.wait()
+            # Under load every session pokes the manager; one pass per short interval sees
+            # them all (job start-up takes far longer than this).
+            await trio.sleep(MANAGE_COALESCE)
 
     # --- connections -------------------------------------------------------------------------
 
