@@ -344,7 +344,9 @@ def main() -> None:
         print("note: the default pool holds at most 20 sessions; more wait in the supervisor",
               file=sys.stderr)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="mailpool-handoff-") as tmp:
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="handoff-", dir=results) as tmp:
         work = Path(tmp)
         work.chmod(0o755)  # Postfix's daemons (user postfix) must reach their queue below it
         print(f"load average at start {load_average()}", file=sys.stderr)

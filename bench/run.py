@@ -106,7 +106,9 @@ class Runner:
         self.out_path = RESULTS / f"bench-{self.stamp}.jsonl"
         self.out = open(self.out_path, "a")  # closed in close()
         self.rows: list[dict[str, Any]] = []
-        self.work = Path(tempfile.mkdtemp(prefix="mailpool-bench-"))
+        # Under bench/results (same filesystem as the project), not /tmp: every server runs
+        # its queues in the same place, whatever /tmp is on this machine.
+        self.work = Path(tempfile.mkdtemp(prefix="work-", dir=RESULTS))
         self.work.chmod(0o755)  # peers deliver as nobody below it
         self.running: list[S.Server] = []
         self.deadline = time.monotonic() + opts.budget
