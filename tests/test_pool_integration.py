@@ -379,6 +379,27 @@ def test_wait_holds_the_client_until_a_session_ends_or_wait_timeout(make_host) -
     host.wait_records("JR", 1, "a JR record", entry=SMTP)
 
 
+def test_a_client_that_leaves_while_held_is_dropped_not_handed_on(make_host) -> None:
+    host = make_host({SMTP: {**SMALL, "wait": True, "wait_timeout": 30.0}})
+    host.start(wait_jobs={SMTP: 2, "framework": 1})
+    clients = fill_small_pool(host)
+    quitter = host.connect(greet=False)
+    host.settle(lambda s: s["waiting"]["current"] == 1, what="one request waiting")
+    quitter.sock.close()  # the client gives up before any job is free
+    (jr,) = host.wait_records("JR", 1, "a JR record for the client that left", entry=SMTP)
+    assert jr["detail"] == "client left while waiting"
+    stats = host.settle(lambda s: s["waiting"]["current"] == 0, what="nothing waiting")
+    accepted = stats["accepted"]
+    # A live client held now is the one served when a job frees up.
+    held = host.connect(greet=False)
+    host.settle(lambda s: s["waiting"]["current"] == 1, what="the live request waiting")
+    clients[0].expect("QUIT", 221)
+    code, text = held.greet()
+    assert code == 220, text
+    stats = host.settle(lambda s: s["accepted"] == accepted + 1, what="the live one served")
+    assert len(host.records("JH", job=None)) == accepted + 1  # the one that left never was
+
+
 # --- live change ------------------------------------------------------------------------------
 
 

@@ -431,27 +431,49 @@ class Supervisor:
                 continue
             self.nursery.start_soon(self.hand_off, entry, sock, addr)
 
-    async def acquire(self, entry: EntryRuntime, timeout: float | None
-                      ) -> tuple[int | None, float | None]:
+    async def acquire(self, entry: EntryRuntime, timeout: float | None,
+                      sock: trio.socket.SocketType | None = None
+                      ) -> tuple[int | None, float | None, bool]:
         """A job with a free slot, now or once one frees up within `timeout` (None: forever).
 
-        Returns (job id or None, seconds waited or None when the request was never held).
+        Returns (job id or None, seconds waited or None when the request was never held,
+        whether the client hung up while it waited). A held connection is watched: one
+        whose client leaves is dropped rather than handed to a job later, where it would
+        only keep live clients waiting behind it.
         """
         job_id = entry.rules.acquire()
         if job_id is not None or not entry.rules.can_wait():
-            return job_id, None
+            return job_id, None, False
         start = trio.current_time()
         entry.rules.request_waiting()
         self.record("JW", entry=entry.name)
         entry.poke()
+        gone = False
+
+        async def watch_client(scope: trio.CancelScope) -> None:
+            nonlocal gone
+            assert sock is not None
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                early = await sock.recv(1, socket.MSG_PEEK)
+            except OSError:
+                early = b""
+            if not early:  # EOF or reset: nobody to serve
+                gone = True
+                scope.cancel()
+
         with trio.move_on_after(timeout if timeout is not None else math.inf):
-            while job_id is None and not self.stopping:
-                await entry.changed.wait()
-                job_id = entry.rules.acquire()
+            async with trio.open_nursery() as nursery:
+                if sock is not None:
+                    nursery.start_soon(watch_client, nursery.cancel_scope)
+                while job_id is None and not self.stopping:
+                    await entry.changed.wait()
+                    job_id = entry.rules.acquire()
+                nursery.cancel_scope.cancel()
         waited = trio.current_time() - start
         if job_id is not None:
             entry.rules.request_served(waited)
-        return job_id, waited
+        return job_id, waited, gone
 
     async def hand_off(self, entry: EntryRuntime, sock: trio.socket.SocketType,
                        addr: tuple[Any, ...]) -> None:
@@ -459,13 +481,20 @@ class Supervisor:
         peer_ip, peer_port = str(addr[0]), int(addr[1])
         with sock:
             while True:
-                job_id, waited = await self.acquire(entry, entry.rules.params.wait_timeout)
+                job_id, waited, gone = await self.acquire(
+                    entry, entry.rules.params.wait_timeout, sock)
                 if job_id is None:
                     entry.rules.request_rejected(waited)
-                    why = (f"no job free within wait_timeout ({waited:.1f}s)"
-                           if waited is not None else "at the maximum, wait off")
+                    if gone:
+                        why = "client left while waiting"
+                    elif waited is not None:
+                        why = f"no job free within wait_timeout ({waited:.1f}s)"
+                    else:
+                        why = "at the maximum, wait off"
                     self.record("JR", entry=entry.name, ip=peer_ip, connection_id=conn_id,
                                 detail=why)
+                    if gone:
+                        return
                     busy = POP_BUSY_REPLY if entry.name == "pop-server" else BUSY_REPLY
                     with trio.move_on_after(5):
                         try:
@@ -522,7 +551,7 @@ class Supervisor:
                 await self.work_ready.wait()
             queue_id = self.pending_work.popleft()
             while True:
-                job_id, _ = await self.acquire(entry, None)
+                job_id, _, _ = await self.acquire(entry, None)
                 job = entry.jobs.get(job_id) if job_id is not None else None
                 if job_id is None:
                     await entry.changed.wait()
