@@ -502,8 +502,9 @@ def parse_args(argv: list[str] | None) -> Options:
                    help="seconds each workload runs at most (default 3, --quick 2)")
     p.add_argument("--idle-bound", type=int, default=None,
                    help="idle sessions to try to hold (default 1000, --quick 300)")
-    p.add_argument("--spj", type=int, default=8,
-                   help="sessions_per_job of the second mailpool configuration (default 8)")
+    p.add_argument("--spj", type=int, default=256,
+                   help="sessions_per_job of the second mailpool configuration (default 256: "
+                        "enough for the idle test's 1000 sessions on the 4 initial jobs)")
     p.add_argument("--client-procs", type=int, default=1,
                    help="generator processes (default 1; raise it on machines with many cores)")
     p.add_argument("--only", action="append", default=[],
