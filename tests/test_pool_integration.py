@@ -639,3 +639,47 @@ def test_sighup_while_jobs_start_drains_them_too(make_host) -> None:
                      timeout=30.0, what=f"the {n} first jobs ended")
     details = sorted((r["job"], r["detail"]) for r in ended)
     assert {d for _, d in details} == {"reload"}, f"{details}; no process yet: {sorted(unborn)}"
+
+
+# --- silent and crashing jobs --------------------------------------------------------------------
+
+
+def test_a_job_that_stops_heartbeating_is_killed_and_replaced(make_host) -> None:
+    host = make_host({SMTP: {"initial_jobs": 2, "threshold": 0, "additional_jobs": 1,
+                             "maximum_jobs": 3, "heartbeat_timeout": 1.0}})
+    host.start(wait_jobs={SMTP: 2, "framework": 1})
+    victim = f"{SMTP}/1"
+    pid = host.pid_of(victim)
+    os.kill(pid, signal.SIGSTOP)  # alive but silent: a hung job
+    try:
+        (je,) = host.wait_records("JE", 1, "the silent job ended", job=victim)
+        assert je["detail"] == "heartbeat" and je["pid"] == pid
+        host.settle(lambda s: s["ready"] == 2, what="the pool back at 2 ready jobs")
+        assert len(host.records("JS", job=SMTP)) == 3  # one replacement
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    client = host.connect()
+    client.expect("EHLO after.test", 250)
+
+
+def test_jobs_that_die_at_start_up_are_restarted_with_growing_back_off(make_host) -> None:
+    host = make_host({SMTP: {"initial_jobs": 1, "threshold": 0, "additional_jobs": 1,
+                             "maximum_jobs": 2}})
+    host.start(wait_jobs={SMTP: 1, "framework": 1})
+    # Every new job now fails at once: its snapshot of the configuration is unreadable.
+    snapshot = host.data / "run" / "config-0.json"
+    good = snapshot.read_bytes()
+    snapshot.write_bytes(b"not json")
+    try:
+        os.kill(host.pid_of(f"{SMTP}/1"), signal.SIGKILL)
+        jts = host.wait_records("JT", 3, "three throttled restarts", entry=SMTP)
+        delays = [float(r["detail"].split()[2].rstrip("s")) for r in jts[:3]]
+        assert delays[0] < delays[1] < delays[2], delays  # the back-off grows
+        crashed = [r for r in host.records("JE", job=SMTP) if r["detail"] == "crash"]
+        assert len(crashed) >= 3
+    finally:
+        snapshot.write_bytes(good)
+    host.settle(lambda s: s["ready"] >= 1, what="a job starts again once it can", timeout=40)
