@@ -238,7 +238,7 @@ def test_cleanup_tmp(spool: Spool) -> None:
     subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(spool.root)], check=False)
     (spool.tmp / "garbage").write_bytes(b"x")
     # one still being written by a live process (this one) is kept
-    live = spool.tmp / f"def.{os.getpid()}.00112233"
+    live = spool.tmp / f".def.{os.getpid()}.00112233.tmp"
     live.write_bytes(b"in progress")
     env = make_env(spool)
     spool.store("incoming", env, b"ok")

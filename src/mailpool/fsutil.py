@@ -38,23 +38,27 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 def write_file_durably(
     directory: str | os.PathLike[str],
     name: str,
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray | memoryview | list[bytes | memoryview],
     *,
     mode: int = 0o600,
     sync: bool = True,
+    tmp_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Atomically replace `directory/name` with `data`; durable on return when `sync`.
+    """Atomically replace `directory/name` with `data` (one buffer or several, written in
+    order); durable on return when `sync`.
 
     Readers see either the old file or the new one, never a partial file. The temporary
-    name is a dotfile in the same directory (a rename cannot cross filesystems).
+    file is a dotfile in the same directory, or in `tmp_dir` (same filesystem: a rename
+    cannot cross filesystems), where a crash can leave it without a reader tripping on it.
     """
     directory = Path(directory)
     final = directory / name
-    tmp = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = Path(tmp_dir or directory) / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         try:
-            write_all(fd, data)
+            for chunk in data if isinstance(data, list) else [data]:
+                write_all(fd, chunk)
             if sync:
                 os.fsync(fd)
         finally:

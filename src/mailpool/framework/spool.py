@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 import msgspec
 
-from mailpool.fsutil import fsync_dir, write_all
+from mailpool.fsutil import fsync_dir, write_file_durably
 
 MAGIC = b"MPSP"
 VERSION = 1
@@ -147,23 +147,8 @@ class Spool:
         header = _HEADER.pack(
             MAGIC, VERSION, 0, 0, len(env), zlib.crc32(env), len(content), zlib.crc32(content)
         )
-        tmp = self.tmp / f"{envelope.queue_id}.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                write_all(fd, header + env)
-                write_all(fd, content)
-                if sync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if sync:
-            fsync_dir(final.parent)
-        return final
+        return write_file_durably(final.parent, final.name, [header + env, content],
+                                  sync=sync, tmp_dir=self.tmp)
 
     def _read_header(self, path: Path, f: BinaryIO) -> tuple[int, int, int, int, int]:
         head = f.read(_HEADER.size)
@@ -316,8 +301,9 @@ class Spool:
         now = time.time()
         with os.scandir(self.tmp) as it:
             for entry in it:
-                parts = entry.name.split(".")
-                pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+                # ".<queue id>.<writer pid>.<random>.tmp" (fsutil.write_file_durably)
+                parts = entry.name.rsplit(".", 3)
+                pid = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
                 try:
                     if pid is not None and _alive(pid):
                         if now - entry.stat(follow_symlinks=False).st_mtime < max_age:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from mailpool.directory import Directory, DirectoryError
-from mailpool.jobs.runtime import JobContext
+from mailpool.jobs.runtime import JobContext, send_within
 from mailpool.maildrop import DropMessage, Maildrop
 from mailpool.protocol import pop3 as core
 from mailpool.supervisor.channel import Assign
@@ -36,13 +36,7 @@ class PopServerRole:
         user: str | None = None
 
         async def flush() -> bool:
-            out = conn.data_to_send()
-            if out:
-                with trio.move_on_after(timeout):
-                    await stream.send_all(out)
-                    return True
-                return False
-            return True
+            return await send_within(stream, conn.data_to_send(), timeout)
 
         try:
             while True:

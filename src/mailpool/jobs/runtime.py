@@ -117,6 +117,16 @@ class JobContext:
             scope.cancel()
 
 
+async def send_within(stream: trio.abc.SendStream, data: bytes, timeout: float) -> bool:
+    """Send `data` unless the peer stops reading for `timeout`; False when it did."""
+    if not data:
+        return True
+    with trio.move_on_after(timeout):
+        await stream.send_all(data)
+        return True
+    return False
+
+
 SessionHandler = Callable[[JobContext, trio.SocketStream, Assign], Awaitable[None]]
 WorkHandler = Callable[[JobContext, str], Awaitable[bool]]
 

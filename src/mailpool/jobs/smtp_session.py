@@ -12,7 +12,7 @@ import trio
 
 from mailpool.directory import Directory
 from mailpool.framework.spool import Envelope, Spool
-from mailpool.jobs.runtime import JobContext
+from mailpool.jobs.runtime import JobContext, send_within
 from mailpool.message import find_message_id, message_id_header, received_header
 from mailpool.protocol import smtp_server as core
 from mailpool.supervisor.channel import Assign
@@ -63,13 +63,7 @@ class SmtpServerRole:
         peer_ip = assign.peer_ip
 
         async def flush() -> bool:
-            out = conn.data_to_send()
-            if not out:
-                return True
-            with trio.move_on_after(cfg.command_timeout):
-                await stream.send_all(out)
-                return True
-            return False
+            return await send_within(stream, conn.data_to_send(), cfg.command_timeout)
 
         try:
             while True:
