@@ -20,18 +20,18 @@ from mailpool.jobs.runtime import JobContext, run_job
 from mailpool.supervisor.channel import Channel, ToJob
 
 
-async def _framework_work(framework: LocalFramework, ctx: JobContext, queue_id: str) -> bool:
+async def _framework_work(framework: LocalFramework, ctx: JobContext, queue_id: str
+                          ) -> tuple[bool, list[tuple[str, dict[str, object]]]]:
     # Runs in the job's loop: without per-file fsyncs the file work is short, and staying
-    # off worker threads saves three thread hops per message.
+    # off worker threads saves thread hops. Journal entries ride on the sync request and on
+    # WorkDone: two channel messages per message.
     fp = framework.deliver(queue_id)
     if fp is None:
-        return True
-    await ctx.journal_many(fp.take_entries())
-    if not await ctx.group_sync():
-        return False  # nothing is lost: the queue file stays and is tried again
+        return True, []
+    if not await ctx.group_sync(fp.take_entries()):
+        return False, []  # nothing is lost: the queue file stays and is tried again
     framework.complete(fp)
-    await ctx.journal_many(fp.take_entries())
-    return True
+    return True, fp.take_entries()
 
 
 async def job_main(entry: str, job_id: int, fd: int, config_path: Path) -> None:

@@ -28,7 +28,6 @@ from mailpool.supervisor.channel import (
     Drain,
     Heartbeat,
     Journal,
-    Queued,
     Ready,
     SessionEnded,
     SessionStarted,
@@ -67,14 +66,18 @@ class JobContext:
 
     async def journal_many(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
         """Send several entries as one channel message; they keep their order."""
-        if self._journal_on:
-            now = time.time_ns()
-            await self.channel.send(Journal(entries=[
-                (code, now, {k: v for k, v in fields.items() if v is not None})
-                for code, fields in entries]))
+        stamped = self.stamp(entries)
+        if stamped:
+            await self.channel.send(Journal(entries=stamped))
 
-    async def queued(self, queue: str, queue_id: str) -> None:
-        await self.channel.send(Queued(queue=queue, queue_id=queue_id))
+    def stamp(self, entries: list[tuple[str, dict[str, Any]]]
+              ) -> list[tuple[str, int, dict[str, Any]]]:
+        """Entries as the channel carries them (time-stamped now); none with journaling off."""
+        if not self._journal_on:
+            return []
+        now = time.time_ns()
+        return [(code, now, {k: v for k, v in fields.items() if v is not None})
+                for code, fields in entries]
 
     async def _ask(self, make: Callable[[int], Any]) -> Any:
         """Send a request carrying a fresh token; the reply with that token (None if the
@@ -90,9 +93,13 @@ class JobContext:
         await event.wait()
         return self._replies.pop(token, None)
 
-    async def group_sync(self) -> bool:
-        """Ask the supervisor's syncer to make everything written so far durable."""
-        reply = await self._ask(lambda token: SyncRequest(token=token))
+    async def group_sync(self, entries: list[tuple[str, dict[str, Any]]] | None = None,
+                         queued: list[tuple[str, str]] | None = None) -> bool:
+        """Ask the supervisor's syncer to make everything written so far durable; once it
+        is, the supervisor journals `entries` and dispatches the `queued` messages."""
+        stamped = self.stamp(entries or [])
+        reply = await self._ask(lambda token: SyncRequest(token=token, entries=stamped,
+                                                          queued=queued or []))
         return isinstance(reply, Synced) and reply.ok
 
     async def auth_failed(self, ip: str) -> int:
@@ -128,7 +135,9 @@ async def send_within(stream: trio.abc.SendStream, data: bytes, timeout: float) 
 
 
 SessionHandler = Callable[[JobContext, trio.SocketStream, Assign], Awaitable[None]]
-WorkHandler = Callable[[JobContext, str], Awaitable[bool]]
+# A work item's result, and its last journal entries (sent with WorkDone).
+WorkHandler = Callable[[JobContext, str],
+                       Awaitable[tuple[bool, list[tuple[str, dict[str, Any]]]]]]
 
 
 async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
@@ -164,14 +173,15 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
 
     async def one_work(queue_id: str) -> None:
         assert work is not None
+        entries: list[tuple[str, dict[str, Any]]] = []
         try:
-            ok = await work(ctx, queue_id)
+            ok, entries = await work(ctx, queue_id)
         except Exception as exc:  # the message stays queued; the supervisor retries it later
             print(f"mailpool {ctx.job_name}: work on {queue_id} failed: {exc!r}",
                   file=sys.stderr, flush=True)
             ok = False
         try:
-            await channel.send(WorkDone(queue_id=queue_id, ok=ok))
+            await channel.send(WorkDone(queue_id=queue_id, ok=ok, entries=ctx.stamp(entries)))
         except ChannelClosed:
             pass
 

@@ -162,13 +162,24 @@ class SmtpServerRole:
                             size=len(data))
         # Group commit: the file is written and renamed into the queue without an fsync of
         # its own; one syncfs in the supervisor then makes every message written meanwhile
-        # durable at once, and only then does any of those sessions answer 250.
+        # durable at once, and only then does any of those sessions answer 250. The journal
+        # entries and the hand-over to the framework ride on the same request: the
+        # supervisor acts on them once the message is durable.
+        ids = {"queue_id": queue_id, "message_id": message_id}
+        entries = [
+            ("94", {"ip": peer_ip, **ids}),
+            ("91", {"originator": event.originator, **ids}),
+            *(("92", {"recipient": rcpt, **ids}) for rcpt in recipients),
+            ("9T", {"size": len(data), **ids}),
+            ("99", ids),
+            ("97", {"detail": "incoming", **ids}),
+        ]
         try:
             with trio.fail_after(ctx.config.smtp.spool_timeout):
                 # Without an fsync this is a page-cache write and a rename: cheaper in the
                 # loop than a hop to a worker thread.
                 self.spool.store("incoming", envelope, data, sync=False)
-                durable = await ctx.group_sync()
+                durable = await ctx.group_sync(entries, [("incoming", queue_id)])
         except (OSError, trio.TooSlowError) as exc:
             durable = False
             reason = type(exc).__name__
@@ -178,14 +189,4 @@ class SmtpServerRole:
             self.spool.remove("incoming", queue_id, sync=False)
             conn.reply(451, f"Error: queue file write error ({reason})", "4.3.0")
             return
-        ids = {"queue_id": queue_id, "message_id": message_id}
-        await ctx.journal_many([
-            ("94", {"ip": peer_ip, **ids}),
-            ("91", {"originator": event.originator, **ids}),
-            *(("92", {"recipient": rcpt, **ids}) for rcpt in recipients),
-            ("9T", {"size": len(data), **ids}),
-            ("99", ids),
-            ("97", {"detail": "incoming", **ids}),
-        ])
-        await ctx.queued("incoming", queue_id)
         conn.reply(250, f"Ok: queued as {queue_id}", "2.0.0")

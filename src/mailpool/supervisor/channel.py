@@ -75,6 +75,8 @@ class SessionEnded(Msg):
 class WorkDone(Msg):
     queue_id: str
     ok: bool
+    # The work's last journal entries travel with it: one message instead of two.
+    entries: list[tuple[str, int, dict[str, Any]]] = []
 
 
 class Journal(Msg):
@@ -84,15 +86,13 @@ class Journal(Msg):
     entries: list[tuple[str, int, dict[str, Any]]]
 
 
-class Queued(Msg):
-    """A message entered a queue; the supervisor's dispatcher takes it from here."""
-
-    queue: str
-    queue_id: str
-
-
 class SyncRequest(Msg):
+    """Group commit: make everything written so far durable, then (and only then) write
+    these journal entries and hand these (queue, queue id) pairs to the dispatcher."""
+
     token: int
+    entries: list[tuple[str, int, dict[str, Any]]] = []
+    queued: list[tuple[str, str]] = []
 
 
 class AuthFailed(Msg):
@@ -109,7 +109,7 @@ class AuthCount(Msg):
 
 
 ToJob = Assign | Work | Drain | Synced | AuthCount
-ToSupervisor = (Ready | Heartbeat | SessionStarted | SessionEnded | WorkDone | Journal | Queued
+ToSupervisor = (Ready | Heartbeat | SessionStarted | SessionEnded | WorkDone | Journal
                 | SyncRequest | AuthFailed)
 
 _encoder = msgspec.msgpack.Encoder()

@@ -44,7 +44,6 @@ from mailpool.supervisor.channel import (
     Drain,
     Heartbeat,
     Journal,
-    Queued,
     Ready,
     SessionEnded,
     SessionStarted,
@@ -111,7 +110,7 @@ class Supervisor:
         self.pending_work: deque[str] = deque()
         self.known_work: set[str] = set()
         self.work_ready = trio.Event()
-        self.sync_waiters: list[tuple[Channel, int]] = []
+        self.sync_waiters: list[tuple[JobHandle, SyncRequest]] = []
         self.sync_wake = trio.Event()
         self.stopping = False
         self.spool = Spool(loaded.spool_dir)
@@ -343,14 +342,20 @@ class Supervisor:
                 self.enqueue_work(queue_id, again=True)
             entry.poke()
 
+    def write_entries(self, job: JobHandle, entries: list[tuple[str, int, dict[str, Any]]]
+                      ) -> None:
+        if not entries:
+            return
+        try:
+            self.journal.write_many([(code, job.name, fields, time_ns)
+                                     for code, time_ns, fields in entries])
+        except OSError as exc:
+            log(f"journal: cannot write entries from {job.name}: {exc}")
+
     async def on_message(self, job: JobHandle, msg: Any) -> None:
         entry = job.entry
         if isinstance(msg, Journal):
-            try:
-                self.journal.write_many([(code, job.name, fields, time_ns)
-                                         for code, time_ns, fields in msg.entries])
-            except OSError as exc:
-                log(f"journal: cannot write entries from {job.name}: {exc}")
+            self.write_entries(job, msg.entries)
         elif isinstance(msg, Heartbeat):
             entry.rules.heartbeat(job.id)
         elif isinstance(msg, SessionStarted):
@@ -360,10 +365,8 @@ class Supervisor:
                 job.conns.discard(msg.conn_id)
                 entry.rules.release(job.id)
                 entry.poke()
-        elif isinstance(msg, Queued):
-            if msg.queue == "incoming":
-                self.enqueue_work(msg.queue_id)
         elif isinstance(msg, WorkDone):
+            self.write_entries(job, msg.entries)
             if msg.queue_id in job.work:
                 job.work.discard(msg.queue_id)
                 entry.rules.release(job.id)
@@ -372,7 +375,7 @@ class Supervisor:
             if not msg.ok:
                 self.nursery.start_soon(self.retry_later, msg.queue_id)
         elif isinstance(msg, SyncRequest):
-            self.sync_waiters.append((job.channel, msg.token))
+            self.sync_waiters.append((job, msg))
             self.sync_wake.set()
         elif isinstance(msg, AuthFailed):
             count = self.recent_failures(msg.ip) + 1
@@ -571,7 +574,8 @@ class Supervisor:
     # --- durability and journal housekeeping ----------------------------------------------------
 
     async def group_syncer(self) -> None:
-        """Group commit: one syncfs(2) makes every message written so far durable."""
+        """Group commit: one syncfs(2) makes every message written so far durable; then the
+        entries and queue hand-overs that waited on it are acted on, in request order."""
         while True:
             await self.sync_wake.wait()
             self.sync_wake = trio.Event()
@@ -584,9 +588,16 @@ class Supervisor:
             except OSError as exc:
                 log(f"syncfs failed: {exc}")
                 ok = False
-            for channel, token in batch:
+            for job, req in batch:
+                if ok:
+                    self.write_entries(job, req.entries)
+                    for queue, queue_id in req.queued:
+                        if queue == "incoming":
+                            self.enqueue_work(queue_id)
+                if job.channel is None:
+                    continue
                 try:
-                    await channel.send(Synced(token=token, ok=ok))
+                    await job.channel.send(Synced(token=req.token, ok=ok))
                 except ChannelClosed:
                     pass
 
