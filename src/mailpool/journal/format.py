@@ -67,13 +67,21 @@ _encoder = msgspec.msgpack.Encoder()
 _payload_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 
 
+_TWO_ASCII: dict[str, bytes] = {}  # codes and the entry type repeat: check each once
+
+
 def _two_ascii(value: str, what: str) -> bytes:
+    cached = _TWO_ASCII.get(value)
+    if cached is not None:
+        return cached
     try:
         raw = value.encode("ascii")
     except UnicodeEncodeError:
         raw = b""
     if len(raw) != 2 or not raw.isalnum():
         raise ValueError(f"journal {what} must be 2 ASCII letters/digits, got {value!r}")
+    if len(_TWO_ASCII) < 4096:
+        _TWO_ASCII[value] = raw
     return raw
 
 

@@ -37,11 +37,13 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _normalise_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    for key in fields:
-        if not isinstance(key, str):
-            raise ValueError(f"journal field names must be str, got {key!r}")
-        if key in RESERVED_FIELDS:
-            raise ValueError(f"journal field name {key!r} is reserved for the record header")
+    if not RESERVED_FIELDS.isdisjoint(fields) or not all(type(k) is str for k in fields):
+        for key in fields:
+            if not isinstance(key, str):
+                raise ValueError(f"journal field names must be str, got {key!r}")
+            if key in RESERVED_FIELDS:
+                raise ValueError(f"journal field name {key!r} is reserved for the record "
+                                 "header")
     mid = fields.get("message_id")
     if isinstance(mid, str):
         bare = mid.strip()
