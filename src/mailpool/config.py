@@ -59,7 +59,7 @@ class Pop3Config(Base):
     # The source raises this for slow dial-up clients (RFC 1939 asks for >= 10 minutes).
     inactivity_timeout: float = 600.0
     allow_cleartext_login: bool = True
-    # The source's "message split size": 0 means no maximum.
+    # The source's "message split size": 0 means no maximum, the only value offered.
     message_split_size: int = 0
     # Growing delay after failed logins from one address (seconds: base, cap).
     auth_fail_delay: float = 1.0
@@ -227,9 +227,10 @@ def _check(cfg: Config) -> list[tuple[str, Any, str]]:
     if cfg.pop3.inactivity_timeout <= 0:
         problems.append(("pop3.inactivity_timeout", cfg.pop3.inactivity_timeout,
                          "must be above 0"))
-    if cfg.pop3.message_split_size < 0:
+    if cfg.pop3.message_split_size != 0:
+        # The source itself recommends "no maximum": split messages confuse clients.
         problems.append(("pop3.message_split_size", cfg.pop3.message_split_size,
-                         "must be 0 (no maximum) or above"))
+                         "message splitting is not supported; 0 (no maximum) is the only value"))
     if cfg.journal.receiver_max_bytes < 4096:
         problems.append(("journal.receiver_max_bytes", cfg.journal.receiver_max_bytes,
                          "must be at least 4096"))
