@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
 from typing import Any
 
 import msgspec
@@ -33,7 +32,6 @@ from mailpool.config import (
     parse_hostport,
 )
 from mailpool.framework.spool import Spool
-from mailpool.fsutil import syncfs
 from mailpool.journal.writer import JournalWriter, NullJournal
 from mailpool.supervisor.channel import (
     Assign,
@@ -47,7 +45,6 @@ from mailpool.supervisor.channel import (
     Ready,
     SessionEnded,
     SessionStarted,
-    Synced,
     SyncRequest,
     ToSupervisor,
     Work,
@@ -55,12 +52,16 @@ from mailpool.supervisor.channel import (
     socketpair,
 )
 from mailpool.supervisor.control import serve_control
+from mailpool.supervisor.group_commit import GroupCommit
 from mailpool.supervisor.pool import Plan, PoolEntry
+from mailpool.supervisor.workqueue import WorkQueue
 
 SUPERVISOR = "supervisor"
 BUSY_REPLY = b"421 4.3.2 Service not available, closing transmission channel\r\n"
 AUTH_FAILURE_MEMORY = 900.0
 MANAGE_COALESCE = 0.01
+# A framework pass that failed (e.g. a sync error) is tried again after this long.
+WORK_RETRY_DELAY = 30.0
 POP_BUSY_REPLY = b"-ERR [SYS/TEMP] service not available, try again later\r\n"
 
 
@@ -107,11 +108,8 @@ class Supervisor:
         self.journal: JournalWriter | NullJournal
         self.entries: dict[str, EntryRuntime] = {}
         self.conn_ids = itertools.count(1)
-        self.pending_work: deque[str] = deque()
-        self.known_work: set[str] = set()
-        self.work_ready = trio.Event()
-        self.sync_waiters: list[tuple[JobHandle, SyncRequest]] = []
-        self.sync_wake = trio.Event()
+        self.work = WorkQueue()
+        self.commits = GroupCommit(loaded.spool_dir, self.on_durable)
         self.stopping = False
         self.spool = Spool(loaded.spool_dir)
         self.listeners: dict[str, trio.socket.SocketType] = {}
@@ -189,12 +187,12 @@ class Supervisor:
         # A crash during DATA leaves only a temp file: it was never accepted.
         removed = self.spool.cleanup_tmp(max_age=0)
         for queue_id in self.spool.list("incoming"):
-            self.enqueue_work(queue_id)
+            self.work.put(queue_id)
         listeners = {"smtp-server": "smtp", "pop-server": "pop3", "framework": None}
         for name, listener in listeners.items():
             self.entries[name] = EntryRuntime(name, cfg.pool[name], listener)
         log(f"started pid {os.getpid()}: smtp {cfg.listen.smtp}, pop3 {cfg.listen.pop3}, "
-            f"data {self.loaded.data_dir} ({len(self.pending_work)} queued, "
+            f"data {self.loaded.data_dir} ({len(self.work)} queued, "
             f"{removed} partial removed)")
         try:
             async with trio.open_nursery() as nursery:
@@ -212,7 +210,7 @@ class Supervisor:
                                       else f"{bound[0]}:{bound[1]}")
                 self.write_listen_file()
                 nursery.start_soon(self.journal_syncer)
-                nursery.start_soon(self.group_syncer)
+                nursery.start_soon(self.commits.run)
                 for entry in self.entries.values():
                     nursery.start_soon(self.manage, entry)
                 nursery.start_soon(self.accept_loops)
@@ -339,7 +337,7 @@ class Supervisor:
                         reason=f"exit status {status}")
             for queue_id in job.work:
                 # The message is still in its queue: hand it to another job.
-                self.enqueue_work(queue_id, again=True)
+                self.work.put(queue_id, again=True)
             entry.poke()
 
     def write_entries(self, job: JobHandle, entries: list[tuple[str, int, dict[str, Any]]]
@@ -371,12 +369,11 @@ class Supervisor:
                 job.work.discard(msg.queue_id)
                 entry.rules.release(job.id)
                 entry.poke()
-            self.known_work.discard(msg.queue_id)
+            self.work.done(msg.queue_id)
             if not msg.ok:
                 self.nursery.start_soon(self.retry_later, msg.queue_id)
         elif isinstance(msg, SyncRequest):
-            self.sync_waiters.append((job, msg))
-            self.sync_wake.set()
+            self.commits.request(job, job.channel, msg)
         elif isinstance(msg, AuthFailed):
             count = self.recent_failures(msg.ip) + 1
             self.auth_failures[msg.ip] = (count, trio.current_time())
@@ -535,30 +532,27 @@ class Supervisor:
 
     # --- queue dispatcher (incoming -> framework jobs) -----------------------------------------
 
-    def enqueue_work(self, queue_id: str, again: bool = False) -> None:
-        if queue_id in self.known_work and not again:
-            return
-        self.known_work.add(queue_id)
-        self.pending_work.append(queue_id)
-        self.work_ready.set()
+    def on_durable(self, job: JobHandle, req: SyncRequest) -> None:
+        """A job's group commit is done: its journal entries and hand-overs take effect."""
+        self.write_entries(job, req.entries)
+        for queue, queue_id in req.queued:
+            if queue == "incoming":
+                self.work.put(queue_id)
 
     async def retry_later(self, queue_id: str) -> None:
-        await trio.sleep(30)
-        self.enqueue_work(queue_id)
+        await trio.sleep(WORK_RETRY_DELAY)
+        self.work.put(queue_id)
 
     async def dispatch_work(self) -> None:
         entry = self.entries["framework"]
         while True:
-            while not self.pending_work:
-                self.work_ready = trio.Event()
-                await self.work_ready.wait()
-            queue_id = self.pending_work.popleft()
+            queue_id = await self.work.get()
             while True:
                 job_id, _, _ = await self.acquire(entry, None)
-                job = entry.jobs.get(job_id) if job_id is not None else None
                 if job_id is None:
                     await entry.changed.wait()
                     continue
+                job = entry.jobs.get(job_id)
                 if job is None or job.channel is None:
                     entry.rules.cancel(job_id)
                     continue
@@ -571,35 +565,7 @@ class Supervisor:
                     continue
                 break
 
-    # --- durability and journal housekeeping ----------------------------------------------------
-
-    async def group_syncer(self) -> None:
-        """Group commit: one syncfs(2) makes every message written so far durable; then the
-        entries and queue hand-overs that waited on it are acted on, in request order."""
-        while True:
-            await self.sync_wake.wait()
-            self.sync_wake = trio.Event()
-            batch, self.sync_waiters = self.sync_waiters, []
-            if not batch:
-                continue
-            try:
-                await trio.to_thread.run_sync(syncfs, self.loaded.spool_dir)
-                ok = True
-            except OSError as exc:
-                log(f"syncfs failed: {exc}")
-                ok = False
-            for job, req in batch:
-                if ok:
-                    self.write_entries(job, req.entries)
-                    for queue, queue_id in req.queued:
-                        if queue == "incoming":
-                            self.enqueue_work(queue_id)
-                if job.channel is None:
-                    continue
-                try:
-                    await job.channel.send(Synced(token=req.token, ok=ok))
-                except ChannelClosed:
-                    pass
+    # --- journal housekeeping -------------------------------------------------------------------
 
     async def journal_syncer(self) -> None:
         interval = self.loaded.config.journal.sync_interval
