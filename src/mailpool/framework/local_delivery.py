@@ -48,6 +48,7 @@ class LocalFramework:
         self.hostname = hostname
         self.local_domains = {d.lower() for d in local_domains}
         self.postmaster = postmaster
+        self._ready_boxes: set[Path] = set()  # Maildirs known to exist (saves the stats)
 
     def resolve(self, address: str) -> tuple[str, str | None]:
         """(P2 tag, mailbox user) for one recipient."""
@@ -64,12 +65,14 @@ class LocalFramework:
             return TAG_LOCAL, self.postmaster
         return TAG_NONDEL, None
 
-    def deliver(self, queue_id: str) -> FrameworkPass | None:
+    def deliver(self, queue_id: str, *, again: bool = True) -> FrameworkPass | None:
         """First half of the pass: resolve and write every local copy, not yet durable.
 
         None when the message is no longer queued (an earlier pass finished it). The caller
         makes the copies durable (one group commit shared with every other job), then calls
-        complete(); journal entries accumulate on the returned pass in order.
+        complete(); journal entries accumulate on the returned pass in order. `again` says
+        an earlier pass may have run (recovery, a retry): only then are the mailboxes
+        searched for copies it left.
         """
         try:
             envelope, content = self.spool.load("incoming", queue_id)
@@ -91,8 +94,15 @@ class LocalFramework:
             box = self.mailbox_root / user
             if index not in done:
                 unique = maildir.unique_name(queue_id, index, self.hostname)
-                maildir.ensure_maildir(box)
-                maildir.deliver(box, unique, content, sync=False)
+                if box not in self._ready_boxes:
+                    maildir.ensure_maildir(box)
+                    self._ready_boxes.add(box)
+                try:
+                    maildir.deliver(box, unique, content, sync=False, check=again)
+                except FileNotFoundError:
+                    # The mailbox went away since it was seen (removed by hand): again.
+                    maildir.ensure_maildir(box)
+                    maildir.deliver(box, unique, content, sync=False, check=True)
                 self.spool.mark_delivered(queue_id, index, sync=False)
             fp.outcome.append((rcpt, tag, box))
         return fp

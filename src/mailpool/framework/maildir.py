@@ -74,19 +74,25 @@ def is_delivered(path: Path, unique: str) -> bool:
     return find(path, unique) is not None
 
 
-def deliver(path: Path, unique: str, content: bytes, *, sync: bool = True) -> Path:
+def deliver(path: Path, unique: str, content: bytes, *, sync: bool = True,
+            check: bool = True) -> Path:
     """Deliver `content` durably as `unique`; returns its path in new/.
 
     With sync=False nothing is fsynced: the caller makes it durable (group commit with
     syncfs) before it reports the delivery or removes the queue file.
 
     Idempotent: if a message with this unique name is already in new/ or cur/, nothing is
-    written and its current path is returned. The Maildir must exist (ensure_maildir).
+    written and its current path is returned. That look scans cur/; a caller that knows
+    the name was never used (a first attempt: names come from never-reused queue ids)
+    passes check=False. The Maildir must exist (ensure_maildir).
     """
     path = Path(path)
-    existing = find(path, unique)
-    if existing is not None:
-        return existing
+    if check:
+        existing = find(path, unique)
+        if existing is not None:
+            return existing
+    else:
+        _check_unique(unique)
     tmp = path / "tmp" / unique
     final = path / "new" / unique
     # O_TRUNC, not O_EXCL: a leftover tmp/<unique> can only be ours, from a crashed attempt.

@@ -20,12 +20,12 @@ from mailpool.jobs.runtime import JobContext, run_job
 from mailpool.supervisor.channel import Channel, ToJob
 
 
-async def _framework_work(framework: LocalFramework, ctx: JobContext, queue_id: str
-                          ) -> tuple[bool, list[tuple[str, dict[str, object]]]]:
+async def _framework_work(framework: LocalFramework, ctx: JobContext, queue_id: str,
+                          again: bool) -> tuple[bool, list[tuple[str, dict[str, object]]]]:
     # Runs in the job's loop: without per-file fsyncs the file work is short, and staying
     # off worker threads saves thread hops. Journal entries ride on the sync request and on
     # WorkDone: two channel messages per message.
-    fp = framework.deliver(queue_id)
+    fp = framework.deliver(queue_id, again=again)
     if fp is None:
         return True, []
     if not await ctx.group_sync(fp.take_entries()):

@@ -136,7 +136,7 @@ async def send_within(stream: trio.abc.SendStream, data: bytes, timeout: float) 
 
 SessionHandler = Callable[[JobContext, trio.SocketStream, Assign], Awaitable[None]]
 # A work item's result, and its last journal entries (sent with WorkDone).
-WorkHandler = Callable[[JobContext, str],
+WorkHandler = Callable[[JobContext, str, bool],
                        Awaitable[tuple[bool, list[tuple[str, dict[str, Any]]]]]]
 
 
@@ -171,11 +171,11 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
                 except ChannelClosed:
                     pass
 
-    async def one_work(queue_id: str) -> None:
+    async def one_work(queue_id: str, again: bool) -> None:
         assert work is not None
         entries: list[tuple[str, dict[str, Any]]] = []
         try:
-            ok, entries = await work(ctx, queue_id)
+            ok, entries = await work(ctx, queue_id, again)
         except Exception as exc:  # the message stays queued; the supervisor retries it later
             print(f"mailpool {ctx.job_name}: work on {queue_id} failed: {exc!r}",
                   file=sys.stderr, flush=True)
@@ -207,7 +207,7 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
                     if isinstance(msg, Assign) and fd is not None and session is not None:
                         tasks.start_soon(one_session, msg, fd)
                     elif isinstance(msg, Work) and work is not None:
-                        tasks.start_soon(one_work, msg.queue_id)
+                        tasks.start_soon(one_work, msg.queue_id, msg.again)
                     elif isinstance(msg, Synced | AuthCount):
                         ctx._reply(msg)
                     elif isinstance(msg, Drain):

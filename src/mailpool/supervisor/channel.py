@@ -35,9 +35,11 @@ class Assign(Msg):
 
 
 class Work(Msg):
-    """A queue pool job: process this message from the incoming queue."""
+    """A queue pool job: process this message from the incoming queue. `again`: an
+    earlier pass may have run (start-up recovery, a dead job, a retry)."""
 
     queue_id: str
+    again: bool = False
 
 
 class Drain(Msg):

@@ -187,7 +187,7 @@ class Supervisor:
         # A crash during DATA leaves only a temp file: it was never accepted.
         removed = self.spool.cleanup_tmp(max_age=0)
         for queue_id in self.spool.list("incoming"):
-            self.work.put(queue_id)
+            self.work.put(queue_id, again=True)  # left by a stop or crash: maybe half done
         listeners = {"smtp-server": "smtp", "pop-server": "pop3", "framework": None}
         for name, listener in listeners.items():
             self.entries[name] = EntryRuntime(name, cfg.pool[name], listener)
@@ -541,12 +541,12 @@ class Supervisor:
 
     async def retry_later(self, queue_id: str) -> None:
         await trio.sleep(WORK_RETRY_DELAY)
-        self.work.put(queue_id)
+        self.work.put(queue_id, again=True)
 
     async def dispatch_work(self) -> None:
         entry = self.entries["framework"]
         while True:
-            queue_id = await self.work.get()
+            queue_id, again = await self.work.get()
             while True:
                 job_id, _, _ = await self.acquire(entry, None)
                 if job_id is None:
@@ -558,7 +558,7 @@ class Supervisor:
                     continue
                 job.work.add(queue_id)
                 try:
-                    await job.channel.send(Work(queue_id=queue_id))
+                    await job.channel.send(Work(queue_id=queue_id, again=again))
                 except ChannelClosed:
                     job.work.discard(queue_id)
                     entry.rules.cancel(job_id)

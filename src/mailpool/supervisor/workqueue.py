@@ -9,7 +9,7 @@ import trio
 
 class WorkQueue:
     def __init__(self) -> None:
-        self._pending: deque[str] = deque()
+        self._pending: deque[tuple[str, bool]] = deque()
         self._known: set[str] = set()  # queued or being worked on
         self._ready = trio.Event()
 
@@ -21,10 +21,11 @@ class WorkQueue:
         if queue_id in self._known and not again:
             return
         self._known.add(queue_id)
-        self._pending.append(queue_id)
+        self._pending.append((queue_id, again))
         self._ready.set()
 
-    async def get(self) -> str:
+    async def get(self) -> tuple[str, bool]:
+        """The next (queue id, again)."""
         while not self._pending:
             self._ready = trio.Event()
             await self._ready.wait()
