@@ -182,7 +182,13 @@ async def test_source_failure_is_500_and_server_lives(addr, source, capfd) -> No
     source.fail = True
     status, _, _ = await request(addr, "GET", "/api/pools")
     assert status == 500
-    out, err = capfd.readouterr()
+    # The traceback may be logged just after the response goes out: wait for it (bounded).
+    out = err = ""
+    with trio.move_on_after(10):
+        while "supervisor state broken" not in err:
+            o, e = capfd.readouterr()
+            out, err = out + o, err + e
+            await trio.sleep(0.02)
     assert out == "" and "supervisor state broken" in err
     source.fail = False
     assert await get_json(addr, "/api/pools") == {"entries": source.pools}
