@@ -431,3 +431,23 @@ def test_follow_from_seq_and_stop(tmp_path: Path) -> None:
 def test_follow_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         next(iter(follow(tmp_path / "nope")))
+
+
+def test_write_encoded_frames_job_payloads_and_refuses_bad_ones(tmp_path: Path) -> None:
+    from mailpool.journal.writer import prepare_payload
+
+    w = JournalWriter(tmp_path)
+    w.open()
+    good = prepare_payload({"queue_id": "q1", "message_id": "<m@x>", "size": None})
+    last = w.write_encoded("smtp-server/1", [
+        ("94", 1_000, good),
+        ("ZZ", 1_001, good),                 # unknown code: skipped
+        ("91", 1_002, b"\xc1not msgpack"),   # not a payload: skipped
+        ("91", 1_003, prepare_payload({"originator": "a@b"})),
+    ])
+    w.close()
+    recs = list(iter_records(tmp_path))
+    assert [r.code for r in recs] == ["94", "91"] and last == recs[-1].seq
+    assert recs[0].fields == {"queue_id": "q1", "message_id": "m@x"}  # brackets gone
+    assert recs[0].job == "smtp-server/1" and recs[1].time_ns == 1_003
+    assert verify(tmp_path) == []

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from mailpool.config import LoadedConfig, PoolParams
+from mailpool.journal.writer import prepare_payload
 from mailpool.supervisor.channel import (
     Assign,
     AuthCount,
@@ -71,13 +72,13 @@ class JobContext:
             await self.channel.send(Journal(entries=stamped))
 
     def stamp(self, entries: list[tuple[str, dict[str, Any]]]
-              ) -> list[tuple[str, int, dict[str, Any]]]:
-        """Entries as the channel carries them (time-stamped now); none with journaling off."""
+              ) -> list[tuple[str, int, bytes]]:
+        """Entries as the channel carries them: time-stamped now, payload encoded here so
+        the single writer only frames them; none with journaling off."""
         if not self._journal_on:
             return []
         now = time.time_ns()
-        return [(code, now, {k: v for k, v in fields.items() if v is not None})
-                for code, fields in entries]
+        return [(code, now, prepare_payload(fields)) for code, fields in entries]
 
     async def _ask(self, make: Callable[[int], Any]) -> Any:
         """Send a request carrying a fresh token; the reply with that token (None if the

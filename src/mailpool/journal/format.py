@@ -85,25 +85,31 @@ def _two_ascii(value: str, what: str) -> bytes:
     return raw
 
 
+def encode_payload(fields: dict[str, Any]) -> bytes:
+    """The msgpack payload of a record. Raises ValueError when it cannot be encoded."""
+    try:
+        return _encoder.encode(fields)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise ValueError(f"journal payload not encodable: {exc}") from None
+
+
 def encode_record(rec: Record) -> bytes:
     """Frame one record. Raises ValueError for values the format cannot hold."""
-    job = rec.job.encode("utf-8")
+    return encode_frame(rec.seq, rec.time_ns, rec.type, rec.code, rec.job,
+                        encode_payload(rec.fields))
+
+
+def encode_frame(seq: int, time_ns: int, type_: str, code: str, job_name: str,
+                 payload: bytes) -> bytes:
+    """Frame one record whose payload is already msgpack (jobs encode their own)."""
+    job = job_name.encode("utf-8")
     if len(job) > 0xFFFF:
         raise ValueError("journal job name longer than 65535 bytes")
     try:
         fixed = BODY_FIXED.pack(
-            rec.seq,
-            rec.time_ns,
-            _two_ascii(rec.type, "entry type"),
-            _two_ascii(rec.code, "code"),
-            len(job),
-        )
+            seq, time_ns, _two_ascii(type_, "entry type"), _two_ascii(code, "code"), len(job))
     except struct.error as exc:
         raise ValueError(f"journal seq/time out of range: {exc}") from None
-    try:
-        payload = _encoder.encode(rec.fields)
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise ValueError(f"journal payload not encodable: {exc}") from None
     body = b"".join((fixed, job, payload))
     if len(body) > MAX_BODY:
         raise ValueError(f"journal record body {len(body)} bytes exceeds {MAX_BODY}")

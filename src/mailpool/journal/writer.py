@@ -8,8 +8,18 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
+
 from mailpool.journal.codes import check_writable
-from mailpool.journal.format import ENTRY_TYPE, Record, encode_record, list_receivers, receiver_name
+from mailpool.journal.format import (
+    ENTRY_TYPE,
+    Record,
+    encode_frame,
+    encode_payload,
+    encode_record,
+    list_receivers,
+    receiver_name,
+)
 from mailpool.journal.reader import Good, scan_path
 
 log = logging.getLogger(__name__)
@@ -23,6 +33,7 @@ class Journal(Protocol):
     def write(
         self, code: str, job: str, fields: dict[str, Any], time_ns: int | None = None
     ) -> int: ...
+    def write_encoded(self, job: str, entries: list[tuple[str, int, bytes]]) -> int: ...
     def sync(self) -> None: ...
     def rotate(self) -> Path: ...
     def close(self) -> None: ...
@@ -52,6 +63,15 @@ def _normalise_fields(fields: dict[str, Any]) -> dict[str, Any]:
         if bare != mid:
             fields = {**fields, "message_id": bare}
     return fields
+
+
+# Cheap structural check of a ready-made payload (msgspec decodes in C).
+_payload_check = msgspec.msgpack.Decoder()
+
+
+def prepare_payload(fields: dict[str, Any]) -> bytes:
+    """A record's payload as a job sends it: checked, message id normalised, encoded."""
+    return encode_payload(_normalise_fields({k: v for k, v in fields.items() if v is not None}))
 
 
 class JournalWriter:
@@ -161,23 +181,23 @@ class JournalWriter:
         self._next_seq += 1
         return rec.seq
 
-    def write_many(self, entries: list[tuple[str, str, dict[str, Any], int | None]]) -> int:
-        """Append (code, job, fields, time_ns) records with one write(2); returns the last
-        seq. An entry with a bad code or payload is skipped (ValueError is logged)."""
+    def write_encoded(self, job: str, entries: list[tuple[str, int, bytes]]) -> int:
+        """Append (code, time_ns, msgpack payload) records from `job` with one write(2);
+        the payloads come ready-encoded (by prepare_payload in the job), so the single
+        writer only frames them. A bad entry is skipped and logged. Returns the last seq."""
         if self._fd is None:
             raise RuntimeError("journal not open")
         chunks: list[bytes] = []
         seq = self._next_seq
-        for code, job, fields, time_ns in entries:
+        for code, time_ns, payload in entries:
             try:
                 check_writable(code)
-                data = encode_record(Record(
-                    seq=seq, time_ns=time.time_ns() if time_ns is None else time_ns,
-                    type=ENTRY_TYPE, code=code, job=job, fields=_normalise_fields(fields)))
-            except ValueError:
+                if not isinstance(_payload_check.decode(payload), dict):
+                    raise ValueError("payload is not a map")
+                chunks.append(encode_frame(seq, time_ns, ENTRY_TYPE, code, job, payload))
+            except (ValueError, msgspec.DecodeError):
                 log.exception("journal: entry %s from %s refused", code, job)
                 continue
-            chunks.append(data)
             seq += 1
         if not chunks:
             return self._next_seq - 1
@@ -251,7 +271,7 @@ class NullJournal:
         check_writable(code)  # a bad code is a bug whether or not journaling is on
         return 0
 
-    def write_many(self, entries: list[tuple[str, str, dict[str, Any], int | None]]) -> int:
+    def write_encoded(self, job: str, entries: list[tuple[str, int, bytes]]) -> int:
         return 0
 
     def sync(self) -> None:

@@ -78,14 +78,14 @@ class WorkDone(Msg):
     queue_id: str
     ok: bool
     # The work's last journal entries travel with it: one message instead of two.
-    entries: list[tuple[str, int, dict[str, Any]]] = []
+    entries: list[tuple[str, int, bytes]] = []
 
 
 class Journal(Msg):
-    """Journal entries, in order: (code, time_ns, fields). One message for a group of
+    """Journal entries, in order: (code, time_ns, msgpack payload). One message for a group of
     entries (e.g. the 94 91 92 9T 99 97 of one received message) saves channel round trips."""
 
-    entries: list[tuple[str, int, dict[str, Any]]]
+    entries: list[tuple[str, int, bytes]]
 
 
 class SyncRequest(Msg):
@@ -93,7 +93,7 @@ class SyncRequest(Msg):
     these journal entries and hand these (queue, queue id) pairs to the dispatcher."""
 
     token: int
-    entries: list[tuple[str, int, dict[str, Any]]] = []
+    entries: list[tuple[str, int, bytes]] = []
     queued: list[tuple[str, str]] = []
 
 

@@ -340,13 +340,11 @@ class Supervisor:
                 self.work.put(queue_id, again=True)
             entry.poke()
 
-    def write_entries(self, job: JobHandle, entries: list[tuple[str, int, dict[str, Any]]]
-                      ) -> None:
+    def write_entries(self, job: JobHandle, entries: list[tuple[str, int, bytes]]) -> None:
         if not entries:
             return
         try:
-            self.journal.write_many([(code, job.name, fields, time_ns)
-                                     for code, time_ns, fields in entries])
+            self.journal.write_encoded(job.name, entries)
         except OSError as exc:
             log(f"journal: cannot write entries from {job.name}: {exc}")
 
