@@ -529,7 +529,7 @@ def parse_args(argv: list[str] | None) -> Options:
         duration=a.duration or (2.0 if a.quick else 3.0),
         idle_bound=a.idle_bound or (200 if a.quick else 1000),
         idle_window=3.0 if a.quick else 8.0,
-        journal_rounds=1 if a.quick else 3,
+        journal_rounds=1 if a.quick else 5,
         spj=a.spj, client_procs=a.client_procs, install=not a.no_install,
         only=set(a.only), keep=a.keep,
         budget=a.budget or (90.0 if a.quick else 540.0),
