@@ -69,9 +69,8 @@ class SmtpServerRole:
             while True:
                 event = conn.next_event()
                 if event is core.NEED_DATA:
-                    if not await flush():
-                        return
                     if conn.closed:
+                        await flush()
                         return
                     # Between transactions a draining job ends the session at once (421);
                     # a transaction in progress may finish within the drain timeout.
@@ -80,10 +79,18 @@ class SmtpServerRole:
                         conn.shutdown()
                         await flush()
                         return
+                    # One deadline per round trip: our replies must go out and the client's
+                    # next bytes arrive within it (a client that does not read is as silent
+                    # as one that does not write).
+                    out = conn.data_to_send()
                     timeout = cfg.data_timeout if conn.state == "data" else cfg.command_timeout
                     with trio.move_on_after(timeout) as scope:
-                        if idle:
+                        if out:
+                            await stream.send_all(out)
+                        if idle:  # a drain may interrupt the wait, never a reply
                             ctx.idle_scopes.add(scope)
+                            if ctx.draining.is_set():  # it came while the reply went out
+                                scope.cancel()
                         try:
                             data = await stream.receive_some(65536)
                         finally:
