@@ -491,21 +491,33 @@ class ServerConnection:
             self._send(250, [host], None)
         return Hello(verb, domain)
 
-    def _cmd_mail(self, verb: str, arg: str) -> Event | None:
-        m = _FROM_RE.match(arg)
+    def _path_and_params(self, arg: str, prefix: re.Pattern[str], syntax: _Reply,
+                         bad: _Reply, *, null_ok: bool, postmaster_ok: bool
+                         ) -> tuple[str, str, dict[str, str | None]] | None:
+        """MAIL/RCPT argument: (address, parameter text, parameters), or None once the
+        error reply is queued."""
+        m = prefix.match(arg)
         split = _split_path(arg[m.end() :]) if m else None
         if split is None:
-            self._error(_MAIL_SYNTAX)
+            self._error(syntax)
             return None
         path, rest = split
-        address = _parse_path(path, null_ok=True, postmaster_ok=False)
+        address = _parse_path(path, null_ok=null_ok, postmaster_ok=postmaster_ok)
         if address is None:
-            self._error(_BAD_SENDER)
+            self._error(bad)
             return None
         params = _parse_params(rest)
         if isinstance(params, str):
             self._error(_Reply(555, "5.5.4", f"Unsupported option: {params}"))
             return None
+        return address, rest, params
+
+    def _cmd_mail(self, verb: str, arg: str) -> Event | None:
+        parsed = self._path_and_params(arg, _FROM_RE, _MAIL_SYNTAX, _BAD_SENDER,
+                                       null_ok=True, postmaster_ok=False)
+        if parsed is None:
+            return None
+        address, rest, params = parsed
         for token in rest.split():
             key, _, value = token.partition("=")
             key = key.upper()
@@ -528,20 +540,13 @@ class ServerConnection:
             self._answer(_TOO_MANY_RCPTS)
             return None
         self._rcpt_tried = True
-        m = _TO_RE.match(arg)
-        split = _split_path(arg[m.end() :]) if m else None
-        if split is None:
-            self._error(_RCPT_SYNTAX)
+        parsed = self._path_and_params(arg, _TO_RE, _RCPT_SYNTAX, _BAD_RECIPIENT,
+                                       null_ok=False, postmaster_ok=True)
+        if parsed is None:
             return None
-        path, rest = split
-        address = _parse_path(path, null_ok=False, postmaster_ok=True)
-        if address is None:
-            self._error(_BAD_RECIPIENT)
-            return None
-        params = _parse_params(rest)
-        if isinstance(params, str) or params:
-            token = params if isinstance(params, str) else rest.split()[0]
-            self._error(_Reply(555, "5.5.4", f"Unsupported option: {token}"))
+        address, rest, params = parsed
+        if params:  # RCPT takes no parameters here (no DSN yet)
+            self._error(_Reply(555, "5.5.4", f"Unsupported option: {rest.split()[0]}"))
             return None
         return RcptTo(address, params)
 
