@@ -64,6 +64,9 @@ class Pop3Config(Base):
     # Growing delay after failed logins from one address (seconds: base, cap).
     auth_fail_delay: float = 1.0
     auth_fail_delay_max: float = 30.0
+    # Seconds a verified login is remembered (keyed digest only), as Dovecot's auth_cache;
+    # 0 turns it off and every login pays the memory-hard hash.
+    auth_cache_ttl: float = 300.0
 
 
 class JournalConfig(Base):
@@ -227,6 +230,9 @@ def _check(cfg: Config) -> list[tuple[str, Any, str]]:
     if cfg.pop3.inactivity_timeout <= 0:
         problems.append(("pop3.inactivity_timeout", cfg.pop3.inactivity_timeout,
                          "must be above 0"))
+    if cfg.pop3.auth_cache_ttl < 0:
+        problems.append(("pop3.auth_cache_ttl", cfg.pop3.auth_cache_ttl,
+                         "must be 0 (off) or above"))
     if cfg.pop3.message_split_size != 0:
         # The source itself recommends "no maximum": split messages confuse clients.
         problems.append(("pop3.message_split_size", cfg.pop3.message_split_size,

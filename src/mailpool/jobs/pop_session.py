@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import trio
 
+from mailpool.auth_cache import AuthCache
 from mailpool.directory import Directory, DirectoryError
 from mailpool.jobs.runtime import JobContext, send_within
 from mailpool.maildrop import DropMessage, Maildrop
@@ -18,8 +19,21 @@ class PopServerRole:
         cfg = ctx.config
         self.directory = Directory(ctx.loaded.directory_file)
         self.mailbox_root = ctx.loaded.mailbox_dir
+        self.auth_cache = AuthCache(cfg.pop3.auth_cache_ttl)
         self.limits = core.Pop3Limits(hostname=cfg.host.name,
                                       allow_cleartext_login=cfg.pop3.allow_cleartext_login)
+
+    async def authenticate(self, user: str, password: str) -> bool:
+        """A recently verified password is taken from the cache; anything else pays the
+        memory-hard hash in a worker thread (and is remembered when right)."""
+        entry = self.directory.get(user)
+        stored = entry.password_hash if entry is not None else ""
+        if stored and self.auth_cache.check(user, password, stored):
+            return True
+        ok = await trio.to_thread.run_sync(self.directory.authenticate, user, password)
+        if ok:
+            self.auth_cache.remember(user, password, stored)
+        return ok
 
     def failure_delay(self, ctx: JobContext, failures: int) -> float:
         """Every failure waits the base delay (unknown user and bad password alike); repeated
@@ -65,8 +79,7 @@ class PopServerRole:
                         conn.receive_data(data)
                 elif isinstance(event, core.Authenticate):
                     try:
-                        ok = await trio.to_thread.run_sync(self.directory.authenticate,
-                                                           event.user, event.password)
+                        ok = await self.authenticate(event.user, event.password)
                     except (OSError, DirectoryError):
                         # A broken directory is the host's fault: not a failed login, and
                         # not a reason to crash the job with every session in it.
