@@ -21,7 +21,6 @@ import json
 import math
 import multiprocessing
 import os
-import resource
 import sys
 import time
 from collections import Counter
@@ -29,6 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import trio
+
+from mailpool.fsutil import raise_fd_limit  # many sessions need many descriptors
 
 CRLF = b"\r\n"
 
@@ -351,13 +352,6 @@ def run_procs(cfg: LoadConfig) -> LoadResult:
         stopped_early=any(p[0].stopped_early for p in parts),
         started_at=min(p[3] for p in parts), extra={"procs": procs},
     )
-
-
-def raise_fd_limit() -> None:
-    """Many sessions need many descriptors: lift the soft limit to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def format_result(r: LoadResult) -> str:

@@ -81,3 +81,20 @@ def syncfs(path: str | os.PathLike[str]) -> None:
             raise OSError(err, os.strerror(err), os.fspath(path))
     finally:
         os.close(fd)
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft limit on open files to the hard one: a job with many sessions (and the
+    supervisor holding waiting connections) needs one descriptor each. Returns the limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft

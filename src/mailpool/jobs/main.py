@@ -16,6 +16,7 @@ import trio
 
 from mailpool.config import load_snapshot
 from mailpool.framework.local_delivery import LocalFramework
+from mailpool.fsutil import raise_fd_limit
 from mailpool.jobs.runtime import JobContext, run_job
 from mailpool.supervisor.channel import Channel, ToJob
 
@@ -64,6 +65,7 @@ def main() -> None:
     # The supervisor decides when jobs end; a Ctrl-C aimed at the terminal's process
     # group must not kill sessions under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise_fd_limit()
     entry, job_id, fd, config_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     trio.run(job_main, entry, job_id, fd, Path(config_path))
 

@@ -32,6 +32,7 @@ from mailpool.config import (
     parse_hostport,
 )
 from mailpool.framework.spool import Spool
+from mailpool.fsutil import raise_fd_limit
 from mailpool.journal.writer import JournalWriter, NullJournal
 from mailpool.supervisor.channel import (
     Assign,
@@ -631,4 +632,5 @@ class Supervisor:
 
 
 def serve(loaded: LoadedConfig) -> int:
+    raise_fd_limit()
     return trio.run(Supervisor(loaded).run)
