@@ -254,10 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CliError, DirectoryError, ControlError) as exc:
         print(f"mailpool: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        # An unusable data directory, a full disk, a permission: one line, no traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mailpool: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
