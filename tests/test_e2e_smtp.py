@@ -482,6 +482,19 @@ def test_silent_client_dropped(host: Any, raw_smtp: Any) -> None:
     assert c.replies_until_eof() == [(421, [f"4.4.2 {HOSTNAME} Error: timeout exceeded"])]
 
 
+def test_unreadable_directory_is_a_temporary_failure(host: Any, raw_smtp: Any) -> None:
+    h = host(name="brokendir")
+    h.add_user("carol", "carol@example.test")
+    (h.data / "directory.json").write_text("{ not json")  # damaged by hand
+    c = raw_smtp(h.smtp)
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO x")[0] == 250
+    assert c.cmd("MAIL FROM:<a@remote.test>")[0] == 250
+    code, lines = c.cmd("RCPT TO:<carol@example.test>")
+    assert code == 451 and lines[0].startswith("4.3.0"), lines  # try later, not "unknown"
+    assert c.cmd("NOOP")[0] == 250  # the session goes on
+
+
 # --- configuration errors ---------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import time
 
 import trio
 
-from mailpool.directory import Directory
+from mailpool.directory import Directory, DirectoryError
 from mailpool.framework.spool import Envelope, Spool
 from mailpool.jobs.runtime import JobContext, send_within
 from mailpool.message import find_message_id, message_id_header, received_header
@@ -111,13 +111,23 @@ class SmtpServerRole:
                         conn.reply(550, f"<{addr}>: Relay access denied", "5.7.1")
                         await ctx.journal("9V", ip=peer_ip, recipient=addr,
                                           detail="relay refused")
-                    elif self.local_user(addr) is None:
+                        continue
+                    try:
+                        owner = self.local_user(addr)
+                    except (DirectoryError, OSError):
+                        # The directory cannot be read now: the client should try later.
+                        conn.reply(451, f"<{addr}>: Temporary lookup failure", "4.3.0")
+                        continue
+                    if owner is None:
                         conn.reply(550, f"<{addr}>: Recipient address rejected: "
                                         "User unknown in local recipient table", "5.1.1")
                     else:
                         conn.reply(250, "Ok", "2.1.5")
                 elif isinstance(event, core.Verify):
-                    self.verify(conn, event.argument)
+                    try:
+                        self.verify(conn, event.argument)
+                    except (DirectoryError, OSError):
+                        conn.reply(451, "Temporary lookup failure", "4.3.0")
                 elif isinstance(event, core.MessageReceived):
                     await self.accept_message(ctx, conn, event, peer_ip)
                 elif isinstance(event, core.ConnectionClosed):
