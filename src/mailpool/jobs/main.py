@@ -21,18 +21,31 @@ from mailpool.jobs.runtime import JobContext, run_job
 from mailpool.supervisor.channel import Channel, ToJob
 
 
-async def _framework_work(framework: LocalFramework, ctx: JobContext, queue_id: str,
-                          again: bool) -> tuple[bool, list[tuple[str, dict[str, object]]]]:
-    # Runs in the job's loop: without per-file fsyncs the file work is short, and staying
-    # off worker threads saves thread hops. Journal entries ride on the sync request and on
-    # WorkDone: two channel messages per message.
-    fp = framework.deliver(queue_id, again=again)
-    if fp is None:
-        return True, []
-    if not await ctx.group_sync(fp.take_entries()):
-        return False, []  # nothing is lost: the queue file stays and is tried again
-    framework.complete(fp)
-    return True, fp.take_entries()
+async def _framework_work(framework: LocalFramework, ctx: JobContext,
+                          items: list[tuple[str, bool]]
+                          ) -> tuple[list[tuple[str, bool]], list[tuple[str, dict[str, object]]]]:
+    """One batch: every message's copies written, one group commit for all, then each taken
+    off the queue. Runs in the job's loop: without per-file fsyncs the file work is short.
+    Journal entries ride on the sync request and on WorkDone."""
+    passes = []
+    entries: list[tuple[str, dict[str, object]]] = []
+    results: list[tuple[str, bool]] = []
+    for queue_id, again in items:
+        fp = framework.deliver(queue_id, again=again)
+        if fp is None:
+            results.append((queue_id, True))  # an earlier pass finished it
+        else:
+            passes.append(fp)
+            entries += fp.take_entries()
+    if passes and not await ctx.group_sync(entries):
+        # Nothing is lost: the queue files stay and are tried again.
+        return results + [(fp.queue_id, False) for fp in passes], []
+    done: list[tuple[str, dict[str, object]]] = []
+    for fp in passes:
+        framework.complete(fp)
+        done += fp.take_entries()
+        results.append((fp.queue_id, True))
+    return results, done
 
 
 async def job_main(entry: str, job_id: int, fd: int, config_path: Path) -> None:

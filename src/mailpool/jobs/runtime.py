@@ -136,9 +136,9 @@ async def send_within(stream: trio.abc.SendStream, data: bytes, timeout: float) 
 
 
 SessionHandler = Callable[[JobContext, trio.SocketStream, Assign], Awaitable[None]]
-# A work item's result, and its last journal entries (sent with WorkDone).
-WorkHandler = Callable[[JobContext, str, bool],
-                       Awaitable[tuple[bool, list[tuple[str, dict[str, Any]]]]]]
+# A batch of (queue id, again) -> ((queue id, ok) per item, the last journal entries).
+WorkHandler = Callable[[JobContext, list[tuple[str, bool]]],
+                       Awaitable[tuple[list[tuple[str, bool]], list[tuple[str, dict[str, Any]]]]]]
 
 
 async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
@@ -172,17 +172,17 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
                 except ChannelClosed:
                     pass
 
-    async def one_work(queue_id: str, again: bool) -> None:
+    async def one_work(items: list[tuple[str, bool]]) -> None:
         assert work is not None
         entries: list[tuple[str, dict[str, Any]]] = []
         try:
-            ok, entries = await work(ctx, queue_id, again)
-        except Exception as exc:  # the message stays queued; the supervisor retries it later
-            print(f"mailpool {ctx.job_name}: work on {queue_id} failed: {exc!r}",
+            results, entries = await work(ctx, items)
+        except Exception as exc:  # the messages stay queued; the supervisor retries them
+            print(f"mailpool {ctx.job_name}: work on {[q for q, _ in items]} failed: {exc!r}",
                   file=sys.stderr, flush=True)
-            ok = False
+            results = [(queue_id, False) for queue_id, _ in items]
         try:
-            await channel.send(WorkDone(queue_id=queue_id, ok=ok, entries=ctx.stamp(entries)))
+            await channel.send(WorkDone(results=results, entries=ctx.stamp(entries)))
         except ChannelClosed:
             pass
 
@@ -208,7 +208,7 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
                     if isinstance(msg, Assign) and fd is not None and session is not None:
                         tasks.start_soon(one_session, msg, fd)
                     elif isinstance(msg, Work) and work is not None:
-                        tasks.start_soon(one_work, msg.queue_id, msg.again)
+                        tasks.start_soon(one_work, msg.items)
                     elif isinstance(msg, Synced | AuthCount):
                         ctx._reply(msg)
                     elif isinstance(msg, Drain):

@@ -35,11 +35,11 @@ class Assign(Msg):
 
 
 class Work(Msg):
-    """A queue pool job: process this message from the incoming queue. `again`: an
-    earlier pass may have run (start-up recovery, a dead job, a retry)."""
+    """A queue pool job: process these messages from the incoming queue, as one batch (one
+    group commit). Each item is (queue id, again): `again` says an earlier pass may have run
+    (start-up recovery, a dead job, a retry)."""
 
-    queue_id: str
-    again: bool = False
+    items: list[tuple[str, bool]]
 
 
 class Drain(Msg):
@@ -75,9 +75,9 @@ class SessionEnded(Msg):
 
 
 class WorkDone(Msg):
-    queue_id: str
-    ok: bool
-    # The work's last journal entries travel with it: one message instead of two.
+    """The batch is done: (queue id, ok) per item, and its last journal entries."""
+
+    results: list[tuple[str, bool]]
     entries: list[tuple[str, int, bytes]] = []
 
 

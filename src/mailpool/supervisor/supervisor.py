@@ -63,6 +63,8 @@ AUTH_FAILURE_MEMORY = 900.0
 MANAGE_COALESCE = 0.01
 # A framework pass that failed (e.g. a sync error) is tried again after this long.
 WORK_RETRY_DELAY = 30.0
+# At most this many messages go to a framework job at once (they share one group commit).
+WORK_BATCH = 32
 POP_BUSY_REPLY = b"-ERR [SYS/TEMP] service not available, try again later\r\n"
 
 
@@ -364,13 +366,14 @@ class Supervisor:
                 entry.poke()
         elif isinstance(msg, WorkDone):
             self.write_entries(job, msg.entries)
-            if msg.queue_id in job.work:
-                job.work.discard(msg.queue_id)
-                entry.rules.release(job.id)
+            if any(queue_id in job.work for queue_id, _ in msg.results):
+                entry.rules.release(job.id)  # one batch, one slot
                 entry.poke()
-            self.work.done(msg.queue_id)
-            if not msg.ok:
-                self.nursery.start_soon(self.retry_later, msg.queue_id)
+            for queue_id, ok in msg.results:
+                job.work.discard(queue_id)
+                self.work.done(queue_id)
+                if not ok:
+                    self.nursery.start_soon(self.retry_later, queue_id)
         elif isinstance(msg, SyncRequest):
             self.commits.request(job, job.channel, msg)
         elif isinstance(msg, AuthFailed):
@@ -545,7 +548,7 @@ class Supervisor:
     async def dispatch_work(self) -> None:
         entry = self.entries["framework"]
         while True:
-            queue_id, again = await self.work.get()
+            first = await self.work.get()
             while True:
                 job_id, _, _ = await self.acquire(entry, None)
                 if job_id is None:
@@ -555,12 +558,18 @@ class Supervisor:
                 if job is None or job.channel is None:
                     entry.rules.cancel(job_id)
                     continue
-                job.work.add(queue_id)
+                # Whatever else is waiting by now goes in the same batch: one message,
+                # one group commit and one answer for all of them.
+                items = [first, *self.work.take(WORK_BATCH - 1)]
+                job.work.update(queue_id for queue_id, _ in items)
                 try:
-                    await job.channel.send(Work(queue_id=queue_id, again=again))
+                    await job.channel.send(Work(items=items))
                 except ChannelClosed:
-                    job.work.discard(queue_id)
+                    job.work.difference_update(queue_id for queue_id, _ in items)
                     entry.rules.cancel(job_id)
+                    for queue_id, _ in items[1:]:
+                        self.work.put(queue_id, again=True)
+                    first = (first[0], True)
                     continue
                 break
 

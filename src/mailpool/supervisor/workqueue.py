@@ -31,5 +31,12 @@ class WorkQueue:
             await self._ready.wait()
         return self._pending.popleft()
 
+    def take(self, limit: int) -> list[tuple[str, bool]]:
+        """Up to `limit` more items that are already waiting (never blocks)."""
+        out = []
+        while self._pending and len(out) < limit:
+            out.append(self._pending.popleft())
+        return out
+
     def done(self, queue_id: str) -> None:
         self._known.discard(queue_id)
