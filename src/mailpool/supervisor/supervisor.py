@@ -431,7 +431,44 @@ class Supervisor:
                 log(f"accept on {entry.listener}: {exc}")
                 await trio.sleep(0.1)  # EMFILE and friends: back off, do not spin
                 continue
-            self.nursery.start_soon(self.hand_off, entry, sock, addr)
+            # The common case, a job free now, is handled right here; only a connection
+            # that must wait (or be refused) gets a task of its own.
+            if not await self.assign_now(entry, sock, addr):
+                self.nursery.start_soon(self.hand_off, entry, sock, addr)
+
+    async def assign_now(self, entry: EntryRuntime, sock: trio.socket.SocketType,
+                         addr: tuple[Any, ...]) -> bool:
+        """Hand the connection to a job free at this moment; False when none is."""
+        job_id = entry.rules.acquire()
+        if job_id is None or not await self.send_to_job(entry, job_id, sock, addr):
+            return False  # the socket stays open for hand_off
+        sock.close()  # the job has its own copy now
+        return True
+
+    async def send_to_job(self, entry: EntryRuntime, job_id: int, sock: trio.socket.SocketType,
+                          addr: tuple[Any, ...]) -> bool:
+        """Pass the socket to an acquired job; False (slot given back) if that job is gone."""
+        job = entry.jobs.get(job_id)
+        if job is None or job.channel is None:
+            entry.rules.cancel(job_id)
+            return False
+        conn_id = next(self.conn_ids)
+        peer_ip = str(addr[0])
+        job.conns.add(conn_id)
+        try:
+            await job.channel.send(Assign(conn_id=conn_id, peer_ip=peer_ip,
+                                          peer_port=int(addr[1]),
+                                          listener=entry.listener or "",
+                                          auth_failures=self.recent_failures(peer_ip)),
+                                   fd=sock.fileno())
+        except ChannelClosed:
+            # The job died between acquire and send.
+            job.conns.discard(conn_id)
+            entry.rules.cancel(job_id)
+            return False
+        self.record("JH", job.name, entry=entry.name, ip=peer_ip, connection_id=conn_id)
+        entry.poke()
+        return True
 
     async def acquire(self, entry: EntryRuntime, timeout: float | None,
                       sock: trio.socket.SocketType | None = None
@@ -479,50 +516,31 @@ class Supervisor:
 
     async def hand_off(self, entry: EntryRuntime, sock: trio.socket.SocketType,
                        addr: tuple[Any, ...]) -> None:
-        conn_id = next(self.conn_ids)
-        peer_ip, peer_port = str(addr[0]), int(addr[1])
+        peer_ip = str(addr[0])
         with sock:
             while True:
                 job_id, waited, gone = await self.acquire(
                     entry, entry.rules.params.wait_timeout, sock)
-                if job_id is None:
-                    entry.rules.request_rejected(waited)
-                    if gone:
-                        why = "client left while waiting"
-                    elif waited is not None:
-                        why = f"no job free within wait_timeout ({waited:.1f}s)"
-                    else:
-                        why = "at the maximum, wait off"
-                    self.record("JR", entry=entry.name, ip=peer_ip, connection_id=conn_id,
-                                detail=why)
-                    if gone:
+                if job_id is not None:
+                    if await self.send_to_job(entry, job_id, sock, addr):
                         return
-                    busy = POP_BUSY_REPLY if entry.name == "pop-server" else BUSY_REPLY
-                    with trio.move_on_after(5):
-                        try:
-                            await sock.send(busy)
-                        except OSError:
-                            pass
+                    continue  # that job died meanwhile: try another
+                entry.rules.request_rejected(waited)
+                if gone:
+                    why = "client left while waiting"
+                elif waited is not None:
+                    why = f"no job free within wait_timeout ({waited:.1f}s)"
+                else:
+                    why = "at the maximum, wait off"
+                self.record("JR", entry=entry.name, ip=peer_ip, detail=why)
+                if gone:
                     return
-                job = entry.jobs.get(job_id)
-                if job is None or job.channel is None:
-                    entry.rules.cancel(job_id)
-                    continue
-                job.conns.add(conn_id)
-                try:
-                    await job.channel.send(Assign(conn_id=conn_id, peer_ip=peer_ip,
-                                                  peer_port=peer_port,
-                                                  listener=entry.listener or "",
-                                                  auth_failures=self.recent_failures(peer_ip)),
-                                           fd=sock.fileno())
-                except ChannelClosed:
-                    # The job died between acquire and send: try another one.
-                    job.conns.discard(conn_id)
-                    entry.rules.cancel(job_id)
-                    continue
-                self.record("JH", job.name, entry=entry.name, ip=peer_ip,
-                            connection_id=conn_id)
-                entry.poke()
+                busy = POP_BUSY_REPLY if entry.name == "pop-server" else BUSY_REPLY
+                with trio.move_on_after(5):
+                    try:
+                        await sock.send(busy)
+                    except OSError:
+                        pass
                 return
 
     def recent_failures(self, ip: str) -> int:
