@@ -360,7 +360,47 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-class Postfix(Server):
+class MasterDaemon(Server):
+    """A peer run as `EXE -c CONF start|stop` that writes its master's pid to a file."""
+
+    exe: str
+    conf: Path
+
+    def pid_file(self) -> Path:
+        raise NotImplementedError
+
+    def master_pid(self) -> int | None:
+        try:
+            return int(self.pid_file().read_text().split()[0])
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+
+    def root_pids(self) -> list[int]:
+        pid = self.master_pid()
+        return [pid] if pid else []
+
+    def _control(self, verb: str) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            subprocess.run([self.exe, "-c", str(self.conf), verb], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=30, stdin=subprocess.DEVNULL)
+
+    def stop_daemon(self, extra_verb: str | None = None) -> None:
+        """Stop politely, then harder (`extra_verb`, then SIGKILL of the whole tree)."""
+        if not getattr(self, "started", False):
+            return
+        pid = self.master_pid()
+        self._control("stop")
+        if pid and not _wait_gone(pid, 10):
+            if extra_verb:
+                self._control(extra_verb)
+            if not _wait_gone(pid, 5):
+                for p in proc_tree([pid]):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p, signal.SIGKILL)
+        self.started = False
+
+
+class Postfix(MasterDaemon):
     """A private Postfix instance: smtpd on a loopback port, virtual(8) Maildir delivery.
 
     Everything else is Postfix's default (process limit 100, in_flow_delay 1s, ...),
@@ -431,39 +471,18 @@ class Postfix(Server):
                               f"{out.read_text(errors='replace').strip()[:200]} {self.log_tail()}")
         wait_banner(self.port, b"220", timeout)
 
-    def master_pid(self) -> int | None:
-        try:
-            return int((self.queue / "pid" / "master.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError, AttributeError):
-            return None
-
-    def root_pids(self) -> list[int]:
-        pid = self.master_pid()
-        return [pid] if pid else []
+    def pid_file(self) -> Path:
+        return self.queue / "pid" / "master.pid"
 
     def stop(self) -> None:
-        if not getattr(self, "started", False):
-            return
-        pid = self.master_pid()
-        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-            subprocess.run([self.exe, "-c", str(self.conf), "stop"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=30, stdin=subprocess.DEVNULL)
-        if pid and not _wait_gone(pid, 10):
-            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-                subprocess.run([self.exe, "-c", str(self.conf), "abort"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               timeout=30, stdin=subprocess.DEVNULL)
-            if not _wait_gone(pid, 5):
-                for p in proc_tree([pid]):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(p, signal.SIGKILL)
-        self.started = False
+        # Postfix's own "abort" first, before the SIGKILL of the base class.
+        self.stop_daemon(extra_verb="abort")
 
     def delivered(self) -> int | None:
         return count_maildir(self.vmail)
 
 
-class Dovecot(Server):
+class Dovecot(MasterDaemon):
     """A private Dovecot serving POP3 only, from Maildirs the driver fills directly."""
 
     kind = "dovecot"
@@ -542,25 +561,8 @@ service pop3-login {{
             for p in [new.parent.parent, *new.parent.parent.rglob("*")]:
                 os.chown(p, NOBODY, NOBODY)
 
-    def master_pid(self) -> int | None:
-        try:
-            return int((self.dir / "run" / "master.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def root_pids(self) -> list[int]:
-        pid = self.master_pid()
-        return [pid] if pid else []
+    def pid_file(self) -> Path:
+        return self.dir / "run" / "master.pid"
 
     def stop(self) -> None:
-        if not getattr(self, "started", False):
-            return
-        pid = self.master_pid()
-        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-            subprocess.run([self.exe, "-c", str(self.conf), "stop"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=30, stdin=subprocess.DEVNULL)
-        if pid and not _wait_gone(pid, 10):
-            for p in proc_tree([pid]):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p, signal.SIGKILL)
-        self.started = False
+        self.stop_daemon()
