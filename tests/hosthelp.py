@@ -39,6 +39,10 @@ data = "var"
 [smtp]
 command_timeout = 20.0
 data_timeout = 20.0
+
+[relay]
+# No client may relay unless a test says so (the default lets loopback clients relay).
+networks = []
 """
 
 

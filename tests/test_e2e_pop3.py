@@ -37,8 +37,10 @@ inactivity_timeout = {INACTIVITY_TIMEOUT}
 """
 PASSWORD = "secret"
 UID_RE = re.compile(rb"[\x21-\x7e]{1,70}")
-# What mailpool puts in front of a message that came without a Message-ID.
+# What mailpool puts in front of a message that came without a Message-ID: local delivery's
+# Return-Path and Delivered-To, the trace header and a Message-ID.
 ADDED_HEADERS_RE = re.compile(
+    rb"Return-Path: <[^<>\r\n]*>\r\nDelivered-To: [^\r\n]+\r\n"
     rb"Received: [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*Message-ID: <[^<>\r\n]+@mail\.example\.test>\r\n")
 
 

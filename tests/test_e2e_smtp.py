@@ -118,6 +118,12 @@ def wait_message_done(host: Host, message_id: str, recipients: int) -> list[dict
                         what=f"B2 x{recipients} for {message_id}")
 
 
+def delivery_re(sender: str, recipient: str) -> bytes:
+    """Return-Path and Delivered-To, which local delivery puts on top (as Postfix's does)."""
+    return (rb"Return-Path: <" + re.escape(sender.encode()) + rb">\r\n"
+            rb"Delivered-To: " + re.escape(recipient.encode()) + rb"\r\n")
+
+
 def received_re(queue_id: str, recipient: str | None) -> bytes:
     """The trace header the SMTP server puts on top (RFC 5321 4.4)."""
     lines = [rb"Received: from " + re.escape(CLIENT.encode()) + rb" \(\[127\.0\.0\.1\]\)",
@@ -141,8 +147,10 @@ def test_message_without_message_id_delivered_and_journaled(mailhost: Host) -> N
     queue_id = path.name.split(".")[0]
     message_id = f"{queue_id}@{HOSTNAME}"
     data = path.read_bytes()
-    header = received_re(queue_id, "bob@example.test")
-    # Exactly the message sent, after the Received header and the Message-ID it lacked.
+    header = (delivery_re("alice@remote.test", "bob@example.test")
+              + received_re(queue_id, "bob@example.test"))
+    # Exactly the message sent, after the delivery and trace headers and the Message-ID it
+    # lacked.
     assert re.fullmatch(header + rb"Message-ID: <" + re.escape(message_id.encode())
                         + rb">\r\n" + re.escape(message), data, re.DOTALL), data
     wait_for(lambda: not mailhost.queue_files(), what="incoming queue empty")
@@ -158,7 +166,9 @@ def test_message_without_message_id_delivered_and_journaled(mailhost: Host) -> N
     assert by_code["71"]["originator"] == "alice@remote.test"
     for code in ("92", "72", "P2", "B2"):
         assert by_code[code]["recipient"] == "bob@example.test"
-    assert by_code["9T"]["size"] == len(data)  # what was stored, trace header included
+    # What was stored, trace header included (local delivery added its two headers).
+    assert by_code["9T"]["size"] == len(data) - len(
+        b"Return-Path: <alice@remote.test>\r\nDelivered-To: bob@example.test\r\n")
     assert [r["job"].split("/")[0] for r in records] == ["smtp-server"] * 6 + ["framework"] * 7
 
 
@@ -168,11 +178,12 @@ def test_two_recipients_message_id_kept(mailhost: Host) -> None:
                f"Message-ID: <{message_id}>\r\nSubject: two\r\n\r\nfor both\r\n").encode()
     rcpts = ["carol@example.test", "dave@other.test"]
     queue_id = send(mailhost, "alice@remote.test", rcpts, message)
-    for user in ("carol", "dave"):
+    for user, rcpt in zip(("carol", "dave"), rcpts, strict=True):
         (path,) = mailhost.wait_delivered(user, 1)
         assert path.name.startswith(queue_id + ".")
         # Two recipients: no "for <...>" clause, and no second Message-ID.
-        assert re.fullmatch(received_re(queue_id, None) + re.escape(message),
+        assert re.fullmatch(delivery_re("alice@remote.test", rcpt)
+                            + received_re(queue_id, None) + re.escape(message),
                             path.read_bytes(), re.DOTALL)
 
     records = wait_message_done(mailhost, message_id, 2)
@@ -451,7 +462,8 @@ def test_bare_cr_lf_dots_do_not_end_the_message(mailhost: Host, raw_smtp: Any) -
     (path,) = mailhost.wait_delivered("dots", 1)
     assert path.name.startswith(queue_id + ".")
     data = path.read_bytes()
-    assert re.fullmatch(received_re(queue_id, "dots@example.test")
+    assert re.fullmatch(delivery_re("a@remote.test", "dots@example.test")
+                        + received_re(queue_id, "dots@example.test")
                         + rb"Message-ID: <[^>]+>\r\n" + re.escape(unstuffed), data, re.DOTALL)
 
 

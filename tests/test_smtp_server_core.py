@@ -13,6 +13,7 @@ from mailpool.protocol.smtp_server import (
     NEED_DATA,
     PAUSED,
     ConnectionClosed,
+    Etrn,
     Hello,
     MailFrom,
     MessageReceived,
@@ -31,6 +32,8 @@ EHLO_REPLY = (
     b"250-SIZE 10485760\r\n"
     b"250-8BITMIME\r\n"
     b"250-PIPELINING\r\n"
+    b"250-DSN\r\n"
+    b"250-ETRN\r\n"
     b"250-ENHANCEDSTATUSCODES\r\n"
     b"250 HELP\r\n"
 )
@@ -70,7 +73,7 @@ def pump(
             return events
         assert event is not PAUSED
         events.append(event)
-        if isinstance(event, MailFrom | RcptTo | MessageReceived | Verify):
+        if isinstance(event, MailFrom | RcptTo | MessageReceived | Verify | Etrn):
             conn.reply(*answer(event))
         if isinstance(event, ConnectionClosed):
             return events
@@ -294,7 +297,7 @@ def test_rset_noop_help_quit() -> None:
         b"250 2.0.0 Ok\r\n"
         b"214-2.0.0 Commands supported:\r\n"
         b"214-2.0.0 HELO EHLO MAIL RCPT DATA\r\n"
-        b"214-2.0.0 RSET VRFY NOOP QUIT HELP\r\n"
+        b"214-2.0.0 RSET VRFY ETRN NOOP QUIT HELP\r\n"
         b"214 2.0.0 End of HELP info\r\n"
         b"221 2.0.0 Bye\r\n"
     )
@@ -465,7 +468,7 @@ def test_rcpt_accepted_forms(line: bytes, address: str) -> None:
         (b"RCPT TO:<>", b"501 5.1.3 Bad recipient address syntax"),
         (b"RCPT TO:<a@>", b"501 5.1.3 Bad recipient address syntax"),
         (b"RCPT TO:<a>", b"501 5.1.3 Bad recipient address syntax"),
-        (b"RCPT TO:<a@b.c> NOTIFY=NEVER", b"555 5.5.4 Unsupported option: NOTIFY=NEVER"),
+        (b"RCPT TO:<a@b.c> FOO=bar", b"555 5.5.4 Unsupported option: FOO=bar"),
     ],
 )
 def test_rcpt_errors(line: bytes, reply: bytes) -> None:
@@ -811,3 +814,357 @@ def test_shutdown() -> None:
     conn.receive_data(b"NOOP\r\n")
     assert conn.next_event() == ConnectionClosed()
     assert conn.data_to_send() == b""
+
+
+# -- DSN (RFC 3461) and ETRN (RFC 1985) --------------------------------------------------------
+
+
+def ready_with(**limits: int | bool) -> tuple[ServerConnection, bytes]:
+    """A connection after EHLO with the given limits; returns it and the EHLO reply."""
+    conn = ServerConnection(ServerLimits(hostname=HOST, **limits))  # type: ignore[arg-type]
+    conn.greeting()
+    conn.data_to_send()
+    assert pump(conn, b"EHLO client.example\r\n") == [Hello("EHLO", "client.example")]
+    return conn, conn.data_to_send()
+
+
+@pytest.mark.parametrize(
+    ("dsn", "etrn", "extra"),
+    [
+        (True, False, b"250-DSN\r\n"),
+        (False, True, b"250-ETRN\r\n"),
+        (False, False, b""),
+    ],
+)
+def test_ehlo_advertises_dsn_and_etrn_when_on(dsn: bool, etrn: bool, extra: bytes) -> None:
+    _, reply = ready_with(dsn=dsn, etrn=etrn)
+    assert reply == (
+        b"250-mx.example.org\r\n"
+        b"250-SIZE 10485760\r\n"
+        b"250-8BITMIME\r\n"
+        b"250-PIPELINING\r\n" + extra + b"250-ENHANCEDSTATUSCODES\r\n"
+        b"250 HELP\r\n"
+    )
+
+
+def test_help_without_etrn() -> None:
+    conn, _ = ready_with(etrn=False)
+    pump(conn, b"HELP\r\n")
+    assert conn.data_to_send() == (
+        b"214-2.0.0 Commands supported:\r\n"
+        b"214-2.0.0 HELO EHLO MAIL RCPT DATA\r\n"
+        b"214-2.0.0 RSET VRFY NOOP QUIT HELP\r\n"
+        b"214 2.0.0 End of HELP info\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "event"),
+    [
+        (b"MAIL FROM:<a@b.c> RET=FULL", MailFrom("a@b.c", {"RET": "FULL"}, ret="FULL")),
+        (b"MAIL FROM:<a@b.c> ret=hdrs", MailFrom("a@b.c", {"RET": "hdrs"}, ret="HDRS")),
+        (b"MAIL FROM:<> ENVID=Q1", MailFrom("", {"ENVID": "Q1"}, envid="Q1")),
+        (
+            b"MAIL FROM:<a@b.c> SIZE=5 ENVID=a+2Bb+3Dc+20d BODY=8BITMIME RET=Hdrs",
+            MailFrom(
+                "a@b.c",
+                {"SIZE": "5", "ENVID": "a+2Bb+3Dc+20d", "BODY": "8BITMIME", "RET": "Hdrs"},
+                ret="HDRS",
+                envid="a+b=c d",
+            ),
+        ),
+        (b"MAIL FROM:<a@b.c> ENVID=" + b"x" * 100, MailFrom("a@b.c", {"ENVID": "x" * 100},
+                                                            envid="x" * 100)),
+        (b"MAIL FROM:<a@b.c> ENVID=" + b"+41" * 100, MailFrom("a@b.c", {"ENVID": "+41" * 100},
+                                                              envid="A" * 100)),
+    ],
+)
+def test_mail_dsn_parameters(line: bytes, event: MailFrom) -> None:
+    conn = ready()
+    assert pump(conn, line + b"\r\n") == [event]
+    assert conn.data_to_send() == b"250 2.1.0 Ok\r\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (b"MAIL FROM:<a@b.c> RET=BOTH", b"501 5.5.4 Bad RET parameter syntax"),
+        (b"MAIL FROM:<a@b.c> RET", b"501 5.5.4 Bad RET parameter syntax"),
+        (b"MAIL FROM:<a@b.c> RET=FULL ret=HDRS", b"501 5.5.4 Bad RET parameter syntax"),
+        (b"MAIL FROM:<a@b.c> ENVID", b"501 5.5.4 Bad ENVID parameter syntax"),
+        (b"MAIL FROM:<a@b.c> ENVID=a+2b", b"501 5.5.4 Bad ENVID parameter syntax"),
+        (b"MAIL FROM:<a@b.c> ENVID=a+2", b"501 5.5.4 Bad ENVID parameter syntax"),
+        (b"MAIL FROM:<a@b.c> ENVID=a+", b"501 5.5.4 Bad ENVID parameter syntax"),
+        (b"MAIL FROM:<a@b.c> ENVID=a+0A", b"501 5.5.4 Bad ENVID parameter syntax"),
+        (b"MAIL FROM:<a@b.c> ENVID=a+C3+A9", b"501 5.5.4 Bad ENVID parameter syntax"),
+        (b"MAIL FROM:<a@b.c> ENVID=" + b"x" * 101, b"501 5.5.4 Bad ENVID parameter syntax"),
+        (b"MAIL FROM:<a@b.c> ENVID=a ENVID=a", b"501 5.5.4 Bad ENVID parameter syntax"),
+        (b"MAIL FROM:<a@b.c> SIZE=1 size=2", b"501 5.5.4 Bad SIZE parameter syntax"),
+        (b"MAIL FROM:<a@b.c> BODY=7BIT BODY=7BIT", b"501 5.5.4 Bad BODY parameter syntax"),
+        (b"MAIL FROM:<a@b.c> NOTIFY=NEVER", b"555 5.5.4 Unsupported option: NOTIFY=NEVER"),
+        (b"MAIL FROM:<a@b.c> ENVID=", b"555 5.5.4 Unsupported option: ENVID="),
+    ],
+)
+def test_mail_dsn_parameter_errors(line: bytes, reply: bytes) -> None:
+    conn = ready()
+    assert pump(conn, line + b"\r\n") == []
+    assert conn.data_to_send() == reply + b"\r\n"
+    assert conn.state == "ready"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"MAIL FROM:<a@b.c> RET=FULL", b"MAIL FROM:<a@b.c> SIZE=1 ENVID=x"],
+)
+def test_mail_dsn_parameters_refused_when_dsn_off(line: bytes) -> None:
+    conn, _ = ready_with(dsn=False)
+    assert pump(conn, line + b"\r\n") == []
+    token = line.split()[-1]
+    assert conn.data_to_send() == b"555 5.5.4 Unsupported option: " + token + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("params", "notify", "orcpt", "given"),
+    [
+        (b"NOTIFY=NEVER", ("NEVER",), None, {"NOTIFY": "NEVER"}),
+        (b"notify=never", ("NEVER",), None, {"NOTIFY": "never"}),
+        (b"NOTIFY=success,Delay", ("SUCCESS", "DELAY"), None, {"NOTIFY": "success,Delay"}),
+        (
+            b"NOTIFY=FAILURE,DELAY,SUCCESS",
+            ("FAILURE", "DELAY", "SUCCESS"),
+            None,
+            {"NOTIFY": "FAILURE,DELAY,SUCCESS"},
+        ),
+        (b"ORCPT=rfc822;bob@x.test", None, "rfc822;bob@x.test", {"ORCPT": "rfc822;bob@x.test"}),
+        (
+            b"ORCPT=RFC822;a+2Bb+3Dc@x.test NOTIFY=FAILURE",
+            ("FAILURE",),
+            "RFC822;a+2Bb+3Dc@x.test".replace("+2B", "+").replace("+3D", "="),
+            {"ORCPT": "RFC822;a+2Bb+3Dc@x.test", "NOTIFY": "FAILURE"},
+        ),
+        (b"ORCPT=x-local;", None, "x-local;", {"ORCPT": "x-local;"}),
+    ],
+)
+def test_rcpt_dsn_parameters(
+    params: bytes, notify: tuple[str, ...] | None, orcpt: str | None, given: dict[str, str]
+) -> None:
+    conn = ready()
+    pump(conn, b"MAIL FROM:<a@b.c>\r\n")
+    conn.data_to_send()
+    event = RcptTo("d@e.f", dict(given), notify=notify, orcpt=orcpt)
+    assert pump(conn, b"RCPT TO:<d@e.f> " + params + b"\r\n") == [event]
+    assert conn.data_to_send() == b"250 2.1.5 Ok\r\n"
+
+
+@pytest.mark.parametrize(
+    ("params", "reply"),
+    [
+        (b"NOTIFY=NEVER,SUCCESS", b"501 5.5.4 Bad NOTIFY parameter syntax"),
+        (b"NOTIFY=SUCCESS,NEVER", b"501 5.5.4 Bad NOTIFY parameter syntax"),
+        (b"NOTIFY=SUCCESS,success", b"501 5.5.4 Bad NOTIFY parameter syntax"),
+        (b"NOTIFY=SUCCESS,,FAILURE", b"501 5.5.4 Bad NOTIFY parameter syntax"),
+        (b"NOTIFY=SUCCESS,", b"501 5.5.4 Bad NOTIFY parameter syntax"),
+        (b"NOTIFY=SOMETIMES", b"501 5.5.4 Bad NOTIFY parameter syntax"),
+        (b"NOTIFY", b"501 5.5.4 Bad NOTIFY parameter syntax"),
+        (b"NOTIFY=NEVER NOTIFY=NEVER", b"501 5.5.4 Bad NOTIFY parameter syntax"),
+        (b"ORCPT=bob@x.test", b"501 5.5.4 Bad ORCPT parameter syntax"),
+        (b"ORCPT=;bob@x.test", b"501 5.5.4 Bad ORCPT parameter syntax"),
+        (b"ORCPT=rfc(822);bob@x.test", b"501 5.5.4 Bad ORCPT parameter syntax"),
+        (b"ORCPT=rfc822;b+zzob@x.test", b"501 5.5.4 Bad ORCPT parameter syntax"),
+        (b"ORCPT=rfc822;a ORCPT=rfc822;a", b"501 5.5.4 Bad ORCPT parameter syntax"),
+        (b"ORCPT", b"501 5.5.4 Bad ORCPT parameter syntax"),
+        (b"NOTIFY=NEVER FOO", b"555 5.5.4 Unsupported option: FOO"),
+        (b"RET=FULL", b"555 5.5.4 Unsupported option: RET=FULL"),
+    ],
+)
+def test_rcpt_dsn_parameter_errors(params: bytes, reply: bytes) -> None:
+    conn = ready()
+    pump(conn, b"MAIL FROM:<a@b.c>\r\n")
+    conn.data_to_send()
+    assert pump(conn, b"RCPT TO:<d@e.f> " + params + b"\r\n") == []
+    assert conn.data_to_send() == reply + b"\r\n"
+    assert conn.state == "mail"
+
+
+def test_orcpt_length_limit() -> None:
+    conn, _ = ready_with(max_command_line=2048)
+    pump(conn, b"MAIL FROM:<a@b.c>\r\n")
+    conn.data_to_send()
+    text = "b" * 490 + "@x.test"  # 497 characters decoded
+    ok = f"RCPT TO:<d@e.f> ORCPT=rfc822;{text.replace('b', '+62', 3)}\r\n".encode()
+    assert pump(conn, ok) == [RcptTo("d@e.f", {"ORCPT": ok[22:-2].decode()},
+                                     orcpt=f"rfc822;{text}")]
+    assert conn.data_to_send() == b"250 2.1.5 Ok\r\n"
+    assert pump(conn, f"RCPT TO:<d@e.f> ORCPT=rfc822;{'b' * 494}@x.test\r\n".encode()) == []
+    assert conn.data_to_send() == b"501 5.5.4 Bad ORCPT parameter syntax\r\n"
+
+
+def test_rcpt_dsn_parameters_refused_when_dsn_off() -> None:
+    conn, _ = ready_with(dsn=False)
+    pump(conn, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f> NOTIFY=NEVER\r\n"
+               b"RCPT TO:<d@e.f> ORCPT=rfc822;d@e.f\r\n")
+    assert conn.data_to_send() == (
+        b"250 2.1.0 Ok\r\n"
+        b"555 5.5.4 Unsupported option: NOTIFY=NEVER\r\n"
+        b"555 5.5.4 Unsupported option: ORCPT=rfc822;d@e.f\r\n"
+    )
+
+
+def test_pipelined_transaction_with_dsn_parameters() -> None:
+    conn = new()
+
+    def answer(event: object) -> Answer:
+        if isinstance(event, RcptTo) and event.address == "refused@example.net":
+            return 550, "No such user", "5.1.1"
+        return default_answer(event)
+
+    chunk = (
+        b"EHLO client.example\r\n"
+        b"MAIL FROM:<alice@example.com> SIZE=9 RET=HDRS ENVID=QQ+2B1\r\n"
+        b"RCPT TO:<bob@example.net> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Bob+40example.net\r\n"
+        b"RCPT TO:<refused@example.net> NOTIFY=NEVER\r\n"
+        b"RCPT TO:<carol@example.net>\r\n"
+        b"DATA\r\n"
+        b"..hello\r\n.\r\n"
+    )
+    events = pump(conn, chunk, answer)
+    assert events == [
+        Hello("EHLO", "client.example"),
+        MailFrom(
+            "alice@example.com",
+            {"SIZE": "9", "RET": "HDRS", "ENVID": "QQ+2B1"},
+            ret="HDRS",
+            envid="QQ+1",
+        ),
+        RcptTo(
+            "bob@example.net",
+            {"NOTIFY": "SUCCESS,DELAY", "ORCPT": "rfc822;Bob+40example.net"},
+            notify=("SUCCESS", "DELAY"),
+            orcpt="rfc822;Bob@example.net",
+        ),
+        RcptTo("refused@example.net", {"NOTIFY": "NEVER"}, notify=("NEVER",)),
+        RcptTo("carol@example.net", {}),
+        MessageReceived(
+            "alice@example.com",
+            ("bob@example.net", "carol@example.net"),
+            b".hello\r\n",
+            ret="HDRS",
+            envid="QQ+1",
+            notify=(("SUCCESS", "DELAY"), None),
+            orcpt=("rfc822;Bob@example.net", None),
+        ),
+    ]
+    assert conn.data_to_send() == EHLO_REPLY + (
+        b"250 2.1.0 Ok\r\n"
+        b"250 2.1.5 Ok\r\n"
+        b"550 5.1.1 No such user\r\n"
+        b"250 2.1.5 Ok\r\n"
+        b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        b"250 2.0.0 Ok: queued as Q1\r\n"
+    )
+
+
+def test_dsn_details_do_not_outlive_their_transaction() -> None:
+    conn = ready()
+    pump(conn, b"MAIL FROM:<a@b.c> RET=FULL ENVID=e1\r\nRCPT TO:<d@e.f> NOTIFY=NEVER\r\n"
+               b"RSET\r\n")
+    # a refused MAIL does not leave its DSN details behind either
+    pump(conn, b"MAIL FROM:<x@y.z> RET=HDRS\r\n", lambda e: (550, "No", "5.7.1"))
+    events = pump(conn, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nx\r\n.\r\n")
+    assert events[-1] == MessageReceived("a@b.c", ("d@e.f",), b"x\r\n")
+    assert conn.data_to_send() == (
+        b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n550 5.7.1 No\r\n"
+        b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+        b"250 2.0.0 Ok: queued as Q1\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "node"),
+    [
+        (b"ETRN example.test", "example.test"),
+        (b"etrn @example.test", "@example.test"),
+        (b"ETRN #queue-1", "#queue-1"),
+        (b"ETRN   mx1.example.test  ", "mx1.example.test"),
+        (b"ETRN @localhost", "@localhost"),
+    ],
+)
+def test_etrn_decision(line: bytes, node: str) -> None:
+    conn = ready()
+    conn.receive_data(line + b"\r\nNOOP\r\n")
+    assert conn.next_event() == Etrn(node)
+    assert conn.next_event() is PAUSED
+    assert conn.data_to_send() == b""  # the NOOP waits for the ETRN answer
+    conn.reply(250, "Queuing started", "2.0.0")
+    assert conn.next_event() is NEED_DATA
+    assert conn.data_to_send() == b"250 2.0.0 Queuing started\r\n250 2.0.0 Ok\r\n"
+    assert conn.state == "ready"
+
+
+@pytest.mark.parametrize(
+    ("code", "enhanced", "text", "wire"),
+    [
+        (253, "2.0.0", "OK, 3 pending messages for node x.test started",
+         b"253 2.0.0 OK, 3 pending messages for node x.test started\r\n"),
+        (251, None, "OK, no messages waiting for node x.test",
+         b"251 OK, no messages waiting for node x.test\r\n"),
+        (458, "4.3.0", "Unable to queue messages for node x.test",
+         b"458 4.3.0 Unable to queue messages for node x.test\r\n"),
+        (459, "4.7.1", "Node x.test not allowed: no relay",
+         b"459 4.7.1 Node x.test not allowed: no relay\r\n"),
+    ],
+)
+def test_etrn_answers_keep_state(code: int, enhanced: str | None, text: str, wire: bytes) -> None:
+    conn = ready()
+    assert len(pump(conn, b"ETRN x.test\r\n", lambda e: (code, text, enhanced))) == 1
+    assert conn.data_to_send() == wire
+    assert conn.state == "ready"
+    pump(conn, b"MAIL FROM:<a@b.c>\r\n")
+    assert conn.data_to_send() == b"250 2.1.0 Ok\r\n"
+
+
+def etrn_answer(event: object) -> Answer:
+    if isinstance(event, Etrn):
+        return 250, "Queuing started", "2.0.0"
+    return default_answer(event)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"ETRN", b"ETRN   ", b"ETRN bad..domain", b"ETRN a b", b"ETRN #", b"ETRN @", b"ETRN -x.test",
+     b"ETRN @@x.test", b"ETRN [192.0.2.1]", b"ETRN x.test."],
+)
+def test_etrn_syntax_errors(line: bytes) -> None:
+    conn = ready()
+    assert pump(conn, line + b"\r\n", etrn_answer) == []
+    assert conn.data_to_send() == b"501 5.5.4 Syntax: ETRN [@]domain | #queue\r\n"
+
+
+def test_etrn_sequencing() -> None:
+    conn = new()
+    pump(conn, b"ETRN x.test\r\nHELO c\r\nMAIL FROM:<a@b.c>\r\nETRN x.test\r\n"
+               b"RCPT TO:<d@e.f>\r\nETRN x.test\r\nRSET\r\nETRN x.test\r\n", etrn_answer)
+    assert conn.data_to_send() == (
+        b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+        b"250 mx.example.org\r\n"
+        b"250 2.1.0 Ok\r\n"
+        b"503 5.5.1 Error: MAIL transaction in progress\r\n"
+        b"250 2.1.5 Ok\r\n"
+        b"503 5.5.1 Error: MAIL transaction in progress\r\n"
+        b"250 2.0.0 Ok\r\n"
+        b"250 2.0.0 Queuing started\r\n"
+    )
+
+
+def test_etrn_off_is_not_implemented_in_every_state() -> None:
+    conn = ServerConnection(ServerLimits(hostname=HOST, etrn=False))
+    conn.greeting()
+    conn.data_to_send()
+    events = pump(conn, b"ETRN x.test\r\nEHLO c\r\nETRN x.test\r\nETRN\r\n"
+                        b"MAIL FROM:<a@b.c>\r\nETRN x.test\r\n")
+    assert events == [Hello("EHLO", "c"), MailFrom("a@b.c", {})]
+    out = conn.data_to_send()
+    not_impl = b"502 5.5.1 Error: command not implemented\r\n"
+    assert out.startswith(not_impl + b"250-mx.example.org\r\n")
+    assert out.endswith(b"250 HELP\r\n" + not_impl * 2 + b"250 2.1.0 Ok\r\n" + not_impl)
+    assert b"ETRN" not in out

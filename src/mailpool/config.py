@@ -6,12 +6,15 @@ can print one line and exit non-zero instead of a traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from mailpool.roles import BY_NAME, ROLE_NAMES, ROLES
 
 DEFAULT_CONFIG = Path("config/mailpool.toml")
 
@@ -48,6 +51,8 @@ class SmtpConfig(Base):
     max_command_line: int = 512
     max_text_line: int = 1000
     hard_error_limit: int = 20
+    # The source's "Support Delivery Status Notification": DSN advertised and honoured.
+    dsn: bool = True
     # RFC 5321 4.5.3.2 suggests minutes; a silent client is dropped with 421 4.4.2.
     command_timeout: float = 300.0
     data_timeout: float = 600.0
@@ -67,6 +72,83 @@ class Pop3Config(Base):
     # Seconds a verified login is remembered (keyed digest only), as Dovecot's auth_cache;
     # 0 turns it off and every login pays the memory-hard hash.
     auth_cache_ttl: float = 300.0
+
+
+class RelayConfig(Base):
+    """The source's relay restrictions: who may send mail out through this host."""
+
+    # all | none | near (recipients in near_domains) | list (clients in networks) | both
+    mode: str = "list"
+    networks: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    near_domains: list[str] = msgspec.field(default_factory=list)
+    # The source's "interpret percent sign as routing character": user%host@local -> user@host.
+    percent_hack: bool = False
+
+
+class DnsConfig(Base):
+    # Empty: the nameservers of /etc/resolv.conf. Tests point this at their own server.
+    nameservers: list[str] = msgspec.field(default_factory=list)
+    port: int = 53
+    timeout: float = 5.0    # per query to one server
+    lifetime: float = 10.0  # per lookup, all servers and retries together
+
+
+class OutboundConfig(Base):
+    """The SMTP client (QTMSCLCP): where non-local mail goes and how long each step may take."""
+
+    # The source's mail router: all non-local mail goes to "host[:port]". Its MX records are
+    # used like Postfix's relayhost; with firewall = true only its own addresses (never MX).
+    router: str = ""
+    firewall: bool = False
+    bind_address: str = ""   # source address of outgoing connections ("" = any)
+    port: int = 25           # the port of every MX host (tests use another)
+    deliveries_per_job: int = 50
+    # Per-stage timeouts, RFC 5321 4.5.3.2 defaults (connect as Postfix's smtp_connect_timeout).
+    connect_timeout: float = 30.0
+    greeting_timeout: float = 300.0
+    helo_timeout: float = 300.0
+    mail_timeout: float = 300.0
+    rcpt_timeout: float = 300.0
+    data_timeout: float = 120.0        # DATA initiation (354)
+    data_block_timeout: float = 180.0  # each block of content sent
+    data_done_timeout: float = 600.0   # the reply after the final dot
+    quit_timeout: float = 300.0
+    # Per destination (Postfix's initial_destination_concurrency / ..._concurrency_limit).
+    initial_destination_concurrency: int = 5
+    destination_concurrency_limit: int = 20
+    dead_destination_pause: float = 60.0
+    # An idle connection is kept this long for the next message to the same destination.
+    connection_cache_time: float = 2.0
+    connection_reuse_limit: int = 100
+
+
+class RetryConfig(Base):
+    """The source's first and second level retry queues."""
+
+    first_interval: float = 1800.0
+    first_count: int = 3
+    second_interval: float = 7200.0
+    max_lifetime: float = 5 * 86400.0   # RFC 5321 4.5.4.1: give up after 4-5 days
+
+
+class NoticesConfig(Base):
+    # The source's DSN "responsible person": the From of notices ("" = MAILER-DAEMON@host).
+    from_: str = msgspec.field(default="", name="from")
+    # The source's NONDELIVERY tracking user: gets a copy of every non-delivery notice.
+    nondelivery_user: str = ""
+    # Notices carry the original message up to this size, else only its headers.
+    max_original_size: int = 64 * 1024
+    # A "delayed" notice when a message enters the 2nd level retry queue (unless NOTIFY says no).
+    delay_notice: bool = True
+
+
+class EtrnConfig(Base):
+    # Domains whose queued mail a client may release with ETRN (RFC 1985).
+    domains: list[str] = msgspec.field(default_factory=list)
+    # The source's scheduler: every `interval` seconds (0 = off) flush the queue to the router
+    # and send it ETRN for `request_domains` (default: host.local_domains).
+    interval: float = 0.0
+    request_domains: list[str] = msgspec.field(default_factory=list)
 
 
 class JournalConfig(Base):
@@ -127,17 +209,12 @@ class PoolParams(Base):
         return out
 
 
-POOL_NAMES = ("smtp-server", "pop-server", "framework")
+POOL_NAMES = ROLE_NAMES
 
 
 def _default_pools() -> dict[str, PoolParams]:
-    return {
-        # The source's CHGPJE values for QTMSSRCP: 4 / 2 / 2 / 20.
-        "smtp-server": PoolParams(),
-        "pop-server": PoolParams(initial_jobs=2, threshold=1, additional_jobs=1, maximum_jobs=10),
-        "framework": PoolParams(initial_jobs=1, threshold=0, additional_jobs=1, maximum_jobs=4,
-                                sessions_per_job=8, max_use=100000),
-    }
+    # smtp-server keeps the source's CHGPJE values for QTMSSRCP: 4 / 2 / 2 / 20.
+    return {role.name: PoolParams(**role.pool_defaults) for role in ROLES}
 
 
 class Config(Base):
@@ -147,6 +224,12 @@ class Config(Base):
     smtp: SmtpConfig = msgspec.field(default_factory=SmtpConfig)
     pop3: Pop3Config = msgspec.field(default_factory=Pop3Config)
     journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
+    relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
+    dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
+    outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    notices: NoticesConfig = msgspec.field(default_factory=NoticesConfig)
+    etrn: EtrnConfig = msgspec.field(default_factory=EtrnConfig)
     pool: dict[str, PoolParams] = msgspec.field(default_factory=_default_pools)
 
 
@@ -182,6 +265,8 @@ class LoadedConfig(msgspec.Struct, frozen=True):
         return self.run_dir / "control.sock"
 
 
+RELAY_MODES = ("all", "none", "near", "list", "both")
+_MAILBOX = re.compile(r"^[^@\s<>]+@[A-Za-z0-9.-]+$")
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
                      r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
@@ -240,6 +325,7 @@ def _check(cfg: Config) -> list[tuple[str, Any, str]]:
     if cfg.journal.receiver_max_bytes < 4096:
         problems.append(("journal.receiver_max_bytes", cfg.journal.receiver_max_bytes,
                          "must be at least 4096"))
+    problems += _check_outbound(cfg)
     for name, params in cfg.pool.items():
         if name not in POOL_NAMES:
             problems.append((f"pool.{name}", name,
@@ -247,6 +333,125 @@ def _check(cfg: Config) -> list[tuple[str, Any, str]]:
         for key, value, why in params.problems():
             problems.append((f"pool.{name}.{key}", value, why))
     return problems
+
+
+def _check_outbound(cfg: Config) -> list[tuple[str, Any, str]]:
+    """The relay, DNS, client, retry, notice and ETRN sections."""
+    problems: list[tuple[str, Any, str]] = []
+    relay = cfg.relay
+    if relay.mode not in RELAY_MODES:
+        problems.append(("relay.mode", relay.mode, f"must be one of {', '.join(RELAY_MODES)}"))
+    for i, net in enumerate(relay.networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problems.append((f"relay.networks[{i}]", net, "is not an IP network (CIDR)"))
+    for key, domains in (("relay.near_domains", relay.near_domains),
+                         ("etrn.domains", cfg.etrn.domains),
+                         ("etrn.request_domains", cfg.etrn.request_domains)):
+        for i, dom in enumerate(domains):
+            if not _DOMAIN.match(dom.rstrip(".")):
+                problems.append((f"{key}[{i}]", dom, "is not a valid domain"))
+    for i, ns in enumerate(cfg.dns.nameservers):
+        try:
+            ipaddress.ip_address(ns)
+        except ValueError:
+            problems.append((f"dns.nameservers[{i}]", ns, "is not an IP address"))
+    out = cfg.outbound
+    for key, value in (("dns.port", cfg.dns.port), ("outbound.port", out.port)):
+        if not 1 <= value <= 65535:
+            problems.append((key, value, "must be a port from 1 to 65535"))
+    positive = [("dns.timeout", cfg.dns.timeout), ("dns.lifetime", cfg.dns.lifetime)]
+    positive += [(f"outbound.{key}", getattr(out, key)) for key in OutboundConfig.__struct_fields__
+                 if key.endswith("_timeout") or key in ("dead_destination_pause",)]
+    for key, value in positive:
+        if value <= 0:
+            problems.append((key, value, "must be above 0"))
+    for key in ("deliveries_per_job", "initial_destination_concurrency",
+                "destination_concurrency_limit", "connection_reuse_limit"):
+        if getattr(out, key) < 1:
+            problems.append((f"outbound.{key}", getattr(out, key), "must be at least 1"))
+    if out.destination_concurrency_limit < out.initial_destination_concurrency:
+        problems.append(("outbound.destination_concurrency_limit",
+                         out.destination_concurrency_limit,
+                         "must not be below initial_destination_concurrency "
+                         f"({out.initial_destination_concurrency})"))
+    if out.connection_cache_time < 0:
+        problems.append(("outbound.connection_cache_time", out.connection_cache_time,
+                         "must be 0 (off) or above"))
+    if out.router:
+        try:
+            parse_router(out.router)
+        except ValueError as exc:
+            problems.append(("outbound.router", out.router, str(exc)))
+    elif out.firewall:
+        problems.append(("outbound.firewall", True, "needs outbound.router (the firewall host)"))
+    if out.bind_address:
+        try:
+            ipaddress.ip_address(out.bind_address)
+        except ValueError:
+            problems.append(("outbound.bind_address", out.bind_address, "is not an IP address"))
+    for key, value in (("first_interval", cfg.retry.first_interval),
+                       ("second_interval", cfg.retry.second_interval),
+                       ("max_lifetime", cfg.retry.max_lifetime)):
+        if value <= 0:
+            problems.append((f"retry.{key}", value, "must be above 0"))
+    if cfg.retry.first_count < 0:
+        problems.append(("retry.first_count", cfg.retry.first_count, "must not be negative"))
+    if cfg.notices.from_ and not _MAILBOX.match(cfg.notices.from_):
+        problems.append(("notices.from", cfg.notices.from_, "is not a mail address (user@domain)"))
+    if cfg.notices.max_original_size < 1024:
+        problems.append(("notices.max_original_size", cfg.notices.max_original_size,
+                         "must be at least 1024"))
+    if cfg.etrn.interval < 0:
+        problems.append(("etrn.interval", cfg.etrn.interval, "must be 0 (off) or above"))
+    elif cfg.etrn.interval > 0 and not out.router:
+        problems.append(("etrn.interval", cfg.etrn.interval,
+                         "the scheduler connects to outbound.router: set it too"))
+    return problems
+
+
+def parse_router(value: str) -> tuple[str, int | None]:
+    """'mail.isp.test', 'mail.isp.test:2525', '[192.0.2.1]:25' -> (host, port or None)."""
+    host, port = value, None
+    if value.startswith("["):
+        inner, sep, rest = value[1:].partition("]")
+        if not sep:
+            raise ValueError("expected HOST[:PORT]")
+        host = inner
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ValueError("expected [ADDRESS]:PORT")
+            port = int(rest[1:])
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("a bracketed router must be an IP address") from None
+    else:
+        if value.count(":") == 1:
+            host, _, tail = value.partition(":")
+            if not tail.isdigit():
+                raise ValueError("expected HOST[:PORT]")
+            port = int(tail)
+        if not _DOMAIN.match(host.rstrip(".")):
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError("expected HOST[:PORT] with a valid host name") from None
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError("the port must be from 1 to 65535")
+    return host, port
+
+
+def pool_params(cfg: Config, name: str) -> PoolParams:
+    """An entry's effective rules: a role whose capacity is configured elsewhere (smtp-client:
+    outbound.deliveries_per_job) gets it as its per-job slot count."""
+    params = cfg.pool[name]
+    key = BY_NAME[name].capacity_key
+    if key is not None:
+        params = msgspec.structs.replace(params,
+                                         sessions_per_job=getattr(getattr(cfg, key[0]), key[1]))
+    return params
 
 
 def _msgspec_path(message: str) -> tuple[str, str]:
@@ -299,6 +504,13 @@ def load_config(path: Path | str) -> LoadedConfig:
         raw = tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for name, table in (raw.get("pool") or {}).items():
+        role = BY_NAME.get(name)
+        if role and role.capacity_key and isinstance(table, dict) and "sessions_per_job" in table:
+            section, key = role.capacity_key
+            raise ConfigError(f"{path}: pool.{name}.sessions_per_job: "
+                              f"{table['sessions_per_job']!r}: {name} jobs run deliveries, "
+                              f"not sessions: set {section}.{key}")
     raw = merge_pool_defaults(raw)
     try:
         cfg = msgspec.convert(raw, Config)
@@ -339,12 +551,13 @@ def effective_toml(cfg: Config) -> str:
 
     def table(name: str, obj: msgspec.Struct) -> None:
         lines.append(f"[{name}]")
-        for field in obj.__struct_fields__:
-            lines.append(f"{field} = {value(getattr(obj, field))}")
+        for field, key in zip(obj.__struct_fields__, obj.__struct_encode_fields__, strict=True):
+            lines.append(f"{key} = {value(getattr(obj, field))}")
         lines.append("")
 
-    for section in ("host", "listen", "paths", "smtp", "pop3", "journal"):
-        table(section, getattr(cfg, section))
+    for section in Config.__struct_fields__:
+        if section != "pool":
+            table(section, getattr(cfg, section))
     for name, params in cfg.pool.items():
         table(f"pool.{name}", params)
     return "\n".join(lines)

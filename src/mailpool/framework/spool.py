@@ -8,6 +8,8 @@ start. Layout under the root:
     <queue>/<queue_id>   one file per message, for each name in Spool.QUEUES
     progress/<queue_id>  per-recipient delivery marks, so a retry after a crash skips
                          recipients already served
+    state/<queue_id>     outbound delivery state (attempts, next attempt, each recipient's
+                         outcome): mailpool.outbound.state
 
 File format (all integers big-endian):
 
@@ -50,7 +52,7 @@ class SpoolError(Exception):
     """A spool file is damaged or unreadable; the message names the file and the reason."""
 
 
-class Envelope(msgspec.Struct, frozen=True):
+class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
     queue_id: str
     # RFC 5322 Message-ID without the angle brackets; "" when the message had none.
     message_id: str
@@ -61,6 +63,23 @@ class Envelope(msgspec.Struct, frozen=True):
     helo: str = ""
     size: int = 0
     attempts: int = 0
+    # DSN (RFC 3461): RET ("FULL", "HDRS" or ""), ENVID, and per recipient (parallel to
+    # `recipients`, empty when none were given) NOTIFY ("SUCCESS,FAILURE", "NEVER", "" =
+    # default) and ORCPT ("rfc822;addr" or "").
+    ret: str = ""
+    envid: str = ""
+    notify: list[str] = []
+    orcpt: list[str] = []
+    # Received for relay (some recipient outside the local domains): journaled 95, not 94.
+    relayed: bool = False
+    # A notice this host generated ("failure", "delay", "success"): never answered by another.
+    notice: str = ""
+
+    def rcpt_notify(self, index: int) -> str:
+        return self.notify[index] if index < len(self.notify) else ""
+
+    def rcpt_orcpt(self, index: int) -> str:
+        return self.orcpt[index] if index < len(self.orcpt) else ""
 
 
 def _b32(value: int, width: int) -> str:
@@ -111,8 +130,10 @@ class Spool:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.progress = self.root / "progress"
+        self.state = self.root / "state"
         created = False
-        for d in (self.root, self.tmp, self.progress, *(self.root / q for q in self.QUEUES)):
+        for d in (self.root, self.tmp, self.progress, self.state,
+                  *(self.root / q for q in self.QUEUES)):
             if not d.is_dir():
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
                 created = True
@@ -236,7 +257,7 @@ class Spool:
             fsync_dir(a.parent)
 
     def remove(self, queue: str, queue_id: str, *, sync: bool = True) -> None:
-        """Delete a message and its progress marks. Idempotent (missing is fine)."""
+        """Delete a message, its progress marks and its outbound state. Idempotent."""
         path = self.path(queue, queue_id)
         # The message goes first: a crash in between leaves only an orphan progress file
         # (harmless, ids are never reused); the other order could lose the marks of a
@@ -244,11 +265,11 @@ class Spool:
         path.unlink(missing_ok=True)
         if sync:
             fsync_dir(path.parent)
-        mark = self.progress / queue_id
-        if mark.exists():
-            mark.unlink(missing_ok=True)
-            if sync:
-                fsync_dir(self.progress)
+        for side in (self.progress / queue_id, self.state / queue_id):
+            if side.exists():
+                side.unlink(missing_ok=True)
+                if sync:
+                    fsync_dir(side.parent)
 
     # -- per-recipient progress ------------------------------------------------------------
 

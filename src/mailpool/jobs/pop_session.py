@@ -6,7 +6,7 @@ import trio
 
 from mailpool.auth_cache import AuthCache
 from mailpool.directory import Directory, DirectoryError
-from mailpool.jobs.runtime import JobContext, send_within
+from mailpool.jobs.runtime import JobContext, run_job, send_within
 from mailpool.maildrop import DropMessage, Maildrop
 from mailpool.protocol import pop3 as core
 from mailpool.supervisor.channel import Assign
@@ -147,3 +147,7 @@ class PopServerRole:
         finally:
             if drop is not None:
                 drop.unlock()
+
+
+async def run(ctx: JobContext) -> None:
+    await run_job(ctx, session=PopServerRole(ctx).session)

@@ -9,12 +9,12 @@ lets open sessions finish within drain_timeout, and exits.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -26,10 +26,16 @@ from mailpool.supervisor.channel import (
     AuthFailed,
     Channel,
     ChannelClosed,
+    Deliver,
+    Delivered,
     Drain,
+    Flush,
+    Flushed,
     Heartbeat,
     Journal,
+    OutboundItem,
     Ready,
+    SendEtrn,
     SessionEnded,
     SessionStarted,
     Synced,
@@ -38,18 +44,21 @@ from mailpool.supervisor.channel import (
     WorkDone,
 )
 
+log = logging.getLogger("mailpool.job")
+
 
 class JobContext:
     """What a session or work item may use: config, identity, and the way up to the supervisor."""
 
-    def __init__(self, loaded: LoadedConfig, entry: str, job_id: int, channel: Channel) -> None:
+    def __init__(self, loaded: LoadedConfig, entry: str, job_id: int, channel: Channel,
+                 params: PoolParams) -> None:
         self.loaded = loaded
         self.config = loaded.config
         self.entry = entry
         self.job_id = job_id
         self.job_name = f"{entry}/{job_id}"
         self.channel = channel
-        self.params: PoolParams = loaded.config.pool[entry]
+        self.params = params
         self._journal_on = loaded.config.journal.enabled
         self._waiters: dict[int, trio.Event] = {}
         self._replies: dict[int, Any] = {}
@@ -108,7 +117,14 @@ class JobContext:
         reply = await self._ask(lambda token: AuthFailed(token=token, ip=ip))
         return reply.failures if isinstance(reply, AuthCount) else 1
 
-    def _reply(self, msg: Synced | AuthCount) -> None:
+    async def flush(self, domain: str, subdomains: bool) -> int | None:
+        """ETRN: ask the supervisor to deliver mail queued for `domain` now; how many
+        messages that was (None: the supervisor could not be asked)."""
+        reply = await self._ask(lambda token: Flush(token=token, domain=domain,
+                                                    subdomains=subdomains))
+        return reply.count if isinstance(reply, Flushed) else None
+
+    def _reply(self, msg: Synced | AuthCount | Flushed) -> None:
         event = self._waiters.pop(msg.token, None)
         if event is not None:
             self._replies[msg.token] = msg
@@ -136,13 +152,22 @@ async def send_within(stream: trio.abc.SendStream, data: bytes, timeout: float) 
 
 
 SessionHandler = Callable[[JobContext, trio.SocketStream, Assign], Awaitable[None]]
-# A batch of (queue id, again) -> ((queue id, ok) per item, the last journal entries).
-WorkHandler = Callable[[JobContext, list[tuple[str, bool]]],
-                       Awaitable[tuple[list[tuple[str, bool]], list[tuple[str, dict[str, Any]]]]]]
+# A batch of (queue id, again) -> its answer (results, last journal entries, hand-overs).
+WorkHandler = Callable[[JobContext, list[tuple[str, bool]]], Awaitable["WorkResult"]]
+# One message off the outbound queue -> what became of it.
+DeliverHandler = Callable[[JobContext, Deliver], Awaitable[Delivered]]
+EtrnHandler = Callable[[JobContext, list[str]], Awaitable[None]]
+
+
+class WorkResult(NamedTuple):
+    results: list[tuple[str, bool]]
+    entries: list[tuple[str, dict[str, Any]]]
+    handed: list[OutboundItem]
 
 
 async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
-                  work: WorkHandler | None = None) -> None:
+                  work: WorkHandler | None = None, deliver: DeliverHandler | None = None,
+                  etrn: EtrnHandler | None = None) -> None:
     channel = ctx.channel
     heartbeat_every = max(0.05, ctx.params.heartbeat_timeout / 4)
 
@@ -160,8 +185,7 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
             assert session is not None
             await session(ctx, stream, msg)
         except Exception as exc:  # one broken session must not end the job's other sessions
-            print(f"mailpool {ctx.job_name}: session {msg.conn_id} from {msg.peer_ip} failed: "
-                  f"{exc!r}", file=sys.stderr, flush=True)
+            log.error("session %d from %s failed: %r", msg.conn_id, msg.peer_ip, exc)
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -174,17 +198,35 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
 
     async def one_work(items: list[tuple[str, bool]]) -> None:
         assert work is not None
-        entries: list[tuple[str, dict[str, Any]]] = []
         try:
-            results, entries = await work(ctx, items)
+            done = await work(ctx, items)
         except Exception as exc:  # the messages stay queued; the supervisor retries them
-            print(f"mailpool {ctx.job_name}: work on {[q for q, _ in items]} failed: {exc!r}",
-                  file=sys.stderr, flush=True)
-            results = [(queue_id, False) for queue_id, _ in items]
+            log.error("work on %s failed: %r", [q for q, _ in items], exc)
+            done = WorkResult([(queue_id, False) for queue_id, _ in items], [], [])
         try:
-            await channel.send(WorkDone(results=results, entries=ctx.stamp(entries)))
+            await channel.send(WorkDone(results=done.results, entries=ctx.stamp(done.entries),
+                                        handed=done.handed))
         except ChannelClosed:
             pass
+
+    async def one_delivery(msg: Deliver) -> None:
+        assert deliver is not None
+        try:
+            answer = await deliver(ctx, msg)
+        except Exception as exc:  # still queued: the supervisor reloads it from the spool
+            log.exception("delivery of %s failed: %r", msg.item.queue_id, exc)
+            answer = Delivered(queue_id=msg.item.queue_id, outcomes=[], failed=True)
+        try:
+            await channel.send(answer)
+        except ChannelClosed:
+            pass
+
+    async def one_etrn(domains: list[str]) -> None:
+        assert etrn is not None
+        try:
+            await etrn(ctx, domains)
+        except Exception as exc:
+            log.error("ETRN for %s failed: %r", domains, exc)
 
     async def keep_reading() -> None:
         # While draining, sessions may still wait on group commits.
@@ -193,7 +235,7 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
                 msg, fd = await channel.receive()
                 if fd is not None:
                     os.close(fd)
-                if isinstance(msg, Synced | AuthCount):
+                if isinstance(msg, Synced | AuthCount | Flushed):
                     ctx._reply(msg)
         except ChannelClosed:
             ctx._channel_lost()
@@ -209,7 +251,11 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
                         tasks.start_soon(one_session, msg, fd)
                     elif isinstance(msg, Work) and work is not None:
                         tasks.start_soon(one_work, msg.items)
-                    elif isinstance(msg, Synced | AuthCount):
+                    elif isinstance(msg, Deliver) and deliver is not None:
+                        tasks.start_soon(one_delivery, msg)
+                    elif isinstance(msg, SendEtrn) and etrn is not None:
+                        tasks.start_soon(one_etrn, msg.domains)
+                    elif isinstance(msg, Synced | AuthCount | Flushed):
                         ctx._reply(msg)
                     elif isinstance(msg, Drain):
                         break

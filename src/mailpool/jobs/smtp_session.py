@@ -12,9 +12,10 @@ import trio
 
 from mailpool.directory import Directory, DirectoryError
 from mailpool.framework.spool import Envelope, Spool
-from mailpool.jobs.runtime import JobContext, send_within
+from mailpool.jobs.runtime import JobContext, run_job, send_within
 from mailpool.message import find_message_id, message_id_header, received_header
 from mailpool.protocol import smtp_server as core
+from mailpool.relay import RelayRules
 from mailpool.supervisor.channel import Assign
 
 
@@ -25,7 +26,11 @@ class SmtpServerRole:
         cfg = ctx.config
         self.ctx = ctx
         self.hostname = cfg.host.name
-        self.local_domains = {d.lower() for d in cfg.host.local_domains}
+        self.relay = RelayRules.build(
+            mode=cfg.relay.mode, local_domains=cfg.host.local_domains,
+            near_domains=cfg.relay.near_domains, networks=cfg.relay.networks,
+            percent_hack=cfg.relay.percent_hack)
+        self.etrn_domains = {d.lower().rstrip(".") for d in cfg.etrn.domains}
         self.postmaster = cfg.host.postmaster
         self.spool = Spool(ctx.loaded.spool_dir)
         self.directory = Directory(ctx.loaded.directory_file)
@@ -36,14 +41,11 @@ class SmtpServerRole:
             max_command_line=cfg.smtp.max_command_line,
             max_text_line=cfg.smtp.max_text_line,
             hard_error_limit=cfg.smtp.hard_error_limit,
+            dsn=cfg.smtp.dsn,
+            etrn=bool(cfg.etrn.domains),
         )
 
     # --- policy -----------------------------------------------------------------------
-
-    def is_local(self, address: str) -> bool:
-        if "@" not in address:
-            return address.lower() == "postmaster"
-        return address.rpartition("@")[2].lower() in self.local_domains
 
     def local_user(self, address: str) -> str | None:
         """The mailbox owner for a local address; postmaster always resolves."""
@@ -54,6 +56,55 @@ class SmtpServerRole:
         user = self.directory.lookup(address)
         return user.name if user else None
 
+    def rcpt(self, conn: core.ServerConnection, event: core.RcptTo, peer_ip: str,
+             relayed: dict[str, str]) -> str | None:
+        """Answer one RCPT; a journal note ("9V" refusal) for the caller to write, or None."""
+        verdict = self.relay.classify(event.address, peer_ip)
+        addr = verdict.address
+        if verdict.kind == "refused":
+            conn.reply(550, f"<{event.address}>: Relay access denied", "5.7.1")
+            return verdict.reason
+        if verdict.kind == "relay":
+            relayed[event.address] = addr
+            conn.reply(250, "Ok", "2.1.5")
+            return None
+        try:
+            owner = self.local_user(addr)
+        except (DirectoryError, OSError):
+            # The directory cannot be read now: the client should try later.
+            conn.reply(451, f"<{event.address}>: Temporary lookup failure", "4.3.0")
+            return None
+        if owner is None:
+            conn.reply(550, f"<{event.address}>: Recipient address rejected: "
+                            "User unknown in local recipient table", "5.1.1")
+        else:
+            if addr != event.address:
+                relayed[event.address] = addr  # rewritten (percent hack) but local
+            conn.reply(250, "Ok", "2.1.5")
+        return None
+
+    async def etrn(self, ctx: JobContext, conn: core.ServerConnection, node: str,
+                   peer_ip: str) -> None:
+        """RFC 1985: release the queued mail of one of [etrn] domains, for allowed clients."""
+        if node.startswith("#"):
+            conn.reply(458, f"Unable to queue messages for node {node}")
+            return
+        subdomains = node.startswith("@")
+        domain = node.lstrip("@").lower().rstrip(".")
+        if domain not in self.etrn_domains:
+            conn.reply(459, f"<{domain}>: service not available for this domain", "4.7.1")
+            return
+        if self.relay.mode != "all" and not self.relay.client_listed(peer_ip):
+            conn.reply(459, f"<{domain}>: not allowed for your address", "4.7.1")
+            return
+        count = await ctx.flush(domain, subdomains)
+        if count is None:
+            conn.reply(458, f"Unable to queue messages for node {domain}", "4.3.0")
+        elif count == 0:
+            conn.reply(251, f"OK, no messages waiting for node {domain}", "2.0.0")
+        else:
+            conn.reply(253, f"OK, {count} pending messages for node {domain} started", "2.0.0")
+
     # --- the session --------------------------------------------------------------------
 
     async def session(self, ctx: JobContext, stream: trio.SocketStream, assign: Assign) -> None:
@@ -61,6 +112,9 @@ class SmtpServerRole:
         conn = core.ServerConnection(self.limits)
         conn.greeting()
         peer_ip = assign.peer_ip
+        # RCPT address as given -> the address to deliver to, where the relay rules
+        # rewrote it or let it go out (for this transaction).
+        rewritten: dict[str, str] = {}
 
         async def flush() -> bool:
             return await send_within(stream, conn.data_to_send(), cfg.command_timeout)
@@ -103,33 +157,24 @@ class SmtpServerRole:
                         await flush()
                         return
                     conn.receive_data(data)
-                elif isinstance(event, core.MailFrom):
-                    conn.reply(250, "Ok", "2.1.0")
                 elif isinstance(event, core.RcptTo):
-                    addr = event.address
-                    if not self.is_local(addr):
-                        conn.reply(550, f"<{addr}>: Relay access denied", "5.7.1")
-                        await ctx.journal("9V", ip=peer_ip, recipient=addr,
-                                          detail="relay refused")
-                        continue
-                    try:
-                        owner = self.local_user(addr)
-                    except (DirectoryError, OSError):
-                        # The directory cannot be read now: the client should try later.
-                        conn.reply(451, f"<{addr}>: Temporary lookup failure", "4.3.0")
-                        continue
-                    if owner is None:
-                        conn.reply(550, f"<{addr}>: Recipient address rejected: "
-                                        "User unknown in local recipient table", "5.1.1")
-                    else:
-                        conn.reply(250, "Ok", "2.1.5")
+                    refused = self.rcpt(conn, event, peer_ip, rewritten)
+                    if refused is not None:
+                        await ctx.journal("9V", ip=peer_ip, recipient=event.address,
+                                          detail=f"relay refused ({refused})")
+                elif isinstance(event, core.Etrn):
+                    await self.etrn(ctx, conn, event.node, peer_ip)
                 elif isinstance(event, core.Verify):
                     try:
                         self.verify(conn, event.argument)
                     except (DirectoryError, OSError):
                         conn.reply(451, "Temporary lookup failure", "4.3.0")
                 elif isinstance(event, core.MessageReceived):
-                    await self.accept_message(ctx, conn, event, peer_ip)
+                    await self.accept_message(ctx, conn, event, peer_ip, rewritten)
+                    rewritten = {}
+                elif isinstance(event, core.MailFrom):
+                    rewritten = {}
+                    conn.reply(250, "Ok", "2.1.0")
                 elif isinstance(event, core.ConnectionClosed):
                     await flush()
                     return
@@ -148,7 +193,7 @@ class SmtpServerRole:
 
     def verify(self, conn: core.ServerConnection, argument: str) -> None:
         addr = argument.strip().strip("<>")
-        if "@" in addr and self.is_local(addr):
+        if "@" in addr and self.relay.is_local(addr):
             if self.local_user(addr) is not None:
                 conn.reply(250, f"<{addr}>", "2.0.0")
             else:
@@ -158,14 +203,23 @@ class SmtpServerRole:
                        "2.0.0")
 
     async def accept_message(self, ctx: JobContext, conn: core.ServerConnection,
-                             event: core.MessageReceived, peer_ip: str) -> None:
+                             event: core.MessageReceived, peer_ip: str,
+                             rewritten: dict[str, str]) -> None:
         """Make the message durable in the incoming queue, journal it, then answer 250."""
         queue_id = self.spool.new_queue_id()
         content = event.content
         # A recipient named twice in one transaction (in any letter case: local mailboxes
         # are case-insensitive) gets one copy, as Postfix's cleanup does; each RCPT still
-        # got its 250.
-        recipients = list({r.lower(): r for r in reversed(event.recipients)}.values())[::-1]
+        # got its 250. DSN parameters stay with their recipient.
+        given = list(event.recipients)
+        firsts: dict[str, int] = {}
+        for i, rcpt in enumerate(given):
+            firsts.setdefault(rewritten.get(rcpt, rcpt).lower(), i)
+        keep = sorted(firsts.values())
+        recipients = [rewritten.get(given[i], given[i]) for i in keep]
+        notify = [",".join(event.notify[i] or ()) for i in keep] if any(event.notify) else []
+        orcpt = [event.orcpt[i] or "" for i in keep] if any(event.orcpt) else []
+        relayed = any(not self.relay.is_local(r) for r in recipients)
         message_id = find_message_id(content)
         prefix = received_header(helo=conn.helo or "", peer_ip=peer_ip, hostname=self.hostname,
                                  queue_id=queue_id, recipients=recipients, esmtp=conn.esmtp)
@@ -176,7 +230,8 @@ class SmtpServerRole:
         envelope = Envelope(queue_id=queue_id, message_id=message_id,
                             originator=event.originator, recipients=recipients,
                             received_ns=time.time_ns(), peer_ip=peer_ip, helo=conn.helo or "",
-                            size=len(data))
+                            size=len(data), ret=event.ret or "", envid=event.envid or "",
+                            notify=notify, orcpt=orcpt, relayed=relayed)
         # Group commit: the file is written and renamed into the queue without an fsync of
         # its own; one syncfs in the supervisor then makes every message written meanwhile
         # durable at once, and only then does any of those sessions answer 250. The journal
@@ -184,7 +239,7 @@ class SmtpServerRole:
         # supervisor acts on them once the message is durable.
         ids = {"queue_id": queue_id, "message_id": message_id}
         entries = [
-            ("94", {"ip": peer_ip, **ids}),
+            ("95" if relayed else "94", {"ip": peer_ip, **ids}),
             ("91", {"originator": event.originator, **ids}),
             *(("92", {"recipient": rcpt, **ids}) for rcpt in recipients),
             ("9T", {"size": len(data), **ids}),
@@ -207,3 +262,7 @@ class SmtpServerRole:
             conn.reply(451, f"Error: queue file write error ({reason})", "4.3.0")
             return
         conn.reply(250, f"Ok: queued as {queue_id}", "2.0.0")
+
+
+async def run(ctx: JobContext) -> None:
+    await run_job(ctx, session=SmtpServerRole(ctx).session)

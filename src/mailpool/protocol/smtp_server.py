@@ -1,8 +1,9 @@
-"""Sans-IO SMTP server protocol core (RFC 5321, 1870 SIZE, 6152 8BITMIME, 2920, 2034/3463).
+"""Sans-IO SMTP server protocol core (RFC 5321, 1870 SIZE, 6152 8BITMIME, 2920 PIPELINING,
+2034/3463 enhanced codes, 3461 DSN parameters, 1985 ETRN).
 
 Shaped like h11: the driver feeds bytes with ``receive_data`` (``b""`` = EOF), pulls events
 with ``next_event`` and drains reply bytes with ``data_to_send``. Policy decisions (accept a
-sender, a recipient, a message, answer VRFY) belong to the driver: the core returns a
+sender, a recipient, a message, answer VRFY or ETRN) belong to the driver: the core returns a
 decision event and pauses until the driver calls ``reply()``. Everything else (syntax,
 sequencing, limits) the core answers itself, in command order, so pipelined input works.
 
@@ -14,15 +15,29 @@ should answer decisions before reading more from the socket.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+
+from mailpool.protocol.smtp_syntax import (
+    ATEXT,
+    DOMAIN_RE,
+    NEED_DATA,
+    PAUSED,
+    TOO_LONG,
+    LineReader,
+    Reply,
+    Sentinel,
+    parse_params,
+    parse_path,
+    split_path,
+    xtext_decode,
+)
 
 __all__ = [
     "NEED_DATA",
     "PAUSED",
     "ConnectionClosed",
+    "Etrn",
     "Event",
     "Hello",
     "MailFrom",
@@ -38,20 +53,6 @@ __all__ = [
 ]
 
 
-class Sentinel:
-    __slots__ = ("_name",)
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __repr__(self) -> str:
-        return self._name
-
-
-NEED_DATA: Final = Sentinel("NEED_DATA")
-PAUSED: Final = Sentinel("PAUSED")
-
-
 class SMTPProtocolError(RuntimeError):
     """The driver used the core wrongly (e.g. reply() with no decision pending)."""
 
@@ -64,6 +65,8 @@ class ServerLimits:
     max_command_line: int = 512  # octets incl. CRLF (RFC 5321 4.5.3.1.4)
     max_text_line: int = 1000  # octets incl. CRLF (RFC 5321 4.5.3.1.6)
     hard_error_limit: int = 20  # like Postfix smtpd_hard_error_limit
+    dsn: bool = True  # RFC 3461 MAIL/RCPT parameters
+    etrn: bool = True  # RFC 1985; off: ETRN is answered 502 like EXPN
 
 
 # -- events -----------------------------------------------------------------------------
@@ -72,13 +75,17 @@ class ServerLimits:
 @dataclass(frozen=True)
 class MailFrom:
     address: str  # "" for the null reverse-path <>
-    params: dict[str, str | None]
+    params: dict[str, str | None]  # as given, keys upper case
+    ret: str | None = None  # DSN RET: "FULL" or "HDRS"
+    envid: str | None = None  # DSN ENVID, xtext decoded
 
 
 @dataclass(frozen=True)
 class RcptTo:
     address: str
     params: dict[str, str | None]
+    notify: tuple[str, ...] | None = None  # DSN NOTIFY, upper case: ("NEVER",) or a subset
+    orcpt: str | None = None  # DSN ORCPT as "addr-type;decoded-text"
 
 
 @dataclass(frozen=True)
@@ -86,11 +93,21 @@ class MessageReceived:
     originator: str
     recipients: tuple[str, ...]
     content: bytes  # dot-unstuffed, CRLF line ends kept
+    ret: str | None = None
+    envid: str | None = None
+    # Parallel to recipients, or () when no recipient carried that DSN parameter.
+    notify: tuple[tuple[str, ...] | None, ...] = ()
+    orcpt: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
 class Verify:
     argument: str
+
+
+@dataclass(frozen=True)
+class Etrn:
+    node: str  # "example.test", "@example.test" (and subdomains) or "#queue"
 
 
 @dataclass(frozen=True)
@@ -114,131 +131,103 @@ class ConnectionClosed:
     pass
 
 
-Event = MailFrom | RcptTo | MessageReceived | Verify | Hello | Reset | Quit | ConnectionClosed
-_DECISIONS = (MailFrom, RcptTo, MessageReceived, Verify)
-
-
-# -- address and parameter syntax (RFC 5321 4.1.2) ------------------------------------------
-
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
-_QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
-_SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_DOMAIN = rf"{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*"
-_MAILBOX_RE = re.compile(
-    rf"(?:{_DOT_STRING}|{_QUOTED_STRING})@(?:({_DOMAIN})|\[([^\[\]\\]*)\])"
+Event = (
+    MailFrom | RcptTo | MessageReceived | Verify | Etrn | Hello | Reset | Quit | ConnectionClosed
 )
-_ADL_RE = re.compile(rf"@{_DOMAIN}(?:,@{_DOMAIN})*:")
-_PARAM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
-_SNUM_RE = re.compile(r"[0-9]{1,3}")
+_DECISIONS = (MailFrom, RcptTo, MessageReceived, Verify, Etrn)
+
+
+# -- command syntax -------------------------------------------------------------------
+
 _DIGITS_RE = re.compile(r"[0-9]+")
 _FROM_RE = re.compile(r"FROM:[ \t]*", re.IGNORECASE)
 _TO_RE = re.compile(r"TO:[ \t]*", re.IGNORECASE)
 _VERB_SPLIT_RE = re.compile(r"[ \t]+")
+_ATOM_RE = re.compile(rf"{ATEXT}+")
+_QUEUE_NAME_RE = re.compile(r"#[\x21-\x7e]+")
+_PRINTABLE_RE = re.compile(r"[\x20-\x7e]*")  # RFC 3461: ENVID/ORCPT text is printable ASCII
+_NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+_MAX_ENVID = 100  # RFC 3461 4.4
+_MAX_ORCPT = 500  # RFC 3461 4.2
 
 
-def _address_literal_ok(literal: str) -> bool:
-    if literal[:5].lower() == "ipv6:":
-        addr = literal[5:]
-        if "%" in addr:  # zone ids are not part of RFC 5321 IPv6-addr
-            return False
-        try:
-            ipaddress.IPv6Address(addr)
-        except ValueError:
-            return False
-        return True
-    parts = literal.split(".")
-    return len(parts) == 4 and all(_SNUM_RE.fullmatch(p) and int(p) <= 255 for p in parts)
-
-
-def _split_path(text: str) -> tuple[str, str] | None:
-    """Split "<path> params" into (path without brackets, params). None = no <...>."""
-    if not text.startswith("<"):
+def _dsn_text(value: str, limit: int) -> str | None:
+    """Decoded xtext of a DSN parameter, or None when malformed or too long."""
+    text = xtext_decode(value)
+    if text is None or len(text) > limit or not _PRINTABLE_RE.fullmatch(text):
         return None
-    in_quote = False
-    i = 1
-    while i < len(text):
-        c = text[i]
-        if in_quote and c == "\\":
-            i += 2  # quoted-pair: the next char is literal, even '"' or '>'
-            continue
-        if c == '"':
-            in_quote = not in_quote
-        elif c == ">" and not in_quote:
-            rest = text[i + 1 :]
-            if rest and rest[0] not in " \t":
-                return None
-            return text[1:i], rest
-        i += 1
-    return None
+    return text
 
 
-def _parse_path(path: str, *, null_ok: bool, postmaster_ok: bool) -> str | None:
-    """Validate a path's content; return the mailbox (source route dropped) or None."""
-    if path == "":
-        return "" if null_ok else None
-    if postmaster_ok and path.lower() == "postmaster":
-        return path
-    if path.startswith("@"):
-        m = _ADL_RE.match(path)
-        if m is None:
-            return None
-        path = path[m.end() :]  # RFC 5321 4.1.1.3: source routes MUST be ignored
-    m = _MAILBOX_RE.fullmatch(path)
-    if m is None:
+def _parse_notify(value: str) -> tuple[str, ...] | None:
+    items = tuple(item.upper() for item in value.split(","))
+    if items == ("NEVER",):
+        return items
+    if len(set(items)) != len(items) or not _NOTIFY_VALUES.issuperset(items):
         return None
-    if m.group(2) is not None and not _address_literal_ok(m.group(2)):
+    return items
+
+
+def _parse_orcpt(value: str) -> str | None:
+    addr_type, semi, xtext = value.partition(";")
+    if not semi or not _ATOM_RE.fullmatch(addr_type):
         return None
-    return path
+    text = _dsn_text(xtext, _MAX_ORCPT)
+    return None if text is None else f"{addr_type};{text}"
 
 
-def _parse_params(text: str) -> dict[str, str | None] | str:
-    """Parse esmtp-params; return the dict, or the first malformed token."""
-    params: dict[str, str | None] = {}
-    for token in text.split():
-        m = _PARAM_RE.fullmatch(token)
-        if m is None:
-            return token
-        params[m.group(1).upper()] = m.group(2)
-    return params
+def _etrn_node_ok(node: str) -> bool:
+    if node.startswith("#"):
+        return bool(_QUEUE_NAME_RE.fullmatch(node))
+    return bool(DOMAIN_RE.fullmatch(node[1:] if node.startswith("@") else node))
 
 
 # -- replies --------------------------------------------------------------------------------
 
 
-class _Reply(NamedTuple):
-    code: int
-    enhanced: str | None
-    text: str
+def _reply(code: int, enhanced: str, text: str) -> Reply:
+    return Reply(code, enhanced, (text,))
 
 
-_NOT_IMPLEMENTED = _Reply(502, "5.5.1", "Error: command not implemented")
-_NOT_RECOGNIZED = _Reply(500, "5.5.2", "Error: command not recognized")
-_LINE_TOO_LONG = _Reply(500, "5.5.2", "Error: line too long")
-_NEED_HELO = _Reply(503, "5.5.1", "Error: send HELO/EHLO first")
-_NESTED_MAIL = _Reply(503, "5.5.1", "Error: nested MAIL command")
-_NEED_MAIL = _Reply(503, "5.5.1", "Error: need MAIL command")
-_NEED_RCPT = _Reply(503, "5.5.1", "Error: need RCPT command")
-_NO_VALID_RCPT = _Reply(554, "5.5.1", "Error: no valid recipients")
-_MAIL_SYNTAX = _Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-_RCPT_SYNTAX = _Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
-_DATA_SYNTAX = _Reply(501, "5.5.4", "Syntax: DATA")
-_RSET_SYNTAX = _Reply(501, "5.5.4", "Syntax: RSET")
-_VRFY_SYNTAX = _Reply(501, "5.5.4", "Syntax: VRFY address")
-_BAD_SENDER = _Reply(501, "5.1.7", "Bad sender address syntax")
-_BAD_RECIPIENT = _Reply(501, "5.1.3", "Bad recipient address syntax")
-_BAD_SIZE = _Reply(501, "5.5.4", "Bad message size syntax")
-_SIZE_EXCEEDED = _Reply(552, "5.3.4", "Message size exceeds fixed limit")
-_TOO_MANY_RCPTS = _Reply(452, "4.5.3", "Error: too many recipients")
-_MESSAGE_TOO_LARGE = _Reply(552, "5.3.4", "Error: message too large")
-_OK = _Reply(250, "2.0.0", "Ok")
+_NOT_IMPLEMENTED = _reply(502, "5.5.1", "Error: command not implemented")
+_NOT_RECOGNIZED = _reply(500, "5.5.2", "Error: command not recognized")
+_LINE_TOO_LONG = _reply(500, "5.5.2", "Error: line too long")
+_NEED_HELO = _reply(503, "5.5.1", "Error: send HELO/EHLO first")
+_NESTED_MAIL = _reply(503, "5.5.1", "Error: nested MAIL command")
+_NEED_MAIL = _reply(503, "5.5.1", "Error: need MAIL command")
+_NEED_RCPT = _reply(503, "5.5.1", "Error: need RCPT command")
+_NO_VALID_RCPT = _reply(554, "5.5.1", "Error: no valid recipients")
+_MAIL_SYNTAX = _reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+_RCPT_SYNTAX = _reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+_DATA_SYNTAX = _reply(501, "5.5.4", "Syntax: DATA")
+_RSET_SYNTAX = _reply(501, "5.5.4", "Syntax: RSET")
+_VRFY_SYNTAX = _reply(501, "5.5.4", "Syntax: VRFY address")
+_BAD_SENDER = _reply(501, "5.1.7", "Bad sender address syntax")
+_BAD_RECIPIENT = _reply(501, "5.1.3", "Bad recipient address syntax")
+_BAD_SIZE = _reply(501, "5.5.4", "Bad message size syntax")
+_SIZE_EXCEEDED = _reply(552, "5.3.4", "Message size exceeds fixed limit")
+_TOO_MANY_RCPTS = _reply(452, "4.5.3", "Error: too many recipients")
+_MESSAGE_TOO_LARGE = _reply(552, "5.3.4", "Error: message too large")
+_ETRN_SYNTAX = _reply(501, "5.5.4", "Syntax: ETRN [@]domain | #queue")
+_IN_TRANSACTION = _reply(503, "5.5.1", "Error: MAIL transaction in progress")
+_OK = _reply(250, "2.0.0", "Ok")
 
-_HELP_LINES = [
-    "Commands supported:",
-    "HELO EHLO MAIL RCPT DATA",
-    "RSET VRFY NOOP QUIT HELP",
-    "End of HELP info",
-]
+
+def _bad_param(name: str) -> Reply:
+    return _reply(501, "5.5.4", f"Bad {name} parameter syntax")
+
+
+def _unsupported(token: str) -> Reply:
+    return _reply(555, "5.5.4", f"Unsupported option: {token}")
+
+
+def _help_lines(etrn: bool) -> tuple[str, ...]:
+    return (
+        "Commands supported:",
+        "HELO EHLO MAIL RCPT DATA",
+        "RSET VRFY ETRN NOOP QUIT HELP" if etrn else "RSET VRFY NOOP QUIT HELP",
+        "End of HELP info",
+    )
 
 
 # -- the state machine ----------------------------------------------------------------------
@@ -251,7 +240,7 @@ _UNIMPLEMENTED_VERBS = ("EXPN", "SEND", "SOML", "SAML", "TURN")
 
 # (state, verb) -> handler method name, or a fixed error reply. Complete for every
 # command state and known verb, so dispatch never needs a fallback.
-_TRANSITIONS: dict[tuple[str, str], str | _Reply] = {}
+_TRANSITIONS: dict[tuple[str, str], str | Reply] = {}
 for _state in _COMMAND_STATES:
     _TRANSITIONS.update(
         {
@@ -280,6 +269,10 @@ _TRANSITIONS.update(
         ("ready", "DATA"): _NEED_RCPT,
         ("mail", "DATA"): "_cmd_data_without_rcpt",
         ("rcpt", "DATA"): "_cmd_data",
+        ("start", "ETRN"): _NEED_HELO,
+        ("ready", "ETRN"): "_cmd_etrn",
+        ("mail", "ETRN"): _IN_TRANSACTION,
+        ("rcpt", "ETRN"): _IN_TRANSACTION,
     }
 )
 _KNOWN_VERBS = frozenset(verb for _, verb in _TRANSITIONS)
@@ -298,13 +291,17 @@ class ServerConnection:
         self._in = bytearray()
         self._out = bytearray()
         self._eof = False
-        self._pending: MailFrom | RcptTo | MessageReceived | Verify | None = None
+        self._lines = LineReader(self._in, limits.max_command_line)
+        self._pending: MailFrom | RcptTo | MessageReceived | Verify | Etrn | None = None
         self._errors = 0
-        self._discarding_command = False  # skipping an over-long command line
         # transaction
         self._originator = ""
         self._recipients: list[str] = []
         self._rcpt_tried = False
+        self._ret: str | None = None
+        self._envid: str | None = None
+        self._notify: list[tuple[str, ...] | None] = []  # parallel to _recipients
+        self._orcpt: list[str | None] = []
         # DATA phase
         self._content = bytearray()
         self._line_carry = 0  # bytes of the current line already consumed (and dropped)
@@ -362,10 +359,14 @@ class ServerConnection:
             if accepted:
                 self._reset_transaction()
                 self._originator = event.address
+                self._ret = event.ret
+                self._envid = event.envid
                 self.state = "mail"
         elif isinstance(event, RcptTo):
             if accepted:
                 self._recipients.append(event.address)
+                self._notify.append(event.notify)
+                self._orcpt.append(event.orcpt)
                 self.state = "rcpt"
         elif isinstance(event, MessageReceived):
             self._end_transaction()
@@ -385,20 +386,13 @@ class ServerConnection:
 
     # -- output -------------------------------------------------------------------------
 
-    def _send(self, code: int, lines: list[str], enhanced: str | None) -> None:
-        last = len(lines) - 1
-        for i, line in enumerate(lines):
-            if "\r" in line or "\n" in line:
-                raise ValueError("reply text must not contain CR or LF")
-            text = " ".join(p for p in (enhanced, line) if p)
-            sep = "-" if i < last else " "
-            out = f"{code}{sep}{text}" if text or sep == "-" else f"{code}"
-            self._out += out.encode("ascii", "replace") + b"\r\n"
+    def _send(self, code: int, lines: list[str] | tuple[str, ...], enhanced: str | None) -> None:
+        self._out += Reply(code, enhanced, tuple(lines)).format()
 
-    def _answer(self, reply: _Reply) -> None:
-        self._send(reply.code, [reply.text], reply.enhanced)
+    def _answer(self, reply: Reply) -> None:
+        self._out += reply.format()
 
-    def _error(self, reply: _Reply) -> None:
+    def _error(self, reply: Reply) -> None:
         """Send a core-generated 4xx/5xx and enforce the hard error limit."""
         self._answer(reply)
         self._errors += 1
@@ -425,6 +419,10 @@ class ServerConnection:
         self._originator = ""
         self._recipients = []
         self._rcpt_tried = False
+        self._ret = None
+        self._envid = None
+        self._notify = []
+        self._orcpt = []
         self._content = bytearray()
         self._line_carry = 0
         self._too_long = False
@@ -437,32 +435,25 @@ class ServerConnection:
     # -- command phase ------------------------------------------------------------------
 
     def _step_command(self) -> Event | Sentinel | None:
-        buf = self._in
-        limit = self._limits.max_command_line
-        end = buf.find(b"\n")
-        if end < 0:
-            # Any line continuing this buffer is already longer than allowed: drop it now
-            # rather than store it, and remember to answer once its end arrives.
-            if len(buf) >= limit:
-                self._discarding_command = True
-                buf.clear()
+        line_bytes = self._lines.read_line()
+        if line_bytes is NEED_DATA:
             return NEED_DATA
-        raw = bytes(buf[: end + 1])
-        del buf[: end + 1]
-        if self._discarding_command or len(raw) > limit:
-            self._discarding_command = False
+        if line_bytes is TOO_LONG:
             self._error(_LINE_TOO_LONG)
             return None
-        raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]  # bare LF tolerated here
-        line = raw.decode("latin-1").strip(" \t")
+        assert isinstance(line_bytes, bytes)
+        line = line_bytes.decode("latin-1").strip(" \t")
         parts = _VERB_SPLIT_RE.split(line, maxsplit=1)
         verb = parts[0].upper()
         arg = parts[1] if len(parts) > 1 else ""
         if verb not in _KNOWN_VERBS:
             self._error(_NOT_RECOGNIZED)
             return None
+        if verb == "ETRN" and not self._limits.etrn:
+            self._error(_NOT_IMPLEMENTED)
+            return None
         action = _TRANSITIONS[self.state, verb]
-        if isinstance(action, _Reply):
+        if isinstance(action, Reply):
             self._error(action)
             return None
         handler = getattr(self, action)
@@ -470,57 +461,70 @@ class ServerConnection:
 
     def _cmd_hello(self, verb: str, arg: str) -> Event | None:
         if not arg:
-            self._error(_Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
+            self._error(_reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return None
         domain = arg.split()[0]
         self.helo = domain
         self.esmtp = verb == "EHLO"
         self._end_transaction()
-        host = self._limits.hostname
+        limits = self._limits
         if self.esmtp:
             lines = [
-                host,
-                f"SIZE {self._limits.max_message_size}",
+                limits.hostname,
+                f"SIZE {limits.max_message_size}",
                 "8BITMIME",
                 "PIPELINING",
+                *(["DSN"] if limits.dsn else []),
+                *(["ETRN"] if limits.etrn else []),
                 "ENHANCEDSTATUSCODES",
                 "HELP",
             ]
             self._send(250, lines, None)
         else:
-            self._send(250, [host], None)
+            self._send(250, [limits.hostname], None)
         return Hello(verb, domain)
 
-    def _path_and_params(self, arg: str, prefix: re.Pattern[str], syntax: _Reply,
-                         bad: _Reply, *, null_ok: bool, postmaster_ok: bool
-                         ) -> tuple[str, str, dict[str, str | None]] | None:
-        """MAIL/RCPT argument: (address, parameter text, parameters), or None once the
-        error reply is queued."""
+    def _path_and_params(self, arg: str, prefix: re.Pattern[str], syntax: Reply,
+                         bad: Reply, *, null_ok: bool, postmaster_ok: bool
+                         ) -> tuple[str, list[tuple[str, str, str]], dict[str, str | None]] | None:
+        """MAIL/RCPT argument: (address, [(token, NAME, value)], parameters), or None once
+        the error reply is queued. A parameter named twice is refused here."""
         m = prefix.match(arg)
-        split = _split_path(arg[m.end() :]) if m else None
+        split = split_path(arg[m.end() :]) if m else None
         if split is None:
             self._error(syntax)
             return None
         path, rest = split
-        address = _parse_path(path, null_ok=null_ok, postmaster_ok=postmaster_ok)
+        address = parse_path(path, null_ok=null_ok, postmaster_ok=postmaster_ok)
         if address is None:
             self._error(bad)
             return None
-        params = _parse_params(rest)
+        params = parse_params(rest)
         if isinstance(params, str):
-            self._error(_Reply(555, "5.5.4", f"Unsupported option: {params}"))
+            self._error(_unsupported(params))
             return None
-        return address, rest, params
+        tokens: list[tuple[str, str, str]] = []
+        seen: set[str] = set()
+        for token in rest.split():
+            key, _, value = token.partition("=")
+            key = key.upper()
+            if key in seen:  # RFC 5321 4.1.2 / 1869: a keyword appears at most once
+                self._error(_bad_param(key))
+                return None
+            seen.add(key)
+            tokens.append((token, key, value))
+        return address, tokens, params
 
     def _cmd_mail(self, verb: str, arg: str) -> Event | None:
         parsed = self._path_and_params(arg, _FROM_RE, _MAIL_SYNTAX, _BAD_SENDER,
                                        null_ok=True, postmaster_ok=False)
         if parsed is None:
             return None
-        address, rest, params = parsed
-        for token in rest.split():
-            key, _, value = token.partition("=")
-            key = key.upper()
+        address, tokens, params = parsed
+        dsn = self._limits.dsn
+        ret: str | None = None
+        envid: str | None = None
+        for token, key, value in tokens:
             if key == "SIZE":
                 if not _DIGITS_RE.fullmatch(value):
                     self._error(_BAD_SIZE)
@@ -528,10 +532,22 @@ class ServerConnection:
                 if int(value) > self._limits.max_message_size:
                     self._error(_SIZE_EXCEEDED)
                     return None
-            elif not (key == "BODY" and value.upper() in ("7BIT", "8BITMIME")):
-                self._error(_Reply(555, "5.5.4", f"Unsupported option: {token}"))
+            elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                pass
+            elif key == "RET" and dsn:
+                ret = value.upper()
+                if ret not in ("FULL", "HDRS"):
+                    self._error(_bad_param(key))
+                    return None
+            elif key == "ENVID" and dsn:
+                envid = _dsn_text(value, _MAX_ENVID) if value else None
+                if envid is None:
+                    self._error(_bad_param(key))
+                    return None
+            else:
+                self._error(_unsupported(token))
                 return None
-        return MailFrom(address, params)
+        return MailFrom(address, params, ret=ret, envid=envid)
 
     def _cmd_rcpt(self, verb: str, arg: str) -> Event | None:
         if len(self._recipients) >= self._limits.max_recipients:
@@ -544,11 +560,25 @@ class ServerConnection:
                                        null_ok=False, postmaster_ok=True)
         if parsed is None:
             return None
-        address, rest, params = parsed
-        if params:  # RCPT takes no parameters here (no DSN yet)
-            self._error(_Reply(555, "5.5.4", f"Unsupported option: {rest.split()[0]}"))
-            return None
-        return RcptTo(address, params)
+        address, tokens, params = parsed
+        dsn = self._limits.dsn
+        notify: tuple[str, ...] | None = None
+        orcpt: str | None = None
+        for token, key, value in tokens:
+            if key == "NOTIFY" and dsn:
+                notify = _parse_notify(value)
+                if notify is None:
+                    self._error(_bad_param(key))
+                    return None
+            elif key == "ORCPT" and dsn:
+                orcpt = _parse_orcpt(value)
+                if orcpt is None:
+                    self._error(_bad_param(key))
+                    return None
+            else:
+                self._error(_unsupported(token))
+                return None
+        return RcptTo(address, params, notify=notify, orcpt=orcpt)
 
     def _cmd_data_without_rcpt(self, verb: str, arg: str) -> None:
         self._error(_NO_VALID_RCPT if self._rcpt_tried else _NEED_RCPT)
@@ -581,13 +611,20 @@ class ServerConnection:
         return Quit()
 
     def _cmd_help(self, verb: str, arg: str) -> None:
-        self._send(214, _HELP_LINES, "2.0.0")
+        self._send(214, _help_lines(self._limits.etrn), "2.0.0")
 
     def _cmd_vrfy(self, verb: str, arg: str) -> Event | None:
         if not arg:
             self._error(_VRFY_SYNTAX)
             return None
         return Verify(arg)
+
+    def _cmd_etrn(self, verb: str, arg: str) -> Event | None:
+        # RFC 1985: 501 for a missing or bad argument; the driver answers 250-253/458/459.
+        if not _etrn_node_ok(arg):
+            self._error(_ETRN_SYNTAX)
+            return None
+        return Etrn(arg)
 
     # -- DATA phase ---------------------------------------------------------------------
 
@@ -644,7 +681,11 @@ class ServerConnection:
             self._end_transaction()
             self._error(_LINE_TOO_LONG)
             return None
-        event = MessageReceived(self._originator, tuple(self._recipients), bytes(self._content))
+        # DSN details only when some recipient carried them: () keeps the common case small.
+        notify = tuple(self._notify) if any(n is not None for n in self._notify) else ()
+        orcpt = tuple(self._orcpt) if any(o is not None for o in self._orcpt) else ()
+        event = MessageReceived(self._originator, tuple(self._recipients), bytes(self._content),
+                                ret=self._ret, envid=self._envid, notify=notify, orcpt=orcpt)
         self._content = bytearray()
         # The state stays "data" until the driver answers; reply() ends the transaction.
         return event

@@ -22,6 +22,16 @@ class Msg(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
     pass
 
 
+class OutboundItem(msgspec.Struct, array_like=True):
+    """A message waiting for the SMTP client: where it is and when, and its next hops (the
+    dispatcher's per-destination limits and pauses work on these)."""
+
+    queue_id: str
+    queue: str               # "outbound", "retry1" or "retry2"
+    destinations: list[str]
+    next_attempt: float = 0.0  # Unix seconds; 0 = now
+
+
 # supervisor -> job
 class Assign(Msg):
     """A connected socket follows as ancillary data."""
@@ -40,6 +50,21 @@ class Work(Msg):
     (start-up recovery, a dead job, a retry)."""
 
     items: list[tuple[str, bool]]
+
+
+class Deliver(Msg):
+    """An smtp-client job: attempt delivery of this message now. Recipients whose next hop is
+    in `skip` (paused as dead) are left pending without being tried."""
+
+    item: OutboundItem
+    skip: list[str] = []
+
+
+class SendEtrn(Msg):
+    """An smtp-client job: connect to the router and ask it (ETRN) to release mail for these
+    domains (the source's scheduler for dial-up style peers)."""
+
+    domains: list[str]
 
 
 class Drain(Msg):
@@ -75,10 +100,36 @@ class SessionEnded(Msg):
 
 
 class WorkDone(Msg):
-    """The batch is done: (queue id, ok) per item, and its last journal entries."""
+    """The batch is done: (queue id, ok) per item, its last journal entries, and the messages
+    it put on queues (forwarded to the outbound queue, notices to the incoming queue)."""
 
     results: list[tuple[str, bool]]
     entries: list[tuple[str, int, bytes]] = []
+    handed: list[OutboundItem] = []
+
+
+class Delivered(Msg):
+    """An smtp-client job finished an attempt: how each next hop answered ("ok", "failed",
+    "unreachable", "skipped"), and where the message is now (None: done, off the queues)."""
+
+    queue_id: str
+    outcomes: list[tuple[str, str]]
+    after: OutboundItem | None = None
+    entries: list[tuple[str, int, bytes]] = []
+    failed: bool = False  # the attempt broke off (a bug, an I/O error): reload from the spool
+
+
+class Flush(Msg):
+    """ETRN from a client: deliver queued mail for `domain` (and its subdomains) now."""
+
+    token: int
+    domain: str
+    subdomains: bool = False
+
+
+class Flushed(Msg):
+    token: int
+    count: int
 
 
 class Journal(Msg):
@@ -110,9 +161,9 @@ class AuthCount(Msg):
     failures: int
 
 
-ToJob = Assign | Work | Drain | Synced | AuthCount
-ToSupervisor = (Ready | Heartbeat | SessionStarted | SessionEnded | WorkDone | Journal
-                | SyncRequest | AuthFailed)
+ToJob = Assign | Work | Deliver | SendEtrn | Drain | Synced | AuthCount | Flushed
+ToSupervisor = (Ready | Heartbeat | SessionStarted | SessionEnded | WorkDone | Delivered
+                | Journal | SyncRequest | AuthFailed | Flush)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_job = msgspec.msgpack.Decoder(ToJob)

@@ -1,0 +1,53 @@
+"""What a framework job runs: batches of messages from the incoming queue (QMSF's jobs).
+
+Every message of a batch is taken through the first half of its pass (copies, forwards and
+notices written, nothing fsynced), then one group commit makes all of it durable, then each
+message completes (journaled, off the incoming queue). Journal entries ride on the sync
+request and on WorkDone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from mailpool.directory import Directory
+from mailpool.framework.notice_queue import NoticeSettings
+from mailpool.framework.passes import Framework
+from mailpool.framework.spool import Spool
+from mailpool.jobs.runtime import JobContext, WorkResult, run_job
+from mailpool.supervisor.channel import OutboundItem
+
+
+async def work(framework: Framework, ctx: JobContext,
+               items: list[tuple[str, bool]]) -> WorkResult:
+    passes = []
+    entries: list[tuple[str, dict[str, object]]] = []
+    results: list[tuple[str, bool]] = []
+    for queue_id, again in items:
+        fp = framework.deliver(queue_id, again=again)
+        if fp is None:
+            results.append((queue_id, True))  # an earlier pass finished it
+        else:
+            passes.append(fp)
+            entries += fp.take_entries()
+    if passes and not await ctx.group_sync(entries):
+        # Nothing is lost: the queue files stay and are tried again.
+        return WorkResult(results + [(fp.queue_id, False) for fp in passes], [], [])
+    done: list[tuple[str, dict[str, object]]] = []
+    handed: list[OutboundItem] = []
+    for fp in passes:
+        framework.complete(fp)
+        done += fp.take_entries()
+        handed += fp.handed
+        results.append((fp.queue_id, True))
+    return WorkResult(results, done, handed)
+
+
+async def run(ctx: JobContext) -> None:
+    cfg = ctx.config
+    framework = Framework(
+        spool=Spool(ctx.loaded.spool_dir), directory=Directory(ctx.loaded.directory_file),
+        mailbox_root=ctx.loaded.mailbox_dir, hostname=cfg.host.name,
+        local_domains=cfg.host.local_domains, postmaster=cfg.host.postmaster,
+        router=cfg.outbound.router, notices=NoticeSettings.from_config(cfg))
+    await run_job(ctx, work=functools.partial(work, framework))

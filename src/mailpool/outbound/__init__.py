@@ -1,0 +1,1 @@
+"""Outbound mail (the SMTP client side): pure delivery policy and the code that runs it."""

@@ -1,0 +1,120 @@
+"""Connection hand-off: accept on each listener, pick an available job, pass the socket over.
+
+The common case (a job free now) is handled in the accept loop itself; a connection that must
+wait for a job (or be refused at the maximum) gets a task of its own. A refused connection is
+answered by the supervisor with the role's busy reply: nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from mailpool.supervisor.channel import Assign, ChannelClosed
+from mailpool.supervisor.jobs import EntryRuntime, JobHandle, JobPools, Record
+from mailpool.supervisor.limits import LoginFailures
+
+log = logging.getLogger("mailpool.supervisor")
+
+
+class HandOff:
+    def __init__(self, pools: JobPools, logins: LoginFailures, record: Record) -> None:
+        self.pools = pools
+        self.logins = logins
+        self.record = record
+        self.conn_ids = 0
+        self.scope = trio.CancelScope()
+
+    async def accept_loops(self, listeners: dict[str, trio.socket.SocketType]) -> None:
+        """One accept loop per listener-fed role, until the scope is cancelled (drain)."""
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                for entry in self.pools.entries.values():
+                    if entry.role.listener is not None:
+                        nursery.start_soon(self.accept_loop, nursery, entry,
+                                           listeners[entry.role.listener])
+        for sock in listeners.values():
+            sock.close()
+
+    async def accept_loop(self, nursery: trio.Nursery, entry: EntryRuntime,
+                          listener: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                sock, addr = await listener.accept()
+            except OSError as exc:
+                log.warning("accept on %s: %s", entry.role.listener, exc)
+                await trio.sleep(0.1)  # EMFILE and friends: back off, do not spin
+                continue
+            if not await self.assign_now(entry, sock, addr):
+                nursery.start_soon(self.hand_off, entry, sock, addr)
+
+    async def assign_now(self, entry: EntryRuntime, sock: trio.socket.SocketType,
+                         addr: tuple[Any, ...]) -> bool:
+        """Hand the connection to a job free at this moment; False when none is."""
+        job_id = entry.rules.acquire()
+        if job_id is None or not await self.send_to_job(entry, job_id, sock, addr):
+            return False  # the socket stays open for hand_off
+        sock.close()  # the job has its own copy now
+        return True
+
+    async def send_to_job(self, entry: EntryRuntime, job_id: int, sock: trio.socket.SocketType,
+                          addr: tuple[Any, ...]) -> bool:
+        """Pass the socket to an acquired job; False (slot given back) if that job is gone."""
+        job = self.pools.job(entry, job_id)
+        if job is None:
+            return False
+        self.conn_ids += 1
+        conn_id = self.conn_ids
+        peer_ip = str(addr[0])
+        job.conns.add(conn_id)
+        assert job.channel is not None
+        try:
+            await job.channel.send(Assign(conn_id=conn_id, peer_ip=peer_ip,
+                                          peer_port=int(addr[1]),
+                                          listener=entry.role.listener or "",
+                                          auth_failures=self.logins.recent(peer_ip)),
+                                   fd=sock.fileno())
+        except ChannelClosed:
+            # The job died between acquire and send.
+            job.conns.discard(conn_id)
+            entry.rules.cancel(job_id)
+            return False
+        self.record("JH", job.name, entry=entry.name, ip=peer_ip, connection_id=conn_id)
+        entry.poke()
+        return True
+
+    async def hand_off(self, entry: EntryRuntime, sock: trio.socket.SocketType,
+                       addr: tuple[Any, ...]) -> None:
+        peer_ip = str(addr[0])
+        with sock:
+            while True:
+                job_id, waited, gone = await self.pools.acquire(
+                    entry, entry.rules.params.wait_timeout, sock)
+                if job_id is not None:
+                    if await self.send_to_job(entry, job_id, sock, addr):
+                        return
+                    continue  # that job died meanwhile: try another
+                entry.rules.request_rejected(waited)
+                if gone:
+                    why = "client left while waiting"
+                elif waited is not None:
+                    why = f"no job free within wait_timeout ({waited:.1f}s)"
+                else:
+                    why = "at the maximum, wait off"
+                self.record("JR", entry=entry.name, ip=peer_ip, detail=why)
+                if gone:
+                    return
+                with trio.move_on_after(5):
+                    try:
+                        await sock.send(entry.role.busy_reply)
+                    except OSError:
+                        pass
+                return
+
+    def session_ended(self, job: JobHandle, conn_id: int) -> None:
+        if conn_id in job.conns:
+            job.conns.discard(conn_id)
+            job.entry.rules.release(job.id)
+            job.entry.poke()
