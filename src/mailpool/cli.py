@@ -166,7 +166,7 @@ def cmd_pool_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 _CHANGE_KEYS = ("initial_jobs", "threshold", "additional_jobs", "maximum_jobs", "max_use",
-                "sessions_per_job", "wait_timeout", "idle_timeout")
+                "sessions_per_job", "deliveries_per_job", "wait_timeout", "idle_timeout")
 
 
 def cmd_pool_change(args: argparse.Namespace, loaded: LoadedConfig) -> int:
@@ -188,6 +188,45 @@ def cmd_pool_change(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     print(f"{args.entry}: changed " + ", ".join(f"{k}={v}" for k, v in changes.items()))
     if args.json:
         print(json.dumps(reply))
+    return 0
+
+
+# --- queues (the source's QTMSOUTQ and retry queues; Postfix's postqueue) -------------------
+
+
+def cmd_queue_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.framework.spool import Spool
+    from mailpool.queue_view import mailq_text, queued
+
+    if args.queue and args.queue not in Spool.QUEUES:
+        raise CliError(f"--queue {args.queue!r}: not a queue (known: {', '.join(Spool.QUEUES)})")
+    if not loaded.spool_dir.is_dir():
+        rows: list[dict[str, object]] = []
+    else:
+        spool = Spool(loaded.spool_dir)
+        rows = list(queued(spool, (args.queue,) if args.queue else Spool.QUEUES))
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(mailq_text(rows), end="")
+    return 0
+
+
+def cmd_queue_flush(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.supervisor.control import ControlUnavailable, request
+
+    req: dict[str, object] = {"op": "queue-flush"}
+    if args.queue_id:
+        req["queue_id"] = args.queue_id
+    if args.domain:
+        req["domain"] = args.domain
+    try:
+        reply = request(loaded.control_socket, req)
+    except ControlUnavailable as exc:
+        raise CliError(f"no running mailpool at {loaded.control_socket}: {exc}") from None
+    what = args.queue_id or (f"for {args.domain}" if args.domain else "in all queues")
+    print(f"{reply['flushed']} message(s) {what} due for delivery now")
     return 0
 
 
@@ -222,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dump_arguments(_leaf(journal, "dump", cmd_journal_dump, "display journal records"))
     _leaf(journal, "rotate", cmd_journal_rotate, "attach a new journal receiver")
+
+    queue = sub.add_parser("queue", help="mail queues (postqueue)").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    p = _leaf(queue, "list", cmd_queue_list,
+              "list queued messages (read from the spool; works with the host stopped)")
+    p.add_argument("--queue", help="only this queue (incoming, outbound, retry1, retry2, hold, "
+                                   "busy, quarantine)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line, with postqueue -j's field names")
+    p = _leaf(queue, "flush", cmd_queue_flush,
+              "deliver deferred mail now, through the running host")
+    p.add_argument("queue_id", nargs="?", help="only this message")
+    p.add_argument("--domain", help="only mail for this domain")
 
     pool = sub.add_parser("pool", help="prestart job entries (CHGPJE, DSPACTPJ)").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")

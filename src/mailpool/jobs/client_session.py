@@ -59,8 +59,9 @@ class Connection:
     async def next_event(self) -> core.Event:
         """Send what the core has queued, then read until it has an event."""
         while True:
-            await self._flush()
             event = self.core.next_event()
+            # Replies may queue commands (EHLO after the greeting, the content after 354).
+            await self._flush()
             if event is not NEED_DATA:
                 return event  # type: ignore[return-value]
             stage = self.core.stage
