@@ -15,10 +15,11 @@ import socket
 import subprocess
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
-from hosthelp import wait_for
+from hosthelp import _merge, _toml, wait_for
 
 SMTP_SINK = shutil.which("smtp-sink") or (
     "/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None)
@@ -108,8 +109,9 @@ class SmtpSink:
 
 
 def outbound_config(dns_port: int, mx_port: int, extra: str = "") -> str:
-    """mailpool configured to deliver out: our DNS, MX hosts on `mx_port`, a short schedule."""
-    return f"""
+    """mailpool configured to deliver out: our DNS, MX hosts on `mx_port`, a short schedule;
+    `extra` (TOML) changes only the keys it names."""
+    base = f"""
 [relay]
 networks = ["127.0.0.0/8"]
 
@@ -136,8 +138,9 @@ first_interval = 1.0
 first_count = 2
 second_interval = 2.0
 max_lifetime = 600.0
-{extra}
 """
+    merged = _merge(tomllib.loads(base), tomllib.loads(extra))
+    return "\n".join(_toml(merged)) + "\n"
 
 
 def sink_envelope(dump: bytes) -> tuple[str, list[str], list[str], bytes]:

@@ -29,6 +29,7 @@ class NoticeSettings:
     sender: str                 # From: of notices (the source's "responsible person")
     nondelivery_copy: str       # address of the NONDELIVERY tracking user, or ""
     max_original_size: int
+    postmaster: str             # where double bounces go: postmaster@<first local domain>
 
     @classmethod
     def from_config(cls, cfg: object) -> NoticeSettings:
@@ -38,7 +39,8 @@ class NoticeSettings:
         if copy and "@" not in copy:
             copy = f"{copy}@{host.local_domains[0]}"
         return cls(hostname=host.name, sender=notices.from_ or f"MAILER-DAEMON@{host.name}",
-                   nondelivery_copy=copy, max_original_size=notices.max_original_size)
+                   nondelivery_copy=copy, max_original_size=notices.max_original_size,
+                   postmaster=f"{POSTMASTER}@{host.local_domains[0]}")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class QueuedNotice:
     existed: bool            # an earlier run of the same pass had already queued it
 
 
-def recipient_of(kind: str, envelope: Envelope) -> tuple[str, bool] | None:
+def recipient_of(kind: str, envelope: Envelope, postmaster: str) -> tuple[str, bool] | None:
     """(where the notice goes, whether it is a postmaster copy), or None: no notice."""
     if envelope.originator and not envelope.notice:
         return envelope.originator, False
@@ -57,7 +59,7 @@ def recipient_of(kind: str, envelope: Envelope) -> tuple[str, bool] | None:
     if envelope.notice and envelope.recipients and all(
             r.lower().partition("@")[0] == POSTMASTER for r in envelope.recipients):
         return None  # a postmaster copy that failed: the end of the line
-    return POSTMASTER, True
+    return postmaster, True
 
 
 def queue_notice(spool: Spool, settings: NoticeSettings, *, kind: str, notice_id: str,
@@ -65,7 +67,7 @@ def queue_notice(spool: Spool, settings: NoticeSettings, *, kind: str, notice_id
                  now: float | None = None) -> QueuedNotice | None:
     """Write the notice into the incoming queue (not yet durable: the caller's group commit
     makes it so). None when no notice is due."""
-    target = recipient_of(kind, envelope)
+    target = recipient_of(kind, envelope, settings.postmaster)
     if target is None or not reports:
         return None
     to, postmaster_copy = target
