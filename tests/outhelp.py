@@ -169,3 +169,30 @@ def sink_envelope(dump: bytes) -> tuple[str, list[str], list[str], bytes]:
 
 def now() -> float:
     return time.time()
+
+
+def established(ip: str, port: int) -> int:
+    """TCP connections established to ip:port right now, as the kernel sees them."""
+    want = f"{int.from_bytes(socket.inet_aton(ip), 'little'):08X}:{port:04X}"
+    count = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[1] == want and fields[3] == "01":  # local address, ESTABLISHED
+                count += 1
+    return count
+
+
+class Blackhole:
+    """A listener that accepts TCP connections (the kernel does) and never says a word: a
+    dead MX that costs every client its whole greeting timeout."""
+
+    def __init__(self, ip: str, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((ip, port))
+        self.sock.listen(512)
+
+    def close(self) -> None:
+        self.sock.close()

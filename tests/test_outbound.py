@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
+import os
+import signal
 import smtplib
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,16 @@ from typing import Any
 import pytest
 from dnsserver import DnsServer
 from hosthelp import Host, wait_for
-from outhelp import SmtpSink, free_port, needs_sink, outbound_config, sink_envelope
+from outhelp import (
+    Blackhole,
+    SmtpSink,
+    established,
+    free_port,
+    needs_sink,
+    now,
+    outbound_config,
+    sink_envelope,
+)
 
 pytestmark = needs_sink
 
@@ -192,7 +205,7 @@ def test_temporary_failures_go_through_both_retry_queues_then_expire(outhost, dn
     h = outhost("[retry]\nmax_lifetime = 9.0\n")
     qid = send(h, "alice@example.test", ["bob@slow.test"])
     wait_codes(h, qid, "8C")
-    (row,) = [r for r in map(__import__("json").loads,
+    (row,) = [r for r in map(json.loads,
                              h.cli("queue", "list", "--json").stdout.splitlines())
               if r["queue_id"] == qid]
     assert row["queue_name"] in ("retry1", "outbound")
@@ -277,3 +290,233 @@ def test_dsn_success_failure_delay_and_ret_hdrs(outhost, dns, sinks) -> None:
     never = send(h, "alice@example.test", ["bob@gone.test"], rcpt_options=("NOTIFY=NEVER",))
     wait_codes(h, never, "83")
     assert len(h.maildir_files("alice")) == 3
+
+
+# --- per destination ----------------------------------------------------------------------
+
+
+def test_per_destination_concurrency_limit(outhost, dns, sinks, port) -> None:
+    dns.add("busy.test", "MX", "10 mx.busy.test.")
+    dns.add("mx.busy.test", "A", "127.0.0.2")
+    sink = sinks("127.0.0.2", "-w", "1")  # a second before each DATA reply
+    h = outhost("[outbound]\ninitial_destination_concurrency = 2\n"
+                "destination_concurrency_limit = 3\nconnection_cache_time = 0.0\n")
+    for n in range(12):
+        send(h, "alice@example.test", [f"u{n}@busy.test"])
+    peak = 0
+    deadline = now() + 60
+    while len(sink.messages()) < 12 and now() < deadline:
+        peak = max(peak, established("127.0.0.2", port))
+        time.sleep(0.02)
+    assert len(sink.messages()) == 12
+    assert 2 <= peak <= 3, peak  # it grew from 2, never beyond 3
+
+
+def test_a_dead_destination_does_not_hold_up_a_live_one(outhost, dns, sinks, port) -> None:
+    dns.add("dead.test", "MX", "10 mx.dead.test.")
+    dns.add("mx.dead.test", "A", "127.0.0.4")
+    dns.add("live.test", "MX", "10 mx.live.test.")
+    dns.add("mx.live.test", "A", "127.0.0.2")
+    hole = Blackhole("127.0.0.4", port)
+    live = sinks("127.0.0.2")
+    try:
+        # Two client slots in all: without the dead-destination rule, mail for the dead
+        # domain would hold both for a greeting timeout (5 s) after another.
+        h = outhost("[outbound]\ndeliveries_per_job = 2\ndead_destination_pause = 30.0\n"
+                    "[pool.smtp-client]\nmaximum_jobs = 1\n")
+        dead = [send(h, "alice@example.test", [f"u{n}@dead.test"]) for n in range(8)]
+        time.sleep(0.5)
+        start = now()
+        send(h, "alice@example.test", ["bob@live.test"])
+        live.wait_messages(1, timeout=20)
+        assert now() - start < 12  # at most one round of greeting timeouts
+        held = [r["queue_id"] for r in h.journal("--code", "86")]
+        assert set(held) & set(dead)
+        tried = [r["queue_id"] for r in h.journal("--code", "8B")
+                 if r["queue_id"] in dead]
+        assert len(tried) <= 3  # the rest waited: no attempt spent on a dead host
+        rows = [json.loads(x) for x in h.cli("queue", "list", "--json").stdout.splitlines()]
+        assert {r["queue_id"] for r in rows} >= set(dead)
+    finally:
+        hole.close()
+
+
+# --- crashes ---------------------------------------------------------------------------
+
+
+def client_job_pids(h: Host) -> list[int]:
+    pids = [r["pid"] for r in h.journal("--code", "JS") if r.get("entry") == "smtp-client"]
+    return [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+def test_kill_9_of_a_client_job_mid_delivery(outhost, dns, sinks) -> None:
+    dns.add("kill.test", "MX", "10 mx.kill.test.")
+    dns.add("mx.kill.test", "A", "127.0.0.2")
+    sink = sinks("127.0.0.2", "-w", "3")  # the DATA reply comes 3 s late
+    h = outhost()
+    qid = send(h, "alice@example.test", ["bob@kill.test"])
+    wait_codes(h, qid, "8B")
+    time.sleep(1.0)  # inside the transaction
+    for pid in client_job_pids(h):
+        os.kill(pid, signal.SIGKILL)
+    # A new job takes the message again once its stored retry time comes (1 s here).
+    seen = wait_codes(h, qid, "88", timeout=40)
+    assert seen.count("8B") >= 2
+    delivered = [m for m in sink.wait_messages(1) if b"bob@kill.test" in m]
+    assert 1 <= len(delivered) <= 2  # a duplicate is possible: the DATA reply was lost
+    wait_for(lambda: not h.queue_files("outbound") and not h.queue_files("retry1"), 20,
+             what="queues empty")
+
+
+def test_kill_9_of_the_host_mid_retry_keeps_the_schedule(outhost, dns, sinks, tmp_path,
+                                                        port) -> None:
+    dns.add("later.test", "MX", "10 mx.later.test.")
+    dns.add("mx.later.test", "A", "127.0.0.2")
+    refusing = sinks("127.0.0.2", "-r", "rcpt")
+    h = outhost("[retry]\nfirst_interval = 6.0\n")
+    qid = send(h, "alice@example.test", ["bob@later.test"])
+    wait_codes(h, qid, "8C")
+    (row,) = [json.loads(x) for x in h.cli("queue", "list", "--json").stdout.splitlines()]
+    due = row["next_attempt"]
+    assert row["queue_name"] == "retry1" and due > now() + 3
+    h.kill()
+    refusing.stop()
+    accepting = SmtpSink(tmp_path, "127.0.0.2", port)
+    try:
+        h.start()
+        (dump,) = accepting.wait_messages(1, timeout=30)
+        arrived = now()
+        assert arrived >= due - 0.5  # not retried at once after the restart
+        assert b"bob@later.test" in dump
+        wait_codes(h, qid, "88", "8E")
+    finally:
+        accepting.stop()
+
+
+# --- host to host -----------------------------------------------------------------------
+
+
+def test_host_to_host_with_the_trace_in_both_journals(outhost, host, dns, port) -> None:
+    dns.add("far.example", "MX", "10 mx.far.example.")
+    dns.add("mx.far.example", "A", "127.0.0.5")
+    remote = host(f'[host]\nname = "mx.far.example"\nlocal_domains = ["far.example"]\n'
+                  f'[listen]\nsmtp = "127.0.0.5:{port}"\n[smtp]\nmax_message_size = 4000\n',
+                  name="remote")
+    remote.add_user("zoe", "zoe@far.example")
+    h = outhost()
+    mid = "hop-1@client.example.test"
+    send(h, "alice@example.test", ["zoe@far.example"],
+         body="across\r\n", subject=f"hop\r\nMessage-ID: <{mid}>")
+    (path,) = remote.wait_delivered("zoe", 1)
+    data = path.read_bytes()
+    assert data.startswith(b"Return-Path: <alice@example.test>\r\nDelivered-To: zoe@far.example")
+    assert data.count(b"Received: from ") == 2  # one per hop
+    here = [r["code"] for r in h.journal("--message-id", mid)]
+    there = [r["code"] for r in remote.journal("--message-id", mid)]
+    assert here[0] == "95" and "88" in here and "82" in here
+    assert there[0] == "94" and there[-2:] == ["B8", "B2"]
+    # Too big for the remote's SIZE: refused before DATA, permanently, with a notice.
+    big = "x" * 70 + "\r\n"
+    send(h, "alice@example.test", ["zoe@far.example"], body=big * 80)
+    (notice,) = notices(h, "alice", 1)
+    (fields,) = dsn_fields(notice)
+    assert fields["status"] == "5.3.4" and "SIZE" in fields["diagnostic-code"]
+    assert len(remote.maildir_files("zoe")) == 1
+
+
+# --- relay rules ---------------------------------------------------------------------------
+
+TRICKS = ["u@far.test", "@a.test,@b.test:u@far.test", "u%far.test@example.test",
+          "far.test!u@example.test", '"u@far.test"@example.test', "u@[127.0.0.1]",
+          "u@[IPv6:::1]", "u@far.test."]
+
+
+@pytest.mark.parametrize("mode", ["none", "near", "list", "both"])
+def test_relay_tricks_never_relay_where_the_mode_forbids_it(host, raw_smtp, mode: str
+                                                            ) -> None:
+    # near: only near.test may be relayed to; list/both: 127.0.0.0/8 is not listed.
+    h = host(f'[relay]\nmode = "{mode}"\nnear_domains = ["near.test"]\n'
+             f'networks = ["192.0.2.0/24"]\npercent_hack = true\n', name=f"relay-{mode}")
+    c = raw_smtp(h.smtp)
+    c.reply()
+    c.cmd("EHLO client.example.test")
+    assert c.cmd("MAIL FROM:<>")[0] == 250
+    for trick in TRICKS:
+        code, lines = c.cmd(f"RCPT TO:<{trick}>")
+        assert code in (550, 501), (mode, trick, code, lines)
+    assert c.cmd("RCPT TO:<Postmaster>")[0] == 250
+    near = c.cmd("RCPT TO:<u@near.test>")[0]
+    assert near == (250 if mode in ("near", "both") else 550)
+    refused = [r for r in h.journal("--code", "9V")]
+    assert len(refused) >= 5 and all(r["ip"] == "127.0.0.1" for r in refused)
+
+
+def test_relay_mode_all_and_listed_clients_may_relay(host, raw_smtp) -> None:
+    for extra in ('[relay]\nmode = "all"\n', '[relay]\nnetworks = ["127.0.0.0/8"]\n'):
+        h = host(extra)
+        c = raw_smtp(h.smtp)
+        c.reply()
+        c.cmd("EHLO client.example.test")
+        assert c.cmd("MAIL FROM:<a@example.test>")[0] == 250
+        assert c.cmd("RCPT TO:<@a.test,@b.test:u@far.test>")[0] == 250
+        assert c.cmd("RCPT TO:<u%far.test@example.test>")[0] == 550  # hack off: unknown user
+        h.stop()
+
+
+# --- ETRN, flush and the mail router -------------------------------------------------------
+
+
+def test_etrn_and_flush_release_deferred_mail(outhost, dns, sinks, raw_smtp, tmp_path,
+                                              port) -> None:
+    dns.add("dialup.test", "MX", "10 mx.dialup.test.")
+    dns.add("mx.dialup.test", "A", "127.0.0.2")
+    h = outhost('[retry]\nfirst_interval = 600.0\n[etrn]\ndomains = ["dialup.test"]\n'
+                '[outbound]\ndead_destination_pause = 600.0\n')
+    qids = [send(h, "alice@example.test", [f"u{n}@dialup.test"]) for n in range(2)]
+    for qid in qids:
+        wait_codes(h, qid, "8C")  # nobody listens yet: deferred for ten minutes
+    sink = sinks("127.0.0.2")  # the peer dials in
+    c = raw_smtp(h.smtp)
+    c.reply()
+    c.cmd("EHLO peer.dialup.test")
+    assert c.cmd("ETRN")[0] == 501
+    assert c.cmd("ETRN elsewhere.test")[0] == 459
+    code, lines = c.cmd("ETRN dialup.test")
+    assert code == 253 and "2 pending" in lines[0], lines
+    sink.wait_messages(2, timeout=20)
+    assert c.cmd("ETRN dialup.test")[0] == 251  # nothing left
+    assert c.cmd("MAIL FROM:<a@example.test>")[0] == 250
+    assert c.cmd("ETRN dialup.test")[0] == 503  # not inside a transaction
+    # `queue flush` does the same from the command line.
+    sink.stop()
+    qid = send(h, "alice@example.test", ["late@dialup.test"])
+    wait_codes(h, qid, "8C")
+    again = SmtpSink(tmp_path, "127.0.0.2", port)
+    try:
+        out = h.cli("queue", "flush", "--domain", "dialup.test").stdout
+        assert out.startswith("1 message(s)")
+        again.wait_messages(1, timeout=20)
+    finally:
+        again.stop()
+
+
+def test_router_with_firewall_takes_all_mail_without_mx_lookups(outhost, dns, sinks,
+                                                                port) -> None:
+    router = sinks("127.0.0.3")
+    h = outhost(f'[outbound]\nrouter = "[127.0.0.3]:{port}"\nfirewall = true\n')
+    before = len(dns.queries)
+    send(h, "alice@example.test", ["a@one.test", "b@two.test"])
+    (dump,) = router.wait_messages(1)
+    assert sorted(sink_envelope(dump)[1]) == ["a@one.test", "b@two.test"]
+    assert dns.queries[before:] == []  # the client never looked up an MX itself
+
+
+def test_an_unresolvable_router_is_bypassed(outhost, dns, sinks) -> None:
+    dns.add("direct.test", "MX", "10 mx.direct.test.")
+    dns.add("mx.direct.test", "A", "127.0.0.2")
+    sink = sinks("127.0.0.2")
+    h = outhost('[outbound]\nrouter = "no-such-router.test"\n')
+    qid = send(h, "alice@example.test", ["bob@direct.test"])
+    sink.wait_messages(1)
+    notes = [r["detail"] for r in h.journal("--queue-id", qid, "--code", "8K")]
+    assert any("no-such-router.test" in n and "directly" in n for n in notes), notes
