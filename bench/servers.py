@@ -92,6 +92,16 @@ def proc_tree(roots: list[int]) -> list[int]:
     return out
 
 
+def proc_cmdline(pid: int) -> list[str] | None:
+    """A process's argv from /proc (None when it is gone; [] for a kernel thread)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
+
+
 def memory_kb(roots: list[int]) -> dict[str, int]:
     """VmRSS and Pss summed over the process tree, in KiB, with the process count.
 
@@ -429,7 +439,23 @@ class Postfix(MasterDaemon):
         os.chown(self.vmail, NOBODY, NOBODY)
         self.port = free_port()
         self.log = d / "postfix.log"
-        (self.conf / "main.cf").write_text("\n".join([
+        (self.conf / "main.cf").write_text("\n".join(self.main_cf()) + "\n")
+        self.write_maps()
+        (self.conf / "master.cf").write_text(self.master_cf())
+        self.started = True  # from here on stop() cleans up, whatever start() did
+        out = d / "start.out"
+        with open(out, "wb") as f:
+            res = subprocess.run([exe, "-c", str(self.conf), "start"], stdout=f, stderr=f,
+                                 timeout=60, stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            raise ServerError(f"postfix start failed: "
+                              f"{out.read_text(errors='replace').strip()[:200]} {self.log_tail()}")
+        wait_banner(self.port, b"220", timeout)
+
+    def main_cf(self) -> list[str]:
+        """main.cf, one setting a line (a later line for the same key wins)."""
+        d = self.dir
+        return [
             "compatibility_level = 3.6",
             f"queue_directory = {self.queue}",
             f"data_directory = {d / 'data'}",
@@ -458,18 +484,13 @@ class Postfix(MasterDaemon):
             "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination",
             "default_transport = error",
             "relay_transport = error",
-        ]) + "\n")
+        ]
+
+    def master_cf(self) -> str:
+        return MASTER_CF.format(listen=f"{HOST}:{self.port}")
+
+    def write_maps(self) -> None:
         (self.conf / "vmailbox").write_text(f"{RCPT} {USER}/Maildir/\n")
-        (self.conf / "master.cf").write_text(MASTER_CF.format(listen=f"{HOST}:{self.port}"))
-        self.started = True  # from here on stop() cleans up, whatever start() did
-        out = d / "start.out"
-        with open(out, "wb") as f:
-            res = subprocess.run([exe, "-c", str(self.conf), "start"], stdout=f, stderr=f,
-                                 timeout=60, stdin=subprocess.DEVNULL)
-        if res.returncode != 0:
-            raise ServerError(f"postfix start failed: "
-                              f"{out.read_text(errors='replace').strip()[:200]} {self.log_tail()}")
-        wait_banner(self.port, b"220", timeout)
 
     def pid_file(self) -> Path:
         return self.queue / "pid" / "master.pid"
@@ -480,6 +501,71 @@ class Postfix(MasterDaemon):
 
     def delivered(self) -> int | None:
         return count_maildir(self.vmail)
+
+
+class PostfixRelay(Postfix):
+    """The private Postfix relaying instead: `routes` maps each domain to its next hop
+    ("[127.0.0.2]:2525", no DNS) through transport_maps, with the smtp transport deferred
+    until release(), so its queue can be filled first and then emptied at once.
+
+    Concurrency stays Postfix's default; it is per next hop, so each domain gets its own.
+    """
+
+    QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
+
+    def __init__(self, label: str, workdir: Path, routes: dict[str, str]) -> None:
+        super().__init__(label, workdir)
+        self.routes = routes
+
+    def main_cf(self) -> list[str]:
+        return [*super().main_cf(),
+                f"relay_domains = {', '.join(self.routes)}",
+                f"transport_maps = texthash:{self.conf / 'transport'}",
+                "defer_transports = smtp"]
+
+    def master_cf(self) -> str:
+        return super().master_cf() + "smtp      unix  -       -       n       -       -  smtp\n"
+
+    def write_maps(self) -> None:
+        super().write_maps()
+        (self.conf / "transport").write_text(
+            "".join(f"{domain} smtp:{hop}\n" for domain, hop in self.routes.items()))
+
+    def queued(self, queues: tuple[str, ...] = QUEUES) -> int:
+        """Messages in these queues (queue files, counted on disk: no showq process)."""
+        total = 0
+        for name in queues:
+            for _dirpath, _dirs, files in os.walk(self.queue / name):
+                total += len(files)
+        return total
+
+    def program_pids(self, program: str) -> list[int]:
+        return [p for p in proc_tree(self.root_pids())
+                if os.path.basename((proc_cmdline(p) or [""])[0]) == program]
+
+    def release(self, timeout: float = 15.0) -> None:
+        """Stop deferring smtp: clear defer_transports and reload, then wait until the queue
+        manager that read the old setting is gone (a flush it took would defer again)."""
+        old = self.program_pids("qmgr")
+        for argv in ([postfix_tool("postconf") or "postconf", "-c", str(self.conf), "-e",
+                      "defer_transports ="],
+                     [self.exe, "-c", str(self.conf), "reload"]):
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                                 stdin=subprocess.DEVNULL)
+            if res.returncode != 0:
+                raise ServerError(f"{' '.join(argv[:1] + argv[3:])}: "
+                                  f"{(res.stderr or res.stdout).strip()[:200]}")
+        for pid in old:
+            if not _wait_gone(pid, timeout):
+                raise ServerError(f"qmgr {pid} still running {timeout:.0f} s after reload")
+
+    def flush(self) -> None:
+        """`postqueue -f`: every deferred message due now."""
+        exe = postfix_tool("postqueue") or "postqueue"
+        res = subprocess.run([exe, "-c", str(self.conf), "-f"], capture_output=True, text=True,
+                             timeout=30, stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            raise ServerError(f"postqueue -f: {(res.stderr or res.stdout).strip()[:200]}")
 
 
 class Dovecot(MasterDaemon):

@@ -520,3 +520,64 @@ def test_an_unresolvable_router_is_bypassed(outhost, dns, sinks) -> None:
     sink.wait_messages(1)
     notes = [r["detail"] for r in h.journal("--queue-id", qid, "--code", "8K")]
     assert any("no-such-router.test" in n and "directly" in n for n in notes), notes
+
+
+def test_mail_for_a_domain_whose_best_mx_is_this_host_is_a_loop(outhost, dns) -> None:
+    dns.add("loop.test", "MX", "10 mail.example.test.")  # our own host.name
+    h = outhost()
+    send(h, "alice@example.test", ["bob@loop.test"])
+    (notice,) = notices(h, "alice", 1)
+    assert dsn_fields(notice)[0]["status"] == "5.4.6"
+
+
+def test_one_connection_carries_several_messages(outhost, dns, sinks) -> None:
+    dns.add("reuse.test", "MX", "10 mx.reuse.test.")
+    dns.add("mx.reuse.test", "A", "127.0.0.2")
+    sink = sinks("127.0.0.2")
+    h = outhost("[outbound]\nconnection_cache_time = 10.0\n")
+    for n in range(4):
+        send(h, "alice@example.test", [f"u{n}@reuse.test"])
+        sink.wait_messages(n + 1)
+    # smtp-sink -c keeps counters: one session carried the four messages.
+    counters = sink.log.read_text().replace("\r", "\n").split()
+    sessions = [int(w.split("=")[1]) for w in counters if w.startswith("sess=")]
+    assert sessions and max(sessions) == 1, counters[-6:]
+
+
+def test_client_pool_is_shown_and_changed_like_the_others(outhost) -> None:
+    h = outhost()
+    entry = h.pool_show()["smtp-client"]
+    assert entry["parameters"]["deliveries_per_job"] == 50
+    assert "sessions_per_job" not in entry["parameters"]
+    h.cli("pool", "change", "smtp-client", "--deliveries-per-job", "3")
+    assert h.pool_show()["smtp-client"]["parameters"]["deliveries_per_job"] == 3
+    res = h.cli("pool", "change", "smtp-client", "--sessions-per-job", "3", check=False)
+    assert res.returncode == 1 and "deliveries_per_job" in res.stderr
+    changed = h.journal("--code", "JC")
+    assert changed and "deliveries_per_job" in changed[-1]["detail"]
+
+
+def test_the_scheduler_asks_the_router_for_our_mail_with_etrn(host, dns, port) -> None:
+    # The router (a second mailpool) holds mail for example.test while we are away ...
+    dns.add("example.test", "MX", "10 mx.example.test.")
+    dns.add("mx.example.test", "A", "127.0.0.6")
+    router = host(outbound_config(dns.port, port,
+                                  '[host]\nname = "isp.far.example"\n'
+                                  'local_domains = ["far.example"]\n'
+                                  f'[listen]\nsmtp = "127.0.0.5:{port}"\n'
+                                  '[relay]\nmode = "all"\n[etrn]\ndomains = ["example.test"]\n'
+                                  "[retry]\nfirst_interval = 600.0\n"
+                                  "[outbound]\ndead_destination_pause = 600.0\n"),
+                  name="isp")
+    with smtplib.SMTP(*router.smtp, timeout=20) as s:
+        s.sendmail("zoe@far.example", ["alice@example.test"], b"Subject: held\r\n\r\nx\r\n")
+    wait_for(lambda: router.journal("--code", "8C"), 20, what="held at the router")
+    # ... until we come up: every second the scheduler flushes and sends ETRN.
+    h = host(outbound_config(dns.port, port,
+                             f'[listen]\nsmtp = "127.0.0.6:{port}"\n'
+                             f'[outbound]\nrouter = "[127.0.0.5]:{port}"\nfirewall = true\n'
+                             "[etrn]\ninterval = 1.0\n"), start=False)
+    h.add_user("alice", "alice@example.test")  # before the router can deliver to us
+    h.start()
+    (path,) = h.wait_delivered("alice", 1, timeout=30)
+    assert b"Subject: held" in path.read_bytes()

@@ -91,6 +91,8 @@ class DnsConfig(Base):
     port: int = 53
     timeout: float = 5.0    # per query to one server
     lifetime: float = 10.0  # per lookup, all servers and retries together
+    # Answers are kept for their TTL in each client job (as a local caching resolver would).
+    cache: bool = True
 
 
 class OutboundConfig(Base):
@@ -549,17 +551,20 @@ def effective_toml(cfg: Config) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         return repr(v)
 
-    def table(name: str, obj: msgspec.Struct) -> None:
+    def table(name: str, obj: msgspec.Struct, skip: tuple[str, ...] = ()) -> None:
         lines.append(f"[{name}]")
         for field, key in zip(obj.__struct_fields__, obj.__struct_encode_fields__, strict=True):
-            lines.append(f"{key} = {value(getattr(obj, field))}")
+            if field not in skip:
+                lines.append(f"{key} = {value(getattr(obj, field))}")
         lines.append("")
 
     for section in Config.__struct_fields__:
         if section != "pool":
             table(section, getattr(cfg, section))
     for name, params in cfg.pool.items():
-        table(f"pool.{name}", params)
+        # A role whose capacity is set elsewhere (smtp-client) has no sessions_per_job.
+        skip = ("sessions_per_job",) if BY_NAME[name].capacity_key else ()
+        table(f"pool.{name}", params, skip)
     return "\n".join(lines)
 
 

@@ -97,7 +97,7 @@ class ClientRole:
             dns.resolver.Resolver(configure=True).nameservers)
         self.resolver = MailResolver(
             DnsSettings(nameservers, port=cfg.dns.port, timeout=cfg.dns.timeout,
-                        lifetime=cfg.dns.lifetime),
+                        lifetime=cfg.dns.lifetime, cache=cfg.dns.cache),
             my_names={cfg.host.name}, rng=random.Random())
         self.policy = RetryPolicy(cfg.retry.first_interval, cfg.retry.first_count,
                                   cfg.retry.second_interval, cfg.retry.max_lifetime)
