@@ -336,7 +336,7 @@ class MailpoolOutbound(S.Mailpool):
         return entries["smtp-client"]["ready"] >= 1 and all(
             e["ready"] >= e["parameters"]["initial_jobs"] for e in entries.values())
 
-    def journal(self, codes: str, limit: int | None = None) -> list[dict[str, Any]]:
+    def journal_records(self, codes: str, limit: int | None = None) -> list[dict[str, Any]]:
         args = ["journal", "dump", "--code", codes, "--format", "json"]
         if limit is not None:
             args += ["-n", str(limit)]
@@ -350,7 +350,7 @@ class MailpoolOutbound(S.Mailpool):
         got = 0
         deadline = time.monotonic() + timeout
         while True:
-            got = len(self.journal("88"))
+            got = len(self.journal_records("88"))
             if got >= expect or time.monotonic() > deadline:
                 return got
             time.sleep(0.5)
@@ -421,7 +421,7 @@ def run_mailpool(runner: Runner, label: str, messages: int, dns_port: int) -> di
             row["flushed"] = flushed.get("flushed")
             row["journal_88"] = server.delivered_in_journal(messages)
             if row["journal_88"] < messages:
-                failures = server.journal(MAILPOOL_FAILURES, limit=10)
+                failures = server.journal_records(MAILPOOL_FAILURES, limit=10)
                 row["error"] = (f"journal has {row['journal_88']}/{messages} deliveries (88); "
                                 f"first failures: {json.dumps(failures)[:1500]}; "
                                 f"serve.log: {server.log_tail(10)}")
@@ -539,7 +539,7 @@ def run_outbound(runner: Runner) -> None:
     opts = runner.opts
     messages = opts.outbound_messages or (600 if opts.quick else 2000)
     rounds = 1 if opts.quick else 2
-    print(f"\n== outbound: {messages} messages of {KB // KB} KB from the queue to "
+    print(f"\n== outbound: {messages} messages of 1 KB from the queue to "
           f"{DOMAINS} smtp-sink MX hosts, mailpool vs Postfix, {rounds} run(s) each", flush=True)
     if runner.over_budget("outbound", 10.0):
         return

@@ -42,6 +42,7 @@ import trio
 
 from bench import servers as S
 from bench.idle import idle_capacity
+from bench.outbound import run_outbound
 from bench.pop_load import PopConfig, run_pop
 from bench.smtp_load import LoadConfig, LoadResult, make_body, raise_fd_limit, run_load
 
@@ -96,6 +97,7 @@ class Options:
     budget: float  # seconds for the whole run; later parts are skipped once it is spent
     pop_sessions: tuple[int, ...]
     pop_per_user: int
+    outbound_messages: int = 0  # 0: 2000, --quick 600 (bench.outbound)
 
 
 class Runner:
@@ -291,7 +293,7 @@ class Runner:
         wls = workloads(self.opts.quick)
         # Time kept back for the journal and POP phases that follow.
         reserve = (30.0 if self.opts.quick else 90.0) * (
-            self.wanted("journal") + self.wanted("pop")) / 2
+            self.wanted("journal") + self.wanted("pop") + self.wanted("outbound")) / 2
         for server, clients in self.smtp_servers():
             print(f"\n== {server.label}", flush=True)
             if self.over_budget(server.label, reserve):
@@ -394,6 +396,10 @@ class Runner:
                           f"{res['login_ms'].get('p99', 0):.1f} ms, RETR p99 "
                           f"{res['retr_ms'].get('p99', 0):.2f} ms, errors {res['errors'] or 0}",
                           flush=True)
+
+    def run_outbound(self) -> None:
+        if self.wanted("outbound"):
+            run_outbound(self)  # bench.outbound: the SMTP client against Postfix's smtp(8)
 
     def fill_mailpool(self, server: S.Mailpool, names: list[str], per_user: int) -> bool:
         """Deliver per_user messages to every POP user through mailpool's own SMTP."""
@@ -514,11 +520,14 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--client-procs", type=int, default=1,
                    help="generator processes (default 1; raise it on machines with many cores)")
     p.add_argument("--only", action="append", default=[],
-                   choices=["mailpool", "postfix", "aiosmtpd", "smtp-sink", "journal", "pop"],
+                   choices=["mailpool", "postfix", "aiosmtpd", "smtp-sink", "journal", "pop",
+                            "outbound"],
                    help="run only these parts (repeatable)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole run (default 540, --quick 90); parts that "
                         "would start later are reported as skipped")
+    p.add_argument("--outbound-messages", type=int, default=0, metavar="N",
+                   help="messages queued for the outbound section (default 2000, --quick 600)")
     p.add_argument("--no-install", action="store_true",
                    help="do not try to install missing peers")
     p.add_argument("--keep", action="store_true",
@@ -535,6 +544,7 @@ def parse_args(argv: list[str] | None) -> Options:
         budget=a.budget or (90.0 if a.quick else 540.0),
         pop_sessions=(5,) if a.quick else (1, 10),
         pop_per_user=20 if a.quick else 100,
+        outbound_messages=a.outbound_messages,
     )
 
 
@@ -589,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['load'][0]:.2f}; results in {runner.out_path.relative_to(BENCH_DIR.parent)}")
     if info["load"][0] > 0.5:
         print("  note: the machine is busy; figures will be noisy (compare ratios, rerun)")
-    phases: list[Callable[[], None]] = [runner.run_smtp, runner.run_journal, runner.run_pop]
+    phases: list[Callable[[], None]] = [runner.run_smtp, runner.run_journal, runner.run_pop,
+                                        runner.run_outbound]
     interrupted = False
     try:
         for phase in phases:

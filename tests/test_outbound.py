@@ -159,11 +159,16 @@ def test_implicit_mx_uses_the_domain_address(outhost, dns, sinks) -> None:
 
 def test_null_mx_fails_at_once_with_a_notice_and_no_address_lookup(outhost, dns) -> None:
     dns.add("nomail.test", "MX", "0 .")
-    h = outhost()
+    h = outhost('[notices]\nfrom = "mail-admin@example.test"\n'
+                'nondelivery_user = "nondelivery"\n')
+    h.add_user("nondelivery", "nondelivery@example.test")
     qid = send(h, "alice@example.test", ["bob@nomail.test"])
     (notice,) = notices(h, "alice", 1)
     assert notice.get_content_type() == "multipart/report"
     assert notice["To"] == "alice@example.test"
+    assert "mail-admin@example.test" in notice["From"]  # the "responsible person"
+    (copy,) = notices(h, "nondelivery", 1)  # the source's NONDELIVERY tracking user
+    assert copy["Message-ID"] == notice["Message-ID"]
     (fields,) = dsn_fields(notice)
     assert fields["final-recipient"] == "rfc822; bob@nomail.test"
     assert fields["action"] == "failed"
@@ -581,3 +586,47 @@ def test_the_scheduler_asks_the_router_for_our_mail_with_etrn(host, dns, port) -
     h.start()
     (path,) = h.wait_delivered("alice", 1, timeout=30)
     assert b"Subject: held" in path.read_bytes()
+
+
+# --- smtp-sink's failure switches ------------------------------------------------------------
+
+
+def test_hard_reject_is_permanent_and_421_is_temporary(outhost, dns, sinks) -> None:
+    dns.add("hard.test", "MX", "10 mx.hard.test.")
+    dns.add("mx.hard.test", "A", "127.0.0.2")
+    dns.add("closing.test", "MX", "10 mx.closing.test.")
+    dns.add("mx.closing.test", "A", "127.0.0.3")
+    sinks("127.0.0.2", "-f", "rcpt")   # a 5xx to every RCPT
+    sinks("127.0.0.3", "-Q", "mail")   # 421 and hang up after MAIL
+    h = outhost()
+    hard = send(h, "alice@example.test", ["bob@hard.test"])
+    closing = send(h, "alice@example.test", ["bob@closing.test"])
+    (notice,) = notices(h, "alice", 1)
+    (fields,) = dsn_fields(notice)
+    assert fields["final-recipient"] == "rfc822; bob@hard.test"
+    assert fields["diagnostic-code"].startswith("smtp; 5")  # smtp-sink says 500 5.3.0
+    assert fields["remote-mta"] == "dns; mx.hard.test"
+    wait_codes(h, hard, "83")
+    seen = wait_codes(h, closing, "8C")
+    assert "83" not in seen
+    (rec, *_) = h.journal("--queue-id", closing, "--code", "8C")
+    assert "421" in rec["detail"]
+
+
+def test_a_lost_reply_after_the_dot_is_retried_and_journaled(outhost, dns, sinks, tmp_path,
+                                                            port) -> None:
+    dns.add("lost.test", "MX", "10 mx.lost.test.")
+    dns.add("mx.lost.test", "A", "127.0.0.2")
+    dropping = sinks("127.0.0.2", "-q", ".")  # hangs up after the final dot, no reply
+    h = outhost()
+    qid = send(h, "alice@example.test", ["bob@lost.test"])
+    wait_codes(h, qid, "8C")
+    (rec, *_) = h.journal("--queue-id", qid, "--code", "8C")
+    assert "may have been delivered" in rec["detail"] and "duplicate" in rec["detail"]
+    dropping.stop()
+    fine = SmtpSink(tmp_path, "127.0.0.2", port)
+    try:
+        fine.wait_messages(1, timeout=20)
+        wait_codes(h, qid, "88")
+    finally:
+        fine.stop()

@@ -59,6 +59,7 @@ class OutboundDispatcher:
         self.wake.set()
 
     def _drop(self, queue_id: str) -> None:
+        self.noted.discard(queue_id)
         old = self.items.pop(queue_id, None)
         if old is not None:
             group = self.ready.get(tuple(old.destinations))
