@@ -18,7 +18,7 @@ $(STAMP): $(PY) pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/mailpool serve --config $(CONFIG)
 
-# Debian tools the tests drive (swaks, fetchmail); skipped by the tests with a reason
+# Debian tools the tests drive (swaks, fetchmail, Postfix's smtp-sink); skipped by the tests with a reason
 # when they cannot be installed here.
 peers:
 	-@bash tests/install_tools.sh

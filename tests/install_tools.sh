@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# Installs the Debian clients the tests use (swaks for SMTP, fetchmail for POP3).
+# Installs the Debian tools the tests drive: swaks (SMTP client), fetchmail (POP3 client) and
+# Postfix for its smtp-sink (a remote MX with failure switches for the outbound tests).
 # Quiet and best effort: tests that need a missing tool skip with the reason.
 set -u
 need=()
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v fetchmail >/dev/null 2>&1 || need+=(fetchmail)
+command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" != 0 ]; then
   echo "note: cannot install ${need[*]} (no apt-get or not root); those tests will skip"
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
+# Postfix only for its tools: no configuration, and no daemon started on port 25
+# (policy-rc.d exit 101 = "do not start services"), removed again afterwards.
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections \
+  2>/dev/null || true
+policy=/usr/sbin/policy-rc.d
+made_policy=0
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && made_policy=1
+fi
 timeout 300 apt-get update -qq >/dev/null 2>&1 || true
 timeout 300 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 \
   || echo "note: apt-get install ${need[*]} failed; those tests will skip"
+[ "$made_policy" = 1 ] && rm -f "$policy"
+exit 0

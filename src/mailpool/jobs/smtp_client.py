@@ -139,7 +139,7 @@ class ClientRole:
                         results[i] = Result(DEFERRED, "4.4.1", f"delivery to {dest} paused "
                                             "after a connection failure")
                     continue
-                nursery.start_soon(self._deliver_group, dest, envelope, content, indexes,
+                nursery.start_soon(self._guarded_group, dest, envelope, content, indexes,
                                    results, outcomes, entries)
         after, notice_ids = self._settle(envelope, content, state, results, entries)
         if not await ctx.group_sync(entries, [("incoming", n) for n in notice_ids]):
@@ -171,6 +171,21 @@ class ClientRole:
         return envelope, content, load_state(self.spool, qid, len(envelope.recipients))
 
     # --- one next hop --------------------------------------------------------------------------
+
+    async def _guarded_group(self, dest: str, envelope: Envelope, content: bytes,
+                             indexes: list[int], results: dict[int, Result],
+                             outcomes: dict[str, str],
+                             entries: list[tuple[str, dict[str, Any]]]) -> None:
+        """One next hop; a bug there defers its recipients (the schedule still runs, so the
+        message expires in the end) instead of failing every other next hop's delivery."""
+        try:
+            await self._deliver_group(dest, envelope, content, indexes, results, outcomes,
+                                      entries)
+        except Exception as exc:
+            log.exception("delivery of %s to %s broke off", envelope.queue_id, dest)
+            for i in indexes:
+                results[i] = Result(DEFERRED, "4.3.0", f"local error: {exc!r}")
+            outcomes[dest] = "skipped"
 
     async def _deliver_group(self, dest: str, envelope: Envelope, content: bytes,
                              indexes: list[int], results: dict[int, Result],

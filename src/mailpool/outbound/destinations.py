@@ -150,17 +150,10 @@ class Destinations:
         Ignored when dest has no delivery running (never a negative count)."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome: {outcome!r}: must be one of {', '.join(OUTCOMES)}")
-        now = self._clock()
-        d = self._get(dest, now)
-        if d is None or d.active == 0:
+        ended = self._end(dest)
+        if ended is None:
             return
-        d.active -= 1
-        d.last_event = now
-        # While deliveries from before the pause run, check() says "busy" (limit 1), so no
-        # probe runs (short of a forced started()): this one is one of the old ones.
-        old = d.stale > 0
-        if old:
-            d.stale -= 1
+        d, old, now = ended
         if outcome == "ok":
             d.limit = min(d.limit + 1, self.limits.maximum)
             d.failures = 0
@@ -183,14 +176,23 @@ class Destinations:
     def release(self, dest: str) -> None:
         """A booked delivery ended without trying dest (nothing pending there, or its job
         died): the slot is freed and nothing is learnt about the destination."""
+        self._end(dest)
+
+    def _end(self, dest: str) -> tuple[_Dest, bool, float] | None:
+        """Free one slot of dest: (its state, whether the delivery began before the current
+        pause, now), or None when nothing was running there."""
         now = self._clock()
         d = self._get(dest, now)
         if d is None or d.active == 0:
-            return
+            return None
         d.active -= 1
         d.last_event = now
-        if d.stale:
+        # While deliveries from before the pause run, check() says "busy" (limit 1), so no
+        # probe runs (short of a forced started()): this one is one of the old ones.
+        old = d.stale > 0
+        if old:
             d.stale -= 1
+        return d, old, now
 
     def resume(self, dest: str | None = None) -> None:
         """Operator flush / ETRN: lift the pause of dest, or of every destination if None."""
