@@ -155,18 +155,20 @@ class CpuPoller:
         self._stop.set()
         self._thread.join(5)
 
-    def by_kind(self) -> tuple[dict[str, float], dict[str, int]]:
-        """CPU seconds since mark() and processes, per kind."""
+    def by_kind(self) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:
+        """Per kind: CPU seconds since mark(), processes, and how many of those started
+        after mark() (a pool growing under the load: their start-up is in their CPU)."""
         cpu: dict[str, float] = {}
         procs: dict[str, int] = {}
+        started: dict[str, int] = {}
         with self._lock:
             for pid, now in self.latest.items():
-                used = now - self.base.get(pid, 0.0)
                 kind = self.kinds.get(pid, "?")
-                if used > 0 or pid in self.base:
-                    cpu[kind] = cpu.get(kind, 0.0) + max(used, 0.0)
-                    procs[kind] = procs.get(kind, 0) + 1
-        return cpu, procs
+                cpu[kind] = cpu.get(kind, 0.0) + max(now - self.base.get(pid, 0.0), 0.0)
+                procs[kind] = procs.get(kind, 0) + 1
+                if pid not in self.base:
+                    started[kind] = started.get(kind, 0) + 1
+        return cpu, procs, started
 
 
 def mailpool_kind(supervisor: int) -> Callable[[int, list[str]], str]:
@@ -375,13 +377,14 @@ def measure(server: S.Server, mx: MxHosts, messages: int, poller: CpuPoller,
         t1 = wait_until(lambda: queued() == 0, delivery_timeout(messages), alive)
     finally:
         poller.stop()
-    cpu, procs = poller.by_kind()
+    cpu, procs, started = poller.by_kind()
     # The sink counts at the final dot, before its 250: all are in by the time the sender
     # has removed its last queue file; the short wait covers the counter's write.
     wait_until(lambda: mx.received() >= messages, 2.0)
     row: dict[str, Any] = {"messages": messages, "received": mx.received(),
                            "left_in_queue": queued(), "exited_processes": len(poller.exited),
-                           "cpu_s_by_kind": cpu, "processes_by_kind": procs}
+                           "cpu_s_by_kind": cpu, "processes_by_kind": procs,
+                           "started_by_kind": started}
     if t1 is None:
         row["error"] = (f"{row['left_in_queue']}/{messages} still queued after "
                         f"{delivery_timeout(messages):.0f} s" if alive()
@@ -529,9 +532,12 @@ def one_line(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"    {row['server']} run {row['round']}: ERROR {row['error']}"
     kinds = sorted(row["cpu_us_per_msg_by_kind"].items(), key=lambda kv: -kv[1])
+    procs = ", ".join(f"{k} {n}" + (f" ({row['started_by_kind'][k]} new)"
+                                    if row["started_by_kind"].get(k) else "")
+                      for k, n in sorted(row["processes_by_kind"].items()))
     return (f"    {row['server']} run {row['round']}: {row['messages']} in {row['seconds']:.2f} s"
             f" = {row['msgs_per_sec']:.0f}/s, CPU {row['cpu_us_per_msg']:.0f} us/msg ("
-            + ", ".join(f"{k} {v:.0f}" for k, v in kinds) + ")")
+            + ", ".join(f"{k} {v:.0f}" for k, v in kinds) + f"); processes: {procs}")
 
 
 def run_outbound(runner: Runner) -> None:

@@ -9,7 +9,9 @@ pools, and sessions_per_job raised), Postfix (end to end into a Maildir, driven
 by this project's generator and by Postfix's own smtp-source), aiosmtpd with a
 handler that fsyncs each message, and smtp-sink (no disk: the ceiling of the
 loopback and the client). Then the journal's cost (mailpool with journaling on
-and off, alternated) and POP3 retrieval against Dovecot. It prints one table
+and off, alternated), POP3 retrieval against Dovecot, and the outbound side
+(bench.outbound: mailpool's SMTP client against Postfix's smtp(8), from a full
+queue to smtp-sink MX hosts). It prints one table
 with ratios against mailpool and each target as MET or MISSED, and saves JSON
 lines and a chart under bench/results/.
 

@@ -144,17 +144,31 @@ def test_move(spool: Spool) -> None:
 
 def test_remove_and_progress(spool: Spool) -> None:
     env = make_env(spool)
-    spool.store("outbound", env, b"data")
+    spool.store("incoming", env, b"data")
     assert spool.delivered(env.queue_id) == set()
     spool.mark_delivered(env.queue_id, 1)
     spool.mark_delivered(env.queue_id, 0)
     spool.mark_delivered(env.queue_id, 1)
     assert spool.delivered(env.queue_id) == {0, 1}
-    spool.remove("outbound", env.queue_id)
-    assert spool.list("outbound") == []
+    spool.remove("incoming", env.queue_id)
+    assert spool.list("incoming") == []
     assert not (spool.progress / env.queue_id).exists()
     assert spool.delivered(env.queue_id) == set()
-    spool.remove("outbound", env.queue_id)  # idempotent
+    spool.remove("incoming", env.queue_id)  # idempotent
+
+
+def test_remove_takes_only_its_queues_side_file(spool: Spool) -> None:
+    # A forwarded message keeps its queue id on the outbound queue, with the client's state.
+    env = make_env(spool)
+    spool.store("incoming", env, b"data")
+    spool.store("outbound", env, b"data")
+    spool.mark_delivered(env.queue_id, 0)
+    (spool.state / env.queue_id).write_bytes(b"state")
+    spool.remove("incoming", env.queue_id)
+    assert (spool.state / env.queue_id).exists()
+    assert not (spool.progress / env.queue_id).exists()
+    spool.remove("outbound", env.queue_id)
+    assert not (spool.state / env.queue_id).exists()
 
 
 def test_progress_survives_reopen(tmp_path: Path) -> None:

@@ -257,7 +257,7 @@ class Spool:
             fsync_dir(a.parent)
 
     def remove(self, queue: str, queue_id: str, *, sync: bool = True) -> None:
-        """Delete a message, its progress marks and its outbound state. Idempotent."""
+        """Delete a message and its side file (progress marks or outbound state). Idempotent."""
         path = self.path(queue, queue_id)
         # The message goes first: a crash in between leaves only an orphan progress file
         # (harmless, ids are never reused); the other order could lose the marks of a
@@ -265,11 +265,15 @@ class Spool:
         path.unlink(missing_ok=True)
         if sync:
             fsync_dir(path.parent)
-        for side in (self.progress / queue_id, self.state / queue_id):
-            if side.exists():
-                side.unlink(missing_ok=True)
-                if sync:
-                    fsync_dir(side.parent)
+        # The side file belongs to this queue's use of the id: the framework's progress marks
+        # for the incoming queue, the client's delivery state for the others. A message
+        # forwarded keeps its queue id on the outbound queue: taking it off the incoming
+        # queue must not touch the client's state.
+        side = (self.progress if queue == "incoming" else self.state) / queue_id
+        if side.exists():
+            side.unlink(missing_ok=True)
+            if sync:
+                fsync_dir(side.parent)
 
     # -- per-recipient progress ------------------------------------------------------------
 
