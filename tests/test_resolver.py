@@ -454,3 +454,27 @@ def test_server_truncates_big_udp_answers(server: DnsServer) -> None:
     assert not tcp.flags & dns.flags.TC
     assert len(tcp.answer[0]) == 20
     assert server.tcp_queries == [("big.test", "TXT")]
+
+
+# -- the answer cache -----------------------------------------------------------------------
+
+
+async def test_cache_keeps_answers_and_negative_answers_but_not_failures(
+    server: DnsServer
+) -> None:
+    settings = DnsSettings(("127.0.0.1",), port=server.port, timeout=TIMEOUT,
+                           lifetime=LIFETIME, cache=True)
+    resolver = MailResolver(settings, my_names=("me.test",), rng=random.Random(7))
+    server.add(D, "MX", f"10 mx1.{D}.")
+    server.add(f"mx1.{D}", "A", "192.0.2.1")  # no AAAA: a NODATA answer
+    server.add("broken.test", "MX", "10 mx.broken.test.")
+    server.servfail("broken.test")
+    first, _ = await resolver.route(D)
+    asked = len(server.queries)
+    again, _ = await resolver.route(D)
+    assert again == first and len(server.queries) == asked  # MX, A and NODATA AAAA kept
+    assert (await resolver.route("gone.test"))[0] == (await resolver.route("gone.test"))[0]
+    assert server.queries.count(("gone.test", "MX")) == 1  # NXDOMAIN kept (RFC 2308)
+    await resolver.route("broken.test")
+    await resolver.route("broken.test")
+    assert server.queries.count(("broken.test", "MX")) == 2  # SERVFAIL never kept

@@ -2,8 +2,10 @@
 
 The resolver never reads /etc/resolv.conf: the nameservers, port and timeouts come from
 configuration (DnsSettings). Every query names the Trio backend explicitly, because
-dnspython detects its default backend once per process. There is no cache unless the
-settings ask for one: each delivery asks afresh.
+dnspython detects its default backend once per process. With `settings.cache` answers are
+kept for their TTL and negative answers for the zone's negative TTL (our own small cache:
+dnspython's would still raise and build its exceptions on every hit); without it each
+delivery asks afresh.
 
 Every DNS failure a lookup meets comes back as a DnsProblem (for the caller's journal),
 whether or not it ended the route.
@@ -13,7 +15,8 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +51,9 @@ __all__ = [
 EDNS_PAYLOAD = 1232
 # Grace past the lifetime before our own deadline cuts a query that dnspython did not end.
 DEADLINE_GRACE = 1.0
+# The answer cache (settings.cache): at most this many entries, each at most this long.
+CACHE_ENTRIES = 4096
+CACHE_MAX_TTL = 3600.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,16 @@ def _nameserver_errors(exc: dns.resolver.NoNameservers) -> str:
     return ", ".join(reasons) or "no nameserver answering"
 
 
+def _negative_ttl(responses: Iterable[Any]) -> float:
+    """RFC 2308: a negative answer is kept for the smaller of the SOA's TTL and its minimum;
+    without an SOA in the authority section it is not kept."""
+    for response in responses:
+        for rrset in getattr(response, "authority", ()):
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+                return float(min(rrset.ttl, rrset[0].minimum))
+    return 0.0
+
+
 class MailResolver:
     def __init__(
         self,
@@ -171,8 +187,11 @@ class MailResolver:
         # A SERVFAIL is an answer: asking the same servers again only burns the lifetime.
         resolver.retry_servfail = False
         resolver.use_edns(0, 0, EDNS_PAYLOAD)
-        resolver.cache = dns.resolver.Cache() if settings.cache else None
         self._resolver = resolver
+        # (name, type) -> (monotonic expiry, outcome): answers for their TTL, "no such name"
+        # and "no such record" for the zone's negative TTL (RFC 2308); failures never.
+        self._cache: dict[tuple[str, str], tuple[float, _Outcome]] = {}
+        self._clock = time.monotonic
 
     # -- public ---------------------------------------------------------------------------
 
@@ -300,10 +319,31 @@ class MailResolver:
         return lookups
 
     async def _query(self, name: str, rtype: str) -> _Outcome:
+        if not self.settings.cache:
+            return (await self._ask(name, rtype))[0]
+        key = (name, rtype)
+        hit = self._cache.get(key)
+        now = self._clock()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        outcome, ttl = await self._ask(name, rtype)
+        if ttl > 0:
+            if len(self._cache) >= CACHE_ENTRIES:
+                # Bounded: drop what has expired, or else the oldest half.
+                live = {k: v for k, v in self._cache.items() if v[0] > now}
+                if len(live) >= CACHE_ENTRIES:
+                    live = dict(sorted(live.items(), key=lambda kv: kv[1][0])
+                                [CACHE_ENTRIES // 2:])
+                self._cache = live
+            self._cache[key] = (now + min(ttl, CACHE_MAX_TTL), outcome)
+        return outcome
+
+    async def _ask(self, name: str, rtype: str) -> tuple[_Outcome, float]:
+        """One lookup: its outcome and how long it may be kept (0: not at all)."""
         query = f"{name} {rtype}"
 
-        def failed(reason: str, permanent: bool) -> _Outcome:
-            return _Outcome(problem=DnsProblem(query, reason, permanent))
+        def failed(reason: str, permanent: bool, ttl: float = 0.0) -> tuple[_Outcome, float]:
+            return _Outcome(problem=DnsProblem(query, reason, permanent)), ttl
 
         qname = dns.name.from_text(name)  # absolute: no search list, no local domain
         answer = None
@@ -314,10 +354,10 @@ class MailResolver:
                 answer = await self._resolver.resolve(
                     qname, rtype, search=False, backend=self._backend
                 )
-            except dns.resolver.NXDOMAIN:
-                return failed("NXDOMAIN", True)
-            except dns.resolver.NoAnswer:
-                return failed(NODATA, True)
+            except dns.resolver.NXDOMAIN as exc:
+                return failed("NXDOMAIN", True, _negative_ttl(exc.responses().values()))
+            except dns.resolver.NoAnswer as exc:
+                return failed(NODATA, True, _negative_ttl([exc.kwargs.get("response")]))
             except dns.resolver.NoNameservers as exc:
                 return failed(_nameserver_errors(exc), False)
             except dns.exception.Timeout:  # LifetimeTimeout included
@@ -326,4 +366,5 @@ class MailResolver:
                 return failed(f"{type(exc).__name__}: {exc}", False)
         if answer is None:
             return failed("timeout", False)
-        return _Outcome(rdatas=list(answer))
+        ttl = answer.rrset.ttl if answer.rrset is not None else 0
+        return _Outcome(rdatas=list(answer)), float(ttl)

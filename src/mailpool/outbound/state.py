@@ -1,7 +1,7 @@
 """The delivery state of one message on the outbound side, kept beside its queue file.
 
 `spool/state/<queue id>` holds the attempts made, the next attempt time and each recipient's
-outcome. It is rewritten atomically before an attempt (the time the message is due again if
+outcome. A new state is appended before an attempt (the time the message is due again if
 this attempt fails, so a crash neither resets the schedule nor retries at once) and after it
 (what each recipient got). A recipient once delivered or failed is never tried again. The
 queue file itself never changes after it is written.
@@ -9,10 +9,14 @@ queue file itself never changes after it is written.
 
 from __future__ import annotations
 
+import os
+import struct
+import zlib
+
 import msgspec
 
 from mailpool.framework.spool import Envelope, Spool, SpoolError
-from mailpool.fsutil import write_file_durably
+from mailpool.fsutil import write_all
 
 PENDING = "pending"
 DELIVERED = "delivered"  # accepted by the next hop
@@ -41,6 +45,10 @@ class OutboundState(msgspec.Struct, omit_defaults=True):
 
 _decoder = msgspec.msgpack.Decoder(OutboundState)
 _encoder = msgspec.msgpack.Encoder()
+# A record: payload length, CRC-32 of the payload, msgpack payload. The file is a log of
+# them: an update appends one (no new directory entry, unlike write-and-rename), the last
+# whole record is the state, and a record torn by a crash is ignored (the one before holds).
+_RECORD = struct.Struct(">II")
 
 
 def load_state(spool: Spool, queue_id: str, recipients: int) -> OutboundState:
@@ -49,9 +57,25 @@ def load_state(spool: Spool, queue_id: str, recipients: int) -> OutboundState:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        data = b""
+    last = None
+    pos = 0
+    while pos + _RECORD.size <= len(data):
+        length, crc = _RECORD.unpack_from(data, pos)
+        body = data[pos + _RECORD.size: pos + _RECORD.size + length]
+        if len(body) < length or zlib.crc32(body) != crc:
+            break  # a torn tail: the state is the record before it
+        last = body
+        pos += _RECORD.size + length
+    if pos < len(data):
+        # Cut the torn tail, or the next record appended after it would never be read.
+        os.truncate(path, pos)
+    if last is None:
+        # Nothing, or only a first record torn by a crash before its group commit (so
+        # before the first attempt): nothing was tried yet.
         return OutboundState(recipients=[RecipientState() for _ in range(recipients)])
     try:
-        state = _decoder.decode(data)
+        state = _decoder.decode(last)
     except msgspec.DecodeError as exc:
         raise SpoolError(f"{path}: bad outbound state: {exc}") from None
     if len(state.recipients) != recipients:
@@ -60,9 +84,16 @@ def load_state(spool: Spool, queue_id: str, recipients: int) -> OutboundState:
 
 
 def save_state(spool: Spool, queue_id: str, state: OutboundState, *, sync: bool = False) -> None:
-    """Replace the state atomically; durable at the next group commit unless `sync`."""
-    write_file_durably(spool.state, queue_id, _encoder.encode(state), sync=sync,
-                       tmp_dir=spool.tmp)
+    """Append the new state; durable at the next group commit unless `sync`."""
+    body = _encoder.encode(state)
+    path = spool.state / queue_id
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, _RECORD.pack(len(body), zlib.crc32(body)) + body)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def destination_of(address: str, router: str) -> str:
