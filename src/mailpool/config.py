@@ -211,9 +211,6 @@ class PoolParams(Base):
         return out
 
 
-POOL_NAMES = ROLE_NAMES
-
-
 def _default_pools() -> dict[str, PoolParams]:
     # smtp-server keeps the source's CHGPJE values for QTMSSRCP: 4 / 2 / 2 / 20.
     return {role.name: PoolParams(**role.pool_defaults) for role in ROLES}
@@ -329,9 +326,9 @@ def _check(cfg: Config) -> list[tuple[str, Any, str]]:
                          "must be at least 4096"))
     problems += _check_outbound(cfg)
     for name, params in cfg.pool.items():
-        if name not in POOL_NAMES:
+        if name not in ROLE_NAMES:
             problems.append((f"pool.{name}", name,
-                             f"is not a pool entry (known: {', '.join(POOL_NAMES)})"))
+                             f"is not a pool entry (known: {', '.join(ROLE_NAMES)})"))
         for key, value, why in params.problems():
             problems.append((f"pool.{name}.{key}", value, why))
     return problems

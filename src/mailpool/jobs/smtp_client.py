@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import dns.exception
 import dns.resolver
 import trio
 
@@ -93,8 +94,7 @@ class ClientRole:
         self.cfg = cfg.outbound
         self.hostname = cfg.host.name
         self.spool = Spool(ctx.loaded.spool_dir)
-        nameservers = tuple(cfg.dns.nameservers) or tuple(
-            dns.resolver.Resolver(configure=True).nameservers)
+        nameservers = tuple(cfg.dns.nameservers) or system_nameservers()
         self.resolver = MailResolver(
             DnsSettings(nameservers, port=cfg.dns.port, timeout=cfg.dns.timeout,
                         lifetime=cfg.dns.lifetime, cache=cfg.dns.cache),
@@ -465,6 +465,16 @@ class ClientRole:
             log.warning("ETRN: %s", exc.reason)
         finally:
             await conn.close()
+
+
+def system_nameservers() -> tuple[str, ...]:
+    """The nameservers of /etc/resolv.conf ([dns] nameservers left empty)."""
+    try:
+        found = tuple(dns.resolver.Resolver(configure=True).nameservers)
+    except dns.exception.DNSException as exc:
+        found = ()
+        log.error("no usable /etc/resolv.conf (%s): set [dns] nameservers", exc)
+    return found or ("127.0.0.1",)
 
 
 def _is_ip(host: str) -> bool:

@@ -30,7 +30,7 @@ from mailpool.journal.writer import JournalWriter, NullJournal
 from mailpool.logs import setup as setup_logging
 from mailpool.outbound.destinations import DestinationLimits, Destinations
 from mailpool.outbound.state import destinations, load_state
-from mailpool.roles import ROLES
+from mailpool.roles import ROLES, for_queue
 from mailpool.supervisor.channel import (
     AuthCount,
     AuthFailed,
@@ -81,10 +81,11 @@ class Supervisor:
         cfg = loaded.config
         for role in ROLES:
             self.pools.add(role, effective_pool(cfg, role.name))
-        self.work = WorkDispatcher(self.pools, self.pools.entries["framework"])
+        # The roles fed by the incoming and the outbound queue (mailpool.roles).
+        self.work = WorkDispatcher(self.pools, self.pools.entries[for_queue("incoming").name])
         out = cfg.outbound
         self.outbound = OutboundDispatcher(
-            self.pools, self.pools.entries["smtp-client"],
+            self.pools, self.pools.entries[for_queue("outbound").name],
             Destinations(DestinationLimits(initial=out.initial_destination_concurrency,
                                            maximum=out.destination_concurrency_limit,
                                            dead_pause=out.dead_destination_pause),
