@@ -8,6 +8,7 @@ system-wide; `stop()` is safe to call twice and after a failed `start()`.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -248,7 +249,9 @@ class Mailpool(Server):
     def write_config(self) -> None:
         self.port, self.pop_port, admin = free_port(), free_port(), free_port()
         lines = [
-            "[host]", 'name = "mailpool.bench.test"', f'local_domains = ["{DOMAIN}"]', "",
+            "[host]", 'name = "mailpool.bench.test"', f'local_domains = ["{DOMAIN}"]',
+            # The bench's files are the runner's: jobs stay who started them.
+            f'user = "{getpass.getuser()}"', "",
             "[listen]", f'smtp = "{HOST}:{self.port}"', f'pop3 = "{HOST}:{self.pop_port}"',
             f'admin = "{HOST}:{admin}"', "",
             "[paths]", 'data = "var"', "",

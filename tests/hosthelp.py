@@ -7,6 +7,7 @@ whole process group (supervisor and jobs) is killed at cleanup.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -23,10 +24,12 @@ from mailpool.supervisor.control import ControlError, ControlUnavailable, reques
 
 MAILPOOL = [sys.executable, "-m", "mailpool.cli"]
 
-BASE_CONFIG = """\
+BASE_CONFIG = f"""\
 [host]
 name = "mail.example.test"
 local_domains = ["example.test", "other.test"]
+# Whoever runs the suite (root included) stays who they are: the privilege tests set it.
+user = "{getpass.getuser()}"
 
 [listen]
 smtp = "127.0.0.1:0"

@@ -63,3 +63,33 @@ def test_effective_configuration_loads_back(tmp_path: Path) -> None:
     # The client pool's per-job capacity is its deliveries, not sessions.
     assert pool_params(reloaded.config, "smtp-client").sessions_per_job == 7
     assert pool_params(reloaded.config, "smtp-server").sessions_per_job == 1
+
+
+@pytest.mark.parametrize(("extra", "key", "value"), [
+    ('user = "Bad User"\n', "host.user", "'Bad User'"),
+    ("[smtp]\nmin_data_rate = 0\n", "smtp.min_data_rate", "0"),
+    ('[smtp]\nclient_limit_exceptions = ["x"]\n', "smtp.client_limit_exceptions[0]", "'x'"),
+    ('[restrictions]\ndeny = ["300.0.0.0/8"]\n', "restrictions.deny[0]", "'300.0.0.0/8'"),
+    ('[restrictions]\ndnsbl = ["not a zone"]\n', "restrictions.dnsbl[0]", "'not a zone'"),
+    ('[[filter]]\naction = "bounce"\nsubject = "x"\n', "filter[0].action", "'bounce'"),
+    ('[[filter]]\naction = "keep"\n', "filter[0]", "''"),
+    ('[listen]\nadmin = "0.0.0.0:8025"\n', "listen.admin", "'0.0.0.0:8025'"),
+    ('[admin]\ntoken = "short"\n', "admin.token", "'(hidden)'"),
+])
+def test_hardening_values_name_file_key_and_value(tmp_path: Path, extra: str, key: str,
+                                                  value: str) -> None:
+    path = write(tmp_path, extra)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: {key}: {value}"), str(err.value)
+
+
+def test_filters_print_as_an_array_of_tables(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[filter]]\naction = "discard"\nsubject = "ILOVEYOU"\n'
+                           '[[filter]]\nattachment = "*.vbs"\n')
+    loaded = load_config(path)
+    text = effective_toml(loaded.config)
+    assert text.count("[[filter]]") == 2
+    again = tmp_path / "again.toml"
+    again.write_text(text)
+    assert load_config(again).config.filter == loaded.config.filter

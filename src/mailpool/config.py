@@ -32,6 +32,9 @@ class HostConfig(Base):
     local_domains: list[str]
     # Mail to "Postmaster" (RFC 5321 4.5.1) always goes to this user's mailbox.
     postmaster: str = "postmaster"
+    # Started as root (to bind ports below 1024), the supervisor and every job run as this
+    # user; started as anyone else, they stay who they are.
+    user: str = "mailpool"
 
 
 class ListenConfig(Base):
@@ -53,11 +56,55 @@ class SmtpConfig(Base):
     hard_error_limit: int = 20
     # The source's "Support Delivery Status Notification": DSN advertised and honoured.
     dsn: bool = True
-    # RFC 5321 4.5.3.2 suggests minutes; a silent client is dropped with 421 4.4.2.
+    # Deadlines a client cannot stretch (a silent or slow one gets 421 4.4.2): one whole
+    # command line (and greeting to first command), the time to DATA's first bytes plus the
+    # message at min_data_rate bytes per second, and the whole session.
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    min_data_rate: int = 500
+    session_timeout: float = 3600.0
+    # Seconds to wait before the greeting: a client that talks first is refused (pregreet).
+    greet_pause: float = 0.0
     # Time allowed to make a message durable before the session gives up (451).
     spool_timeout: float = 60.0
+    # Per client address (Postfix's anvil): open connections and new ones per minute; over
+    # either, 421 4.7.0. Addresses in client_limit_exceptions are not counted.
+    max_connections_per_client: int = 10
+    max_connection_rate: int = 60
+    client_limit_exceptions: list[str] = msgspec.field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
+class AdminConfig(Base):
+    # Bearer token the console's changing endpoints require ("" = changes only through the
+    # control socket). A console bound beyond loopback needs one.
+    token: str = ""
+
+
+class RestrictionsConfig(Base):
+    """The source's connection restrictions: addresses refused outright, and DNS blocklists."""
+
+    deny: list[str] = msgspec.field(default_factory=list)       # CIDR networks
+    dnsbl: list[str] = msgspec.field(default_factory=list)      # blocklist zones
+    dnsbl_timeout: float = 2.0   # a list that does not answer in time lists nobody
+
+
+class FilterRule(Base):
+    """One of the source's virus filters: every criterion given must match; `*` is a wildcard."""
+
+    action: str = "keep"         # keep (to the quarantine queue) or discard
+    originator: str = ""
+    subject: str = ""
+    attachment: str = ""          # an attachment's file name
+    mime_type: str = ""           # a part's type/subtype
+
+
+class StorageConfig(Base):
+    """The source's storage threshold: below min_free_mb free on the data directory, RCPT
+    and DATA get 452 4.3.1 and the framework parks mail on the busy queue."""
+
+    min_free_mb: int = 100
+    check_interval: float = 5.0
 
 
 class Pop3Config(Base):
@@ -229,6 +276,10 @@ class Config(Base):
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     notices: NoticesConfig = msgspec.field(default_factory=NoticesConfig)
     etrn: EtrnConfig = msgspec.field(default_factory=EtrnConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    restrictions: RestrictionsConfig = msgspec.field(default_factory=RestrictionsConfig)
+    filter: list[FilterRule] = msgspec.field(default_factory=list)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     pool: dict[str, PoolParams] = msgspec.field(default_factory=_default_pools)
 
 
@@ -325,6 +376,7 @@ def _check(cfg: Config) -> list[tuple[str, Any, str]]:
         problems.append(("journal.receiver_max_bytes", cfg.journal.receiver_max_bytes,
                          "must be at least 4096"))
     problems += _check_outbound(cfg)
+    problems += _check_hardening(cfg)
     for name, params in cfg.pool.items():
         if name not in ROLE_NAMES:
             problems.append((f"pool.{name}", name,
@@ -407,6 +459,58 @@ def _check_outbound(cfg: Config) -> list[tuple[str, Any, str]]:
     elif cfg.etrn.interval > 0 and not out.router:
         problems.append(("etrn.interval", cfg.etrn.interval,
                          "the scheduler connects to outbound.router: set it too"))
+    return problems
+
+
+def _check_hardening(cfg: Config) -> list[tuple[str, Any, str]]:
+    """Access, per-client limits, connection restrictions, filters, storage."""
+    problems: list[tuple[str, Any, str]] = []
+    if not re.fullmatch(r"[a-z_][a-z0-9_.-]{0,31}", cfg.host.user):
+        problems.append(("host.user", cfg.host.user, "is not a user name"))
+    smtp = cfg.smtp
+    for key in ("session_timeout",):
+        if getattr(smtp, key) <= 0:
+            problems.append((f"smtp.{key}", getattr(smtp, key), "must be above 0"))
+    for key in ("min_data_rate", "max_connections_per_client", "max_connection_rate"):
+        if getattr(smtp, key) < 1:
+            problems.append((f"smtp.{key}", getattr(smtp, key), "must be at least 1"))
+    if smtp.greet_pause < 0:
+        problems.append(("smtp.greet_pause", smtp.greet_pause, "must be 0 (off) or above"))
+    for key, nets in (("smtp.client_limit_exceptions", smtp.client_limit_exceptions),
+                      ("restrictions.deny", cfg.restrictions.deny)):
+        for i, net in enumerate(nets):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                problems.append((f"{key}[{i}]", net, "is not an IP network (CIDR)"))
+    for i, zone in enumerate(cfg.restrictions.dnsbl):
+        if not _DOMAIN.match(zone.rstrip(".")):
+            problems.append((f"restrictions.dnsbl[{i}]", zone, "is not a DNS zone name"))
+    if cfg.restrictions.dnsbl_timeout <= 0:
+        problems.append(("restrictions.dnsbl_timeout", cfg.restrictions.dnsbl_timeout,
+                         "must be above 0"))
+    for i, rule in enumerate(cfg.filter):
+        if rule.action not in ("keep", "discard"):
+            problems.append((f"filter[{i}].action", rule.action, "must be keep or discard"))
+        if not (rule.originator or rule.subject or rule.attachment or rule.mime_type):
+            problems.append((f"filter[{i}]", "", "names no criterion (originator, subject, "
+                                                 "attachment or mime_type)"))
+    if cfg.storage.min_free_mb < 0:
+        problems.append(("storage.min_free_mb", cfg.storage.min_free_mb,
+                         "must be 0 (off) or above"))
+    if cfg.storage.check_interval <= 0:
+        problems.append(("storage.check_interval", cfg.storage.check_interval,
+                         "must be above 0"))
+    try:
+        host, _ = parse_hostport(cfg.listen.admin)
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = True  # the listen check above names the bad value
+    if not loopback and not cfg.admin.token:
+        problems.append(("listen.admin", cfg.listen.admin,
+                         "the console beyond loopback needs admin.token (changes need it)"))
+    elif cfg.admin.token and len(cfg.admin.token) < 16:
+        problems.append(("admin.token", "(hidden)", "must be at least 16 characters"))
     return problems
 
 
@@ -556,7 +660,10 @@ def effective_toml(cfg: Config) -> str:
         lines.append("")
 
     for section in Config.__struct_fields__:
-        if section != "pool":
+        if section == "filter":
+            for rule in cfg.filter:
+                table("[filter]", rule)  # an array of tables: [[filter]]
+        elif section != "pool":
             table(section, getattr(cfg, section))
     for name, params in cfg.pool.items():
         # A role whose capacity is set elsewhere (smtp-client) has no sessions_per_job.
