@@ -96,13 +96,21 @@ def in_transaction(**limits: int) -> ServerConnection:
     return conn
 
 
+GO_AHEAD = b"354 End data with <CR><LF>.<CR><LF>\r\n"
+
+
+def start_data(conn: ServerConnection) -> None:
+    """DATA alone, as a client must send it (RFC 2920 3.1): the 354 comes back."""
+    assert pump(conn, b"DATA\r\n") == []
+    assert conn.data_to_send() == GO_AHEAD
+    assert conn.state == "data"
+
+
 def send_message(conn: ServerConnection, body: bytes) -> tuple[list[object], bytes]:
-    """DATA + body; return the events and the reply bytes that follow the 354."""
-    events = pump(conn, b"DATA\r\n" + body)
-    out = conn.data_to_send()
-    intermediate = b"354 End data with <CR><LF>.<CR><LF>\r\n"
-    assert out.startswith(intermediate)
-    return events, out[len(intermediate) :]
+    """DATA, then (after the 354) body; return the events and the reply bytes after it."""
+    start_data(conn)
+    events = pump(conn, body)
+    return events, conn.data_to_send()
 
 
 # -- greeting, HELO/EHLO ------------------------------------------------------------------
@@ -148,9 +156,8 @@ def test_hello_resets_transaction() -> None:
 
 def test_commands_are_case_insensitive() -> None:
     conn = new()
-    events = pump(
-        conn, b"eHlO c\r\nmail from:<a@b.c>\r\nrcpt to:<d@e.f>\r\ndata\r\nx\r\n.\r\nnoop\r\n"
-    )
+    events = pump(conn, b"eHlO c\r\nmail from:<a@b.c>\r\nrcpt to:<d@e.f>\r\ndata\r\n")
+    events += pump(conn, b"x\r\n.\r\nnoop\r\n")
     assert events == [
         Hello("EHLO", "c"),
         MailFrom("a@b.c", {}),
@@ -162,7 +169,8 @@ def test_commands_are_case_insensitive() -> None:
 # -- a full transaction -------------------------------------------------------------------
 
 
-def test_pipelined_transaction_in_one_chunk() -> None:
+def test_pipelined_transaction_in_two_chunks() -> None:
+    # RFC 2920 3.1: DATA ends a pipelined group; the text follows the 354.
     conn = new()
     chunk = (
         b"EHLO client.example\r\n"
@@ -170,10 +178,10 @@ def test_pipelined_transaction_in_one_chunk() -> None:
         b"RCPT TO:<bob@example.net>\r\n"
         b"RCPT TO:<carol@example.net>\r\n"
         b"DATA\r\n"
-        b"Subject: hi\r\n\r\nhello\r\n.\r\n"
-        b"QUIT\r\n"
     )
     events = pump(conn, chunk)
+    assert conn.data_to_send().endswith(b"250 2.1.5 Ok\r\n" + GO_AHEAD)
+    events += pump(conn, b"Subject: hi\r\n\r\nhello\r\n.\r\nQUIT\r\n")
     assert events == [
         Hello("EHLO", "client.example"),
         MailFrom("alice@example.com", {"SIZE": "20", "BODY": "8BITMIME"}),
@@ -187,14 +195,7 @@ def test_pipelined_transaction_in_one_chunk() -> None:
         Quit(),
         ConnectionClosed(),
     ]
-    assert conn.data_to_send() == EHLO_REPLY + (
-        b"250 2.1.0 Ok\r\n"
-        b"250 2.1.5 Ok\r\n"
-        b"250 2.1.5 Ok\r\n"
-        b"354 End data with <CR><LF>.<CR><LF>\r\n"
-        b"250 2.0.0 Ok: queued as Q1\r\n"
-        b"221 2.0.0 Bye\r\n"
-    )
+    assert conn.data_to_send() == b"250 2.0.0 Ok: queued as Q1\r\n221 2.0.0 Bye\r\n"
     assert conn.closed
     assert conn.next_event() == ConnectionClosed()
     assert conn.next_event() == ConnectionClosed()
@@ -265,10 +266,10 @@ def test_message_reply_resets_transaction_keeps_helo() -> None:
 
 def test_message_rejection_also_resets() -> None:
     conn = in_transaction()
-    events = pump(conn, b"DATA\r\nx\r\n.\r\nDATA\r\n", lambda e: (554, "Spam", "5.7.1"))
+    start_data(conn)
+    events = pump(conn, b"x\r\n.\r\nDATA\r\n", lambda e: (554, "Spam", "5.7.1"))
     assert len(events) == 1
     assert conn.data_to_send() == (
-        b"354 End data with <CR><LF>.<CR><LF>\r\n"
         b"554 5.7.1 Spam\r\n"
         b"503 5.5.1 Error: need RCPT command\r\n"
     )
@@ -349,7 +350,7 @@ def test_not_implemented(verb: bytes) -> None:
     assert conn.data_to_send() == b"502 5.5.1 Error: command not implemented\r\n"
 
 
-@pytest.mark.parametrize("line", [b"FOO", b"", b"MAILFROM:<a@b.c>", b"   "])
+@pytest.mark.parametrize("line", [b"FOO", b"", b"xyzzy a:b", b"MAILFROM <a@b.c>", b"   "])
 def test_unknown_command(line: bytes) -> None:
     conn = ready()
     assert pump(conn, line + b"\r\n") == []
@@ -569,13 +570,11 @@ def test_bare_lf_and_cr_do_not_end_or_split_data() -> None:
 
 
 def test_one_byte_chunks_give_same_result() -> None:
-    stream = (
-        b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n"
-        + BARE_BODY
-        + b"..stuffed\r\n.\r\nQUIT\r\n"
-    )
+    commands = b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n"
+    text = BARE_BODY + b"..stuffed\r\n.\r\nQUIT\r\n"
+    stream = commands + text
     whole = new()
-    expected = pump(whole, stream)
+    expected = pump(whole, commands) + pump(whole, text)
     expected_bytes = whole.data_to_send()
     split = new()
     events: list[object] = []
@@ -598,8 +597,9 @@ def test_random_bodies_and_chunkings_round_trip(seed: int) -> None:
     # what a client sends: every CRLF-delimited line starting with "." gets one more
     lines = body.split(b"\r\n")
     stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
-    stream = b"DATA\r\n" + stuffed + b".\r\nNOOP\r\n"
+    stream = stuffed + b".\r\nNOOP\r\n"
     conn = in_transaction()
+    start_data(conn)
     events: list[object] = []
     pos = 0
     while pos < len(stream):
@@ -607,23 +607,18 @@ def test_random_bodies_and_chunkings_round_trip(seed: int) -> None:
         events += pump(conn, stream[pos : pos + step])
         pos += step
     assert events == [MessageReceived("a@example.com", ("b@example.net",), body)]
-    assert conn.data_to_send() == (
-        b"354 End data with <CR><LF>.<CR><LF>\r\n"
-        b"250 2.0.0 Ok: queued as Q1\r\n"
-        b"250 2.0.0 Ok\r\n"
-    )
+    assert conn.data_to_send() == b"250 2.0.0 Ok: queued as Q1\r\n250 2.0.0 Ok\r\n"
 
 
 def test_terminator_split_across_chunks() -> None:
     conn = in_transaction()
-    assert pump(conn, b"DATA\r\nline\r") == []
+    start_data(conn)
+    assert pump(conn, b"line\r") == []
     assert pump(conn, b"\n.") == []
     assert pump(conn, b"\r") == []
     events = pump(conn, b"\nNOOP\r\n")
     assert events == [MessageReceived("a@example.com", ("b@example.net",), b"line\r\n")]
-    assert conn.data_to_send() == (
-        b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n250 2.0.0 Ok\r\n"
-    )
+    assert conn.data_to_send() == b"250 2.0.0 Ok: queued as Q1\r\n250 2.0.0 Ok\r\n"
 
 
 def test_eight_bit_content_kept() -> None:
@@ -658,7 +653,8 @@ def test_message_exactly_at_size_limit() -> None:
 
 def test_oversize_content_is_not_stored() -> None:
     conn = in_transaction(max_message_size=100)
-    pump(conn, b"DATA\r\n" + b"x" * 50 + b"\r\n" + b"y" * 60 + b"\r\n")
+    start_data(conn)
+    pump(conn, b"x" * 50 + b"\r\n" + b"y" * 60 + b"\r\n")
     assert len(conn._content) == 0
 
 
@@ -678,32 +674,31 @@ def test_long_text_line() -> None:
 
 def test_long_partial_line_is_dropped() -> None:
     conn = in_transaction(max_text_line=10)
-    assert pump(conn, b"DATA\r\n" + b"x" * 25) == []
+    start_data(conn)
+    assert pump(conn, b"x" * 25) == []
     assert len(conn._in) < 10  # bounded: the overlong partial line was dropped
     assert pump(conn, b"x" * 25 + b"\r") == []
     assert len(conn._in) == 1  # only the CR whose LF may follow is kept
     assert pump(conn, b"\n.\r\n") == []
-    assert conn.data_to_send() == (
-        b"354 End data with <CR><LF>.<CR><LF>\r\n500 5.5.2 Error: line too long\r\n"
-    )
+    assert conn.data_to_send() == b"500 5.5.2 Error: line too long\r\n"
     assert conn.state == "ready"
 
 
 def test_long_line_then_dot_continuation() -> None:
     conn = in_transaction(max_text_line=10)
-    assert pump(conn, b"DATA\r\n" + b"x" * 30) == []
+    start_data(conn)
+    assert pump(conn, b"x" * 30) == []
     assert pump(conn, b".\r\n") == []  # the end of the long line, not a terminator
     assert conn.state == "data"
     assert pump(conn, b".\r\n") == []
     assert conn.state == "ready"
-    assert conn.data_to_send() == (
-        b"354 End data with <CR><LF>.<CR><LF>\r\n500 5.5.2 Error: line too long\r\n"
-    )
+    assert conn.data_to_send() == b"500 5.5.2 Error: line too long\r\n"
 
 
 def test_crlf_split_after_long_partial_line() -> None:
     conn = in_transaction(max_text_line=10)
-    pump(conn, b"DATA\r\n" + b"x" * 20 + b"\r")
+    start_data(conn)
+    pump(conn, b"x" * 20 + b"\r")
     pump(conn, b"\n.\r\n")
     assert conn.data_to_send().endswith(b"500 5.5.2 Error: line too long\r\n")
     assert conn.state == "ready"
@@ -711,7 +706,8 @@ def test_crlf_split_after_long_partial_line() -> None:
 
 def test_eof_mid_data() -> None:
     conn = in_transaction()
-    events = pump(conn, b"DATA\r\nSubject: x\r\n\r\nbody\r\n")
+    start_data(conn)
+    events = pump(conn, b"Subject: x\r\n\r\nbody\r\n")
     assert events == []
     assert pump(conn, b"") == [ConnectionClosed()]
     assert conn.closed
@@ -729,16 +725,15 @@ def test_eof_processes_buffered_commands_first() -> None:
 
 def test_eof_while_decision_pending() -> None:
     conn = in_transaction()
-    conn.receive_data(b"DATA\r\nx\r\n.\r\n")
+    start_data(conn)
+    conn.receive_data(b"x\r\n.\r\n")
     conn.receive_data(b"")
     event = conn.next_event()
     assert event == MessageReceived("a@example.com", ("b@example.net",), b"x\r\n")
     assert conn.next_event() is PAUSED  # the complete message still gets its answer
     conn.reply(250, "Ok: queued as Q1", "2.0.0")
     assert conn.next_event() == ConnectionClosed()
-    assert conn.data_to_send() == (
-        b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n"
-    )
+    assert conn.data_to_send() == b"250 2.0.0 Ok: queued as Q1\r\n"
 
 
 def test_eof_with_partial_command() -> None:
@@ -1025,9 +1020,9 @@ def test_pipelined_transaction_with_dsn_parameters() -> None:
         b"RCPT TO:<refused@example.net> NOTIFY=NEVER\r\n"
         b"RCPT TO:<carol@example.net>\r\n"
         b"DATA\r\n"
-        b"..hello\r\n.\r\n"
     )
     events = pump(conn, chunk, answer)
+    events += pump(conn, b"..hello\r\n.\r\n", answer)
     assert events == [
         Hello("EHLO", "client.example"),
         MailFrom(
@@ -1070,8 +1065,9 @@ def test_dsn_details_do_not_outlive_their_transaction() -> None:
                b"RSET\r\n")
     # a refused MAIL does not leave its DSN details behind either
     pump(conn, b"MAIL FROM:<x@y.z> RET=HDRS\r\n", lambda e: (550, "No", "5.7.1"))
-    events = pump(conn, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nx\r\n.\r\n")
-    assert events[-1] == MessageReceived("a@b.c", ("d@e.f",), b"x\r\n")
+    pump(conn, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n")
+    events = pump(conn, b"x\r\n.\r\n")
+    assert events == [MessageReceived("a@b.c", ("d@e.f",), b"x\r\n")]
     assert conn.data_to_send() == (
         b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n550 5.7.1 No\r\n"
         b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"

@@ -40,8 +40,15 @@ def _leaf(sub: argparse._SubParsersAction, name: str, handler: Handler,
 
 
 def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    import msgspec
+
     from mailpool.supervisor.supervisor import serve
 
+    if args.user is not None:
+        cfg = loaded.config
+        host = msgspec.structs.replace(cfg.host, user=args.user)
+        loaded = msgspec.structs.replace(loaded,
+                                         config=msgspec.structs.replace(cfg, host=host))
     return serve(loaded)
 
 
@@ -234,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailpool", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    _leaf(sub, "serve", cmd_serve, "start the mail host (supervisor, pools, listeners)")
+    p = _leaf(sub, "serve", cmd_serve, "start the mail host (supervisor, pools, listeners)")
+    p.add_argument("--user", help="started as root, run as this user (overrides [host] user; "
+                                  "root: do not drop)")
 
     config = sub.add_parser("config", help="configuration").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")

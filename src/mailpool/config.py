@@ -226,6 +226,8 @@ class PoolParams(Base):
     heartbeat_timeout: float = 30.0
     # Bounded time for open sessions to finish on drain (SIGTERM, reload, max_use).
     drain_timeout: float = 30.0
+    # Connections held waiting for a job, at most (each holds a socket): beyond, refused.
+    max_waiting: int = 1000
 
     def problems(self) -> list[tuple[str, Any, str]]:
         """(key, value, why) for every inconsistent value; empty when valid."""
@@ -251,6 +253,8 @@ class PoolParams(Base):
             out.append(("max_use", self.max_use, "must be at least 1"))
         if self.sessions_per_job < 1:
             out.append(("sessions_per_job", self.sessions_per_job, "must be at least 1"))
+        if self.max_waiting < 0:
+            out.append(("max_waiting", self.max_waiting, "must not be negative"))
         for key in ("wait_timeout", "idle_timeout", "heartbeat_timeout", "drain_timeout"):
             value = getattr(self, key)
             if value <= 0:

@@ -2,10 +2,17 @@
 
 The app holds no state of its own: every request asks the supervisor through AdminSource,
 so what it shows is what `mailpool pool show` would print at that moment.
+
+Reading is open (the console binds to loopback unless [admin] token is set). Every changing
+request needs `Authorization: Bearer <[admin] token>`; with no token configured there are no
+changes here at all, only through the control socket (`mailpool pool change`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
 import math
 import time
 from collections.abc import Iterable
@@ -15,9 +22,13 @@ import anyio.to_thread
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger("mailpool.admin")
 
 # A pool change is a handful of keys; anything bigger is a mistake or an attack.
 MAX_BODY = 64 * 1024
@@ -79,6 +90,74 @@ async def _read_body(request: Request) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# --- who may change things ---------------------------------------------------------------
+
+# Methods that only read. Every other method, known or not, on any path, counts as a change:
+# an allow-list, so a method added to a route later is guarded without anyone remembering to.
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="mailpool"'}
+CHANGES_DISABLED = ("changes are only possible through the control socket "
+                    "(`mailpool pool change`) or with [admin] token in the configuration")
+
+
+def bearer_credentials(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The token of the first `Authorization: Bearer <token>` header (the scheme is
+    case-insensitive, RFC 9110 11.1), or None when the request carries no bearer token."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, credentials = value.strip().partition(b" ")
+            credentials = credentials.strip(b" \t")
+            if scheme.lower() != b"bearer" or not credentials:
+                return None
+            return credentials
+    return None
+
+
+def token_matches(presented: bytes, token: bytes) -> bool:
+    # Digests first: equal lengths, so the comparison time gives away not even the length.
+    return hmac.compare_digest(hashlib.sha256(presented).digest(),
+                               hashlib.sha256(token).digest())
+
+
+def change_refusal(headers: Iterable[tuple[bytes, bytes]],
+                   token: bytes) -> tuple[int, str, str] | None:
+    """None when a changing request may go on, else (status, error for the client, reason
+    for the log). Neither text holds the configured token or the one presented."""
+    if not token:
+        return 403, CHANGES_DISABLED, "changes are disabled (no [admin] token)"
+    presented = bearer_credentials(headers)
+    if presented is None:
+        return 401, "this change needs Authorization: Bearer <[admin] token>", "no bearer token"
+    if not token_matches(presented, token):
+        return 403, "the bearer token is not [admin] token", "wrong bearer token"
+    return None
+
+
+class ChangeGuard:
+    """ASGI middleware in front of the router: a changing request without the token is
+    answered here, before routing, content-type checks or reading the body, so it gets the
+    same answer whatever its path, method or body, and no handler ever sees it."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in READ_METHODS:
+            refusal = change_refusal(scope["headers"], self.token)
+            if refusal is not None:
+                status, message, reason = refusal
+                client = scope.get("client")
+                # %r: the path is client-chosen and already percent-decoded (could hold CR/LF).
+                log.warning("admin console: refused %s %r from %s: %s", scope["method"],
+                            scope["path"], client[0] if client else "?", reason)
+                reply = JSON({"error": message}, status_code=status,
+                             headers=CHALLENGE if status == 401 else None)
+                await reply(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # --- Prometheus text exposition format 0.0.4 ---------------------------------------------
@@ -165,7 +244,9 @@ def render_metrics(pools: dict[str, dict[str, Any]], queues: dict[str, int],
 # --- the app -----------------------------------------------------------------------------
 
 
-def create_app(source: AdminSource) -> Starlette:
+def create_app(source: AdminSource, *, token: str = "") -> Starlette:
+    """The console over `source`. `token` is [admin] token: "" refuses every change."""
+
     async def api_status(request: Request) -> Response:
         st = source.status()
         return JSON({**st, "uptime_s": max(0.0, time.time() - st["started"])})
@@ -178,10 +259,12 @@ def create_app(source: AdminSource) -> Starlette:
         pools = source.pool_stats()
         if name not in pools:
             return _error(404, f"unknown pool entry {name!r} (known: {', '.join(pools)})")
-        if request.method == "GET":
+        # Only POST changes: HEAD (a read, so never stopped by ChangeGuard) shows, like GET.
+        if request.method != "POST":
             return JSON({"entry": name, "stats": pools[name]})
-        # Demanding application/json makes a cross-site form or no-cors fetch need a CORS
-        # preflight, which this app never grants: a web page cannot change pools.
+        # ChangeGuard has checked the token already; this stays as a second wall. Demanding
+        # application/json makes a cross-site form or no-cors fetch need a CORS preflight,
+        # which this app never grants: a web page cannot change pools.
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             return _error(415, "send the changes as Content-Type: application/json")
@@ -222,12 +305,14 @@ def create_app(source: AdminSource) -> Starlette:
             Route("/api/queues", api_queues, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
+        middleware=[Middleware(ChangeGuard, token=token)],
         exception_handlers={HTTPException: _http_error},
     )
 
 
 # Self-contained (no external assets): the console must work on a host with no internet.
-# Entry names and values go in through textContent, never innerHTML.
+# Entry names and values go in through textContent, never innerHTML. Read-only on purpose:
+# no form, so the page never handles the token (changes: `mailpool pool change` or the API).
 INDEX_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>mailpool</title>

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import socket
 
 import trio
@@ -9,6 +11,18 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from mailpool.admin.app import AdminSource, create_app
+
+
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a bound address (always numeric) is reachable only from this machine."""
+    try:
+        return ipaddress.ip_address(address.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -21,8 +35,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise OSError(exc.errno, f"admin console cannot listen on {where}: "
+        raise OSError(exc.errno, f"admin console cannot listen on {_where(host, port)}: "
                                  f"{exc.strerror or exc}") from None
     return sock
 
@@ -39,15 +52,22 @@ def hypercorn_config(sock: socket.socket) -> Config:
     return config
 
 
-async def serve_admin(source: AdminSource, host: str, port: int, *,
+async def serve_admin(source: AdminSource, host: str, port: int, *, token: str = "",
                       task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
                       ) -> None:
-    """Serve until cancelled. Reports (host, port) actually bound (port 0 picks one) once
-    listening; a bind failure raises OSError from nursery.start(). Cancellation closes the
-    listener and every open connection at once (no graceful drain: nothing here is worth
-    holding a supervisor shutdown for)."""
+    """Serve until cancelled. `token` is [admin] token ("" = no changes through the console).
+    Reports (host, port) actually bound (port 0 picks one) once listening; a bind failure,
+    or an address beyond loopback with no token, raises OSError from nursery.start().
+    Cancellation closes the listener and every open connection at once (no graceful drain:
+    nothing here is worth holding a supervisor shutdown for)."""
     sock = bind_socket(host, port)
     bound: tuple[str, int] = sock.getsockname()[:2]
+    # The configuration refuses this already; checked again on the address really bound
+    # (a name, "", 0.0.0.0) so no caller can open the console to the network by mistake.
+    if not token and not is_loopback(bound[0]):
+        sock.close()
+        raise OSError(errno.EACCES, f"admin console will not listen on {_where(host, port)}: "
+                                    "beyond loopback it needs [admin] token")
     config = hypercorn_config(sock)
 
     # hypercorn reports its binds as URLs once listening; report our (host, port) instead.
@@ -55,4 +75,4 @@ async def serve_admin(source: AdminSource, host: str, port: int, *,
         def started(self, binds: object = None) -> None:
             task_status.started(bound)
 
-    await serve(create_app(source), config, task_status=_Started())  # type: ignore[arg-type]
+    await serve(create_app(source, token=token), config, task_status=_Started())  # type: ignore[arg-type]

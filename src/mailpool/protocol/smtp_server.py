@@ -11,6 +11,15 @@ Every buffer is bounded: command lines by ``max_command_line``, partial DATA lin
 ``max_text_line`` and stored message content by ``max_message_size``. The one unbounded
 buffer is unread input that the driver hands over while a decision is pending; a driver
 should answer decisions before reading more from the socket.
+
+Hostile clients: the session opens with exactly one of ``greeting()``, ``refuse(text)`` (the
+driver's connection restrictions refused the client; only QUIT is served) or
+``early_talker()`` (the client spoke before the greeting; closed at once). Non-SMTP input
+(HTTP, a mail header sent as a command) ends the session with a ``Forbidden`` event, a DATA
+with input already queued behind it with ``ImproperPipelining``. The driver owns the clock:
+``awaiting_first_command``, ``in_command_line`` and ``data_bytes_received`` let it apply its
+deadlines, ``timeout(reason)`` ends the session with 421. Nothing the core hands the driver
+outside message content can hold a control character.
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ from mailpool.protocol.smtp_syntax import (
     LineReader,
     Reply,
     Sentinel,
+    hello_argument_ok,
     parse_params,
     parse_path,
+    path_length_ok,
     split_path,
     xtext_decode,
 )
@@ -39,7 +50,9 @@ __all__ = [
     "ConnectionClosed",
     "Etrn",
     "Event",
+    "Forbidden",
     "Hello",
+    "ImproperPipelining",
     "MailFrom",
     "MessageReceived",
     "Quit",
@@ -127,12 +140,29 @@ class Quit:
 
 
 @dataclass(frozen=True)
+class Forbidden:
+    """A non-SMTP command line (HTTP, a header, CONNECT...): answered 221, session closed."""
+
+    line: str  # as received, non-printable characters as "?", at most 100 characters
+
+
+@dataclass(frozen=True)
+class ImproperPipelining:
+    """DATA arrived with input already queued behind it: the client did not wait for 354
+    (RFC 2920 3.1). Answered 554 instead of 354, session closed."""
+
+    sample: str  # the start of the queued input, made printable like Forbidden.line
+    octets: int  # how many octets were queued behind the DATA line
+
+
+@dataclass(frozen=True)
 class ConnectionClosed:
     pass
 
 
 Event = (
-    MailFrom | RcptTo | MessageReceived | Verify | Etrn | Hello | Reset | Quit | ConnectionClosed
+    MailFrom | RcptTo | MessageReceived | Verify | Etrn | Hello | Reset | Quit
+    | Forbidden | ImproperPipelining | ConnectionClosed
 )
 _DECISIONS = (MailFrom, RcptTo, MessageReceived, Verify, Etrn)
 
@@ -149,6 +179,33 @@ _PRINTABLE_RE = re.compile(r"[\x20-\x7e]*")  # RFC 3461: ENVID/ORCPT text is pri
 _NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 _MAX_ENVID = 100  # RFC 3461 4.4
 _MAX_ORCPT = 500  # RFC 3461 4.2
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_UNPRINTABLE_RE = re.compile(r"[^\x20-\x7e]")
+_SAMPLE_MAX = 100  # characters of hostile input an event carries (Postfix logs as many)
+
+# Non-SMTP input, as Postfix's smtpd_forbidden_commands = CONNECT GET POST
+# regexp:{{/^[^A-Z]/ Bogus}} plus its header check: an HTTP client or proxy probe, a
+# message header sent as a command (a client that missed the 354), binary (a TLS
+# handshake). Only lines whose verb is not an SMTP command are checked.
+_FORBIDDEN_VERBS = frozenset({"CONNECT", "GET", "POST", "PUT", "HEAD", "OPTIONS"})
+_HTTP_REQUEST_RE = re.compile(r"[!-~]+[ \t]+[!-~]+[ \t]+HTTP/[0-9]\.[0-9]", re.IGNORECASE)
+_HEADER_RE = re.compile(r"[!-9;-~]+:")  # RFC 5322 field name, then the colon
+_LETTER_RE = re.compile(r"[A-Za-z]")  # Postfix regexp tables ignore case: /^[^A-Z]/i
+
+
+def _printable(raw: bytes) -> str:
+    """Hostile input made safe to journal: at most 100 characters, non-printables as "?"."""
+    return _UNPRINTABLE_RE.sub("?", raw[:_SAMPLE_MAX].decode("latin-1"))
+
+
+def _forbidden(verb: str, line: str) -> bool:
+    """Whether a line whose verb is no SMTP command is non-SMTP input (``line`` stripped)."""
+    return (
+        verb in _FORBIDDEN_VERBS
+        or _HTTP_REQUEST_RE.fullmatch(line) is not None
+        or _HEADER_RE.match(line) is not None
+        or (line != "" and _LETTER_RE.match(line) is None)
+    )
 
 
 def _dsn_text(value: str, limit: int) -> str | None:
@@ -211,6 +268,11 @@ _MESSAGE_TOO_LARGE = _reply(552, "5.3.4", "Error: message too large")
 _ETRN_SYNTAX = _reply(501, "5.5.4", "Syntax: ETRN [@]domain | #queue")
 _IN_TRANSACTION = _reply(503, "5.5.1", "Error: MAIL transaction in progress")
 _OK = _reply(250, "2.0.0", "Ok")
+_HELLO_SYNTAX = {v: _reply(501, "5.5.4", f"Syntax: {v} hostname") for v in ("HELO", "EHLO")}
+_FORBIDDEN = _reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
+_IMPROPER_PIPELINING = _reply(554, "5.5.0", "Error: improper command pipelining after DATA")
+_EARLY_TALKER = _reply(554, "5.7.1", "Error: client talked before the greeting")
+_NO_SERVICE = _reply(503, "5.7.0", "Error: no SMTP service here")
 
 
 def _bad_param(name: str) -> Reply:
@@ -294,6 +356,9 @@ class ServerConnection:
         self._lines = LineReader(self._in, limits.max_command_line)
         self._pending: MailFrom | RcptTo | MessageReceived | Verify | Etrn | None = None
         self._errors = 0
+        self._opened = False  # greeting(), refuse() or early_talker() was called
+        self._refused = False
+        self._line_seen = False  # a complete command line (even an over-long one) was read
         # transaction
         self._originator = ""
         self._recipients: list[str] = []
@@ -307,11 +372,52 @@ class ServerConnection:
         self._line_carry = 0  # bytes of the current line already consumed (and dropped)
         self._too_long = False
         self._too_large = False
+        self._data_consumed = 0  # octets of the current DATA scanned and dropped from _in
+        self._data_partial = 0  # octets of an unfinished text line left in _in
 
     # -- driver API ---------------------------------------------------------------------
+    # A session opens with exactly one of greeting(), refuse() and early_talker().
 
     def greeting(self) -> None:
-        self._send(220, [f"{self._limits.hostname} ESMTP mailpool"], None)
+        self._open(Reply(220, None, (f"{self._limits.hostname} ESMTP mailpool",)))
+
+    def refuse(self, text: str) -> None:
+        """Instead of greeting(): the client is refused (554 5.7.1 <text>). RFC 5321 3.1: the
+        server then waits for QUIT, so QUIT gets 221 and everything else 503, counted toward
+        the hard error limit; no decision or Hello/Reset event is ever emitted."""
+        self._open(Reply(554, "5.7.1", (text,)))
+        self._refused = True
+
+    def early_talker(self) -> None:
+        """Instead of greeting(): the client sent before the greeting went out (a spambot
+        that does not wait for it). Answer 554 and close; the input is discarded."""
+        self._open(_EARLY_TALKER)
+        self._close()
+
+    @property
+    def refused(self) -> bool:
+        return self._refused
+
+    @property
+    def awaiting_first_command(self) -> bool:
+        """Between the greeting (or refusal) and the end of the client's first command line."""
+        return self._opened and not self.closed and not self._line_seen
+
+    @property
+    def in_command_line(self) -> bool:
+        """Whether part of a command line whose end has not arrived is buffered (or is being
+        dropped for its length): the driver keeps one deadline across the whole line.
+        Meaningful when next_event() has returned NEED_DATA."""
+        if self.closed or self.state not in _COMMAND_STATES:
+            return False
+        return (bool(self._in) and self._in[-1] != 0x0A) or self._lines.discarding
+
+    @property
+    def data_bytes_received(self) -> int:
+        """Octets of the current (or last) DATA's text as they came: before unstuffing,
+        over-long lines that were dropped included, the final "." CRLF included once seen.
+        Counts what next_event() has scanned; reset when the next DATA is accepted."""
+        return self._data_consumed + self._data_partial
 
     def receive_data(self, data: bytes) -> None:
         # Input after close or after EOF is ignored: nothing will ever read it.
@@ -373,8 +479,9 @@ class ServerConnection:
         if code == 421:  # RFC 5321 3.8: 421 means the server closes the channel
             self._close()
 
-    def timeout(self) -> None:
-        self._abort(f"{self._limits.hostname} Error: timeout exceeded", "4.4.2")
+    def timeout(self, timeout_reason: str = "Error: timeout exceeded") -> None:
+        """The driver's deadline passed: 421 4.4.2 <hostname> <timeout_reason>, closed."""
+        self._abort(f"{self._limits.hostname} {timeout_reason}", "4.4.2")
 
     def shutdown(self) -> None:
         self._abort(f"{self._limits.hostname} Service shutting down", "4.3.2")
@@ -399,6 +506,14 @@ class ServerConnection:
         if self._errors >= self._limits.hard_error_limit:
             self._send(421, [f"{self._limits.hostname} Error: too many errors"], "4.7.0")
             self._close()
+
+    def _open(self, first: Reply) -> None:
+        if self._opened:
+            raise SMTPProtocolError("the session was already opened")
+        wire = first.format()  # a bad text raises before anything changes
+        self._opened = True
+        if not self.closed:  # a shutdown() may have come first: then it said all
+            self._out += wire
 
     def _abort(self, text: str, enhanced: str) -> None:
         if self.closed:
@@ -438,6 +553,7 @@ class ServerConnection:
         line_bytes = self._lines.read_line()
         if line_bytes is NEED_DATA:
             return NEED_DATA
+        self._line_seen = True
         if line_bytes is TOO_LONG:
             self._error(_LINE_TOO_LONG)
             return None
@@ -446,7 +562,17 @@ class ServerConnection:
         parts = _VERB_SPLIT_RE.split(line, maxsplit=1)
         verb = parts[0].upper()
         arg = parts[1] if len(parts) > 1 else ""
-        if verb not in _KNOWN_VERBS:
+        known = verb in _KNOWN_VERBS
+        if not known and _forbidden(verb, line):
+            self._answer(_FORBIDDEN)
+            self._close()  # pipelined input after it is dropped with the buffer
+            return Forbidden(_printable(line_bytes))
+        if self._refused:
+            if verb == "QUIT":
+                return self._cmd_quit(verb, arg)
+            self._error(_NO_SERVICE)
+            return None
+        if not known:
             self._error(_NOT_RECOGNIZED)
             return None
         if verb == "ETRN" and not self._limits.etrn:
@@ -460,10 +586,11 @@ class ServerConnection:
         return handler(verb, arg)
 
     def _cmd_hello(self, verb: str, arg: str) -> Event | None:
-        if not arg:
-            self._error(_reply(501, "5.5.4", f"Syntax: {verb} hostname"))
+        # The name ends up in a Received header: only a domain or address literal will do.
+        if not hello_argument_ok(arg):
+            self._error(_HELLO_SYNTAX[verb])
             return None
-        domain = arg.split()[0]
+        domain = arg
         self.helo = domain
         self.esmtp = verb == "EHLO"
         self._end_transaction()
@@ -495,7 +622,9 @@ class ServerConnection:
             self._error(syntax)
             return None
         path, rest = split
-        address = parse_path(path, null_ok=null_ok, postmaster_ok=postmaster_ok)
+        address = None
+        if path_length_ok(path):
+            address = parse_path(path, null_ok=null_ok, postmaster_ok=postmaster_ok)
         if address is None:
             self._error(bad)
             return None
@@ -583,16 +712,26 @@ class ServerConnection:
     def _cmd_data_without_rcpt(self, verb: str, arg: str) -> None:
         self._error(_NO_VALID_RCPT if self._rcpt_tried else _NEED_RCPT)
 
-    def _cmd_data(self, verb: str, arg: str) -> None:
+    def _cmd_data(self, verb: str, arg: str) -> Event | None:
         if arg:
             self._error(_DATA_SYNTAX)
-            return
+            return None
+        if self._in:
+            # RFC 2920 3.1: DATA ends a pipelined group; a client that sends text before
+            # the 354 is a spambot (or would have its text read as commands after a 5xx).
+            event = ImproperPipelining(_printable(bytes(self._in[:_SAMPLE_MAX])), len(self._in))
+            self._answer(_IMPROPER_PIPELINING)
+            self._close()
+            return event
         self._send(354, ["End data with <CR><LF>.<CR><LF>"], None)
         self.state = "data"
         self._content = bytearray()
         self._line_carry = 0
         self._too_long = False
         self._too_large = False
+        self._data_consumed = 0
+        self._data_partial = 0
+        return None
 
     def _cmd_rset(self, verb: str, arg: str) -> Event | None:
         if arg:
@@ -614,7 +753,7 @@ class ServerConnection:
         self._send(214, _help_lines(self._limits.etrn), "2.0.0")
 
     def _cmd_vrfy(self, verb: str, arg: str) -> Event | None:
-        if not arg:
+        if not arg or _CONTROL_RE.search(arg):
             self._error(_VRFY_SYNTAX)
             return None
         return Verify(arg)
@@ -651,11 +790,13 @@ class ServerConnection:
                         pos += pending - keep
                         self._too_long = True
                         self._content = bytearray()
+                    self._data_partial = len(buf) - pos
                     return NEED_DATA
                 end = cr + 2
                 at_line_start = self._line_carry == 0
                 if at_line_start and end - pos == 3 and buf[pos] == 0x2E:
                     pos = end
+                    self._data_partial = 0
                     return self._finish_data()
                 if end - pos + self._line_carry > text_limit:
                     self._too_long = True
@@ -670,6 +811,7 @@ class ServerConnection:
                 self._line_carry = 0
                 pos = end
         finally:
+            self._data_consumed += pos
             del buf[:pos]
 
     def _finish_data(self) -> Event | None:

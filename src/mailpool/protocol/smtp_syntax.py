@@ -21,6 +21,9 @@ __all__ = [
     "DOMAIN_RE",
     "ENHANCED_RE",
     "MAILBOX_RE",
+    "MAX_DOMAIN",
+    "MAX_LOCAL_PART",
+    "MAX_PATH",
     "NEED_DATA",
     "PARAM_RE",
     "PAUSED",
@@ -32,9 +35,11 @@ __all__ = [
     "Sentinel",
     "address_literal_ok",
     "enhanced_of",
+    "hello_argument_ok",
     "is_mailbox",
     "parse_params",
     "parse_path",
+    "path_length_ok",
     "split_path",
     "xtext_decode",
     "xtext_encode",
@@ -129,6 +134,39 @@ def parse_path(path: str, *, null_ok: bool, postmaster_ok: bool) -> str | None:
             return None
         path = path[m.end() :]  # RFC 5321 4.1.1.3: source routes MUST be ignored
     return path if is_mailbox(path) else None
+
+
+# RFC 5321 4.5.3.1.1-3. Counted as sent: a quoted local part with its quotes, the path
+# with its "<" and ">" (which is why a mailbox can have at most 254 octets).
+MAX_LOCAL_PART: Final = 64
+MAX_DOMAIN: Final = 255
+MAX_PATH: Final = 256
+_HELLO_LITERAL_RE = re.compile(r"\[([!-Z^-~]*)\]")  # inside: printable ASCII except [ \ ]
+
+
+def path_length_ok(path: str) -> bool:
+    """The size limits of RFC 5321 4.5.3.1 for a path's content as sent (between "<" and
+    ">", source route included). Within MAX_PATH the domain cannot exceed MAX_DOMAIN, so
+    that leaves the local part to check."""
+    if len(path) + 2 > MAX_PATH:
+        return False
+    if path.startswith("@"):
+        m = ADL_RE.match(path)
+        if m is not None:
+            path = path[m.end() :]
+    local, at, _domain = path.rpartition("@")
+    return not at or len(local) <= MAX_LOCAL_PART
+
+
+def hello_argument_ok(arg: str) -> bool:
+    """HELO/EHLO argument (RFC 5321 4.1.1.1): one domain or address literal, nothing else.
+    Neither grammar admits a space, a control character or an 8-bit octet."""
+    if len(arg) > MAX_DOMAIN:
+        return False
+    m = _HELLO_LITERAL_RE.fullmatch(arg)
+    if m is not None:
+        return address_literal_ok(m.group(1))
+    return DOMAIN_RE.fullmatch(arg) is not None
 
 
 def parse_params(text: str) -> dict[str, str | None] | str:

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from mailpool.supervisor.anvil import ClientLimits
 from mailpool.supervisor.channel import Assign, ChannelClosed
 from mailpool.supervisor.jobs import EntryRuntime, JobHandle, JobPools, Record
 from mailpool.supervisor.limits import LoginFailures
@@ -19,13 +20,21 @@ from mailpool.supervisor.limits import LoginFailures
 log = logging.getLogger("mailpool.supervisor")
 
 
+TOO_MANY = b"421 4.7.0 Error: too many connections from your address\r\n"
+
+
 class HandOff:
-    def __init__(self, pools: JobPools, logins: LoginFailures, record: Record) -> None:
+    def __init__(self, pools: JobPools, logins: LoginFailures, record: Record,
+                 limits: dict[str, ClientLimits] | None = None) -> None:
         self.pools = pools
         self.logins = logins
         self.record = record
+        # Per listener, the per-client limits (anvil) its connections are counted by.
+        self.limits = limits or {}
         self.conn_ids = 0
         self.scope = trio.CancelScope()
+        self.waiting: dict[str, int] = {}  # per entry, connections held for a job
+        self.peers: dict[int, tuple[str, str]] = {}  # conn id -> (listener, ip), counted
 
     async def accept_loops(self, listeners: dict[str, trio.socket.SocketType]) -> None:
         """One accept loop per listener-fed role, until the scope is cancelled (drain)."""
@@ -47,8 +56,38 @@ class HandOff:
                 log.warning("accept on %s: %s", entry.role.listener, exc)
                 await trio.sleep(0.1)  # EMFILE and friends: back off, do not spin
                 continue
+            listener_name = entry.role.listener or ""
+            limits = self.limits.get(listener_name)
+            if limits is not None:
+                refused = limits.admit(str(addr[0]))
+                if refused is not None:
+                    self.record("9S", ip=str(addr[0]), detail=refused)
+                    await self.refuse(sock, TOO_MANY)
+                    continue
             if not await self.assign_now(entry, sock, addr):
+                if self.waiting.get(entry.name, 0) >= entry.rules.params.max_waiting:
+                    # Bounded memory: beyond max_waiting nobody else is held.
+                    entry.rules.request_rejected(None)
+                    self.record("JR", entry=entry.name, ip=str(addr[0]),
+                                detail="too many requests waiting (max_waiting)")
+                    self.uncount(listener_name, str(addr[0]))
+                    await self.refuse(sock, entry.role.busy_reply)
+                    continue
+                self.waiting[entry.name] = self.waiting.get(entry.name, 0) + 1
                 nursery.start_soon(self.hand_off, entry, sock, addr)
+
+    async def refuse(self, sock: trio.socket.SocketType, reply: bytes) -> None:
+        """Say why and close. A fresh socket's send buffer is empty: this never waits long."""
+        with sock, trio.move_on_after(1):
+            try:
+                await sock.send(reply)
+            except OSError:
+                pass
+
+    def uncount(self, listener: str, ip: str) -> None:
+        limits = self.limits.get(listener)
+        if limits is not None:
+            limits.closed(ip)
 
     async def assign_now(self, entry: EntryRuntime, sock: trio.socket.SocketType,
                          addr: tuple[Any, ...]) -> bool:
@@ -69,6 +108,7 @@ class HandOff:
         conn_id = self.conn_ids
         peer_ip = str(addr[0])
         job.conns.add(conn_id)
+        self.peers[conn_id] = (entry.role.listener or "", peer_ip)
         assert job.channel is not None
         try:
             await job.channel.send(Assign(conn_id=conn_id, peer_ip=peer_ip,
@@ -79,6 +119,7 @@ class HandOff:
         except ChannelClosed:
             # The job died between acquire and send.
             job.conns.discard(conn_id)
+            self.peers.pop(conn_id, None)
             entry.rules.cancel(job_id)
             return False
         self.record("JH", job.name, entry=entry.name, ip=peer_ip, connection_id=conn_id)
@@ -87,6 +128,15 @@ class HandOff:
 
     async def hand_off(self, entry: EntryRuntime, sock: trio.socket.SocketType,
                        addr: tuple[Any, ...]) -> None:
+        try:
+            if not await self._hand_off(entry, sock, addr):
+                self.uncount(entry.role.listener or "", str(addr[0]))
+        finally:
+            self.waiting[entry.name] -= 1
+
+    async def _hand_off(self, entry: EntryRuntime, sock: trio.socket.SocketType,
+                        addr: tuple[Any, ...]) -> bool:
+        """Held until a job takes it (True) or it is refused or gone (False)."""
         peer_ip = str(addr[0])
         with sock:
             while True:
@@ -94,7 +144,7 @@ class HandOff:
                     entry, entry.rules.params.wait_timeout, sock)
                 if job_id is not None:
                     if await self.send_to_job(entry, job_id, sock, addr):
-                        return
+                        return True
                     continue  # that job died meanwhile: try another
                 entry.rules.request_rejected(waited)
                 if gone:
@@ -105,16 +155,27 @@ class HandOff:
                     why = "at the maximum, wait off"
                 self.record("JR", entry=entry.name, ip=peer_ip, detail=why)
                 if gone:
-                    return
+                    return False
                 with trio.move_on_after(5):
                     try:
                         await sock.send(entry.role.busy_reply)
                     except OSError:
                         pass
-                return
+                return False
 
     def session_ended(self, job: JobHandle, conn_id: int) -> None:
         if conn_id in job.conns:
             job.conns.discard(conn_id)
             job.entry.rules.release(job.id)
             job.entry.poke()
+        self.connection_gone(conn_id)
+
+    def connection_gone(self, conn_id: int) -> None:
+        peer = self.peers.pop(conn_id, None)
+        if peer is not None:
+            self.uncount(*peer)
+
+    def job_exited(self, job: JobHandle) -> None:
+        """Its sessions ended with it."""
+        for conn_id in job.conns:
+            self.connection_gone(conn_id)

@@ -10,6 +10,7 @@ journal entries here: the single journal writer.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from mailpool.logs import setup as setup_logging
 from mailpool.outbound.destinations import DestinationLimits, Destinations
 from mailpool.outbound.state import destinations, load_state
 from mailpool.roles import ROLES, for_queue
+from mailpool.supervisor.anvil import ClientLimits
 from mailpool.supervisor.channel import (
     AuthCount,
     AuthFailed,
@@ -52,10 +54,12 @@ from mailpool.supervisor.control import serve_control
 from mailpool.supervisor.dispatch import WorkDispatcher
 from mailpool.supervisor.group_commit import GroupCommit
 from mailpool.supervisor.handoff import HandOff
+from mailpool.supervisor.instance import AlreadyServing, hold_data_directory
 from mailpool.supervisor.jobs import JobHandle, JobPools
 from mailpool.supervisor.limits import LoginFailures
 from mailpool.supervisor.ops import ControlOps
 from mailpool.supervisor.outbound import OutboundDispatcher
+from mailpool.supervisor.privileges import PrivilegeError, drop_to
 
 SUPERVISOR = "supervisor"
 OUTBOUND_QUEUES = ("outbound", "retry1", "retry2")
@@ -75,7 +79,12 @@ class Supervisor:
         self.admin_address: str | None = None
         self.logins = LoginFailures(trio.current_time)
         self.pools = JobPools(self.record, self.on_message, self.on_job_exit)
-        self.handoff = HandOff(self.pools, self.logins, self.record)
+        smtp = loaded.config.smtp
+        self.handoff = HandOff(self.pools, self.logins, self.record, {
+            "smtp": ClientLimits(max_connections=smtp.max_connections_per_client,
+                                 max_rate=smtp.max_connection_rate,
+                                 exceptions=smtp.client_limit_exceptions,
+                                 clock=trio.current_time)})
         self.commits = GroupCommit(loaded.spool_dir, self.on_durable)
         self.control = ControlOps(self)
         cfg = loaded.config
@@ -189,6 +198,11 @@ class Supervisor:
 
     async def run(self) -> int:
         cfg = self.loaded.config
+        try:
+            self.lock_fd = hold_data_directory(self.loaded.data_dir)
+        except AlreadyServing as exc:
+            log.error("%s", exc)
+            return 1
         for sub in ("spool", "mailboxes", "journal", "run"):
             (self.loaded.data_dir / sub).mkdir(parents=True, exist_ok=True)
         if cfg.journal.enabled:
@@ -196,13 +210,15 @@ class Supervisor:
                                          max_receiver_bytes=cfg.journal.receiver_max_bytes)
         self.journal.open()
         self.write_snapshot()
-        try:
-            await self.bind("smtp", cfg.listen.smtp)
-            await self.bind("pop3", cfg.listen.pop3)
-        except OSError as exc:
-            log.error("cannot listen: %s", exc.strerror or exc)
-            self.journal.close()
-            return 1
+        for name in ("smtp", "pop3"):
+            address = getattr(cfg.listen, name)
+            try:
+                await self.bind(name, address)
+            except OSError as exc:
+                log.error("cannot listen on %s (listen.%s): %s", address, name,
+                          exc.strerror or exc)
+                self.journal.close()
+                return 1
         self.write_listen_file()
         removed, queued = self.recover()
         log.info("started pid %d: smtp %s, pop3 %s, data %s (%d queued, %d partial removed)",
@@ -215,7 +231,8 @@ class Supervisor:
                 await nursery.start(serve_control, self.loaded.control_socket, self.control)
                 host, port = parse_hostport(cfg.listen.admin)
                 try:
-                    bound = await nursery.start(serve_admin, self, host, port)
+                    bound = await nursery.start(
+                        functools.partial(serve_admin, token=cfg.admin.token), self, host, port)
                 except OSError as exc:
                     log.error("%s", exc)
                     nursery.cancel_scope.cancel()
@@ -223,6 +240,15 @@ class Supervisor:
                 self.admin_address = (f"[{bound[0]}]:{bound[1]}" if ":" in bound[0]
                                       else f"{bound[0]}:{bound[1]}")
                 self.write_listen_file()
+                # Every socket is bound: from here on no root (jobs inherit the user).
+                try:
+                    dropped = drop_to(cfg.host.user, self.loaded.data_dir)
+                except (PrivilegeError, OSError) as exc:
+                    log.error("%s", exc)
+                    nursery.cancel_scope.cancel()
+                    return 1
+                if dropped:
+                    log.info("%s", dropped)
                 nursery.start_soon(self.housekeeping)
                 nursery.start_soon(self.commits.run)
                 self.pools.start(nursery)
@@ -325,6 +351,7 @@ class Supervisor:
                 self.work.put(queue_id)
 
     def on_job_exit(self, job: JobHandle) -> None:
+        self.handoff.job_exited(job)
         if job.entry is self.work.entry:
             self.work.job_exited(job)
         elif job.entry is self.outbound.entry:
@@ -340,6 +367,8 @@ class Supervisor:
             # fdatasync can take a while on a busy disk: not on the supervisor's loop.
             await trio.to_thread.run_sync(self.journal.sync)
             self.logins.expire()
+            for limits in self.handoff.limits.values():
+                limits.expire()
 
     async def etrn_scheduler(self) -> None:
         """The source's scheduled delivery for a dial-up style link: every interval, deliver
