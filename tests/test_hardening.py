@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import signal
 import smtplib
 import socket
 import stat
@@ -188,3 +189,35 @@ def test_idle_connections_from_one_address_do_not_starve_another(host: Any) -> N
     finally:
         for s in idle:
             s.close()
+
+
+# --- storage threshold ------------------------------------------------------------------------
+
+
+def test_below_the_storage_threshold_mail_waits_and_resumes(host: Any, raw_smtp: Any) -> None:
+    huge = "[storage]\nmin_free_mb = 1000000000\ncheck_interval = 0.2\n"
+    h = host(huge, start=False)
+    h.add_user("bob", "bob@example.test")
+    # A message already accepted (on the incoming queue when the host starts) ...
+    from mailpool.framework.spool import Envelope, Spool
+
+    spool = Spool(h.data / "spool")
+    qid = spool.new_queue_id()
+    spool.store("incoming", Envelope(queue_id=qid, message_id="busy@remote.test",
+                                     originator="a@remote.test", recipients=["bob@example.test"],
+                                     received_ns=time.time_ns()), b"Subject: wait\r\n\r\nx\r\n")
+    h.start()
+    # ... is parked on the busy queue, and new mail is refused for now.
+    wait_for(lambda: h.queue_files("busy"), 20, what="the message on the busy queue")
+    c = raw_smtp(h.smtp)
+    c.reply()
+    c.cmd("EHLO client.example.test")
+    assert c.cmd("MAIL FROM:<a@remote.test>")[0] == 250
+    assert c.cmd("RCPT TO:<bob@example.test>") == (452, ["4.3.1 Insufficient system storage"])
+    c.cmd("QUIT")
+    # Room again (the threshold lowered, a reload): back on the incoming queue, delivered.
+    h.config_path.write_text(h.config_path.read_text().replace("1000000000", "0"))
+    os.kill(h.proc.pid, signal.SIGHUP)
+    h.wait_delivered("bob", 1, timeout=30)
+    codes = [r["code"] for r in h.journal("--queue-id", qid)]
+    assert codes.index("7L") < codes.index("7M") < codes.index("B2"), codes

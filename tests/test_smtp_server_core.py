@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 
@@ -14,7 +15,9 @@ from mailpool.protocol.smtp_server import (
     PAUSED,
     ConnectionClosed,
     Etrn,
+    Forbidden,
     Hello,
+    ImproperPipelining,
     MailFrom,
     MessageReceived,
     Quit,
@@ -1164,3 +1167,508 @@ def test_etrn_off_is_not_implemented_in_every_state() -> None:
     assert out.startswith(not_impl + b"250-mx.example.org\r\n")
     assert out.endswith(b"250 HELP\r\n" + not_impl * 2 + b"250 2.1.0 Ok\r\n" + not_impl)
     assert b"ETRN" not in out
+
+
+# -- hostile clients: grammar limits (RFC 5321 4.5.3.1) ---------------------------------------
+
+
+def mailbox(local: int, total: int) -> bytes:
+    """A mailbox of ``total`` octets whose local part has ``local``."""
+    return b"l" * local + b"@" + b"d" * (total - local - 5) + b".org"
+
+
+@pytest.mark.parametrize(
+    ("path", "ok"),
+    [
+        (mailbox(64, 80), True),
+        (mailbox(65, 80), False),
+        (b'"' + b"x y" * 20 + b'xx"@b.c', True),  # 64 octets with its quotes
+        (b'"' + b"x y" * 20 + b'xxx"@b.c', False),
+        (mailbox(64, 254), True),  # "<" + 254 + ">": the 256 octets of a path
+        (mailbox(64, 255), False),
+        (b"@r1.org:" + mailbox(64, 246), True),  # the source route counts as sent
+        (b"@r1.org:" + mailbox(64, 247), False),
+    ],
+)
+def test_path_length_limits(path: bytes, ok: bool) -> None:
+    conn = ready()
+    events = pump(conn, b"MAIL FROM:<" + path + b">\r\n")
+    sender = path.decode().rpartition(":")[2] if path.startswith(b"@") else path.decode()
+    assert events == ([MailFrom(sender, {})] if ok else [])
+    assert conn.data_to_send() == (
+        b"250 2.1.0 Ok\r\n" if ok else b"501 5.1.7 Bad sender address syntax\r\n"
+    )
+    events = pump(conn, b"MAIL FROM:<>\r\n" if ok else b"MAIL FROM:<a@b.c>\r\n")
+    conn.data_to_send()
+    events = pump(conn, b"RCPT TO:<" + path + b">\r\n")
+    assert events == ([RcptTo(sender, {})] if ok else [])
+    assert conn.data_to_send() == (
+        b"250 2.1.5 Ok\r\n" if ok else b"501 5.1.3 Bad recipient address syntax\r\n"
+    )
+
+
+def test_over_long_paths_count_as_errors() -> None:
+    conn = ready(hard_error_limit=2)
+    events = pump(conn, b"MAIL FROM:<" + mailbox(65, 70) + b">\r\n"
+                        b"MAIL FROM:<" + mailbox(64, 255) + b">\r\nNOOP\r\n")
+    assert events == [ConnectionClosed()]
+    assert conn.data_to_send() == (
+        b"501 5.1.7 Bad sender address syntax\r\n" * 2
+        + b"421 4.7.0 mx.example.org Error: too many errors\r\n"
+    )
+
+
+# -- hostile clients: HELO/EHLO argument and control characters ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [b"client.example", b"a-b.c9", b"LOCALHOST", b"[192.0.2.1]", b"[IPv6:2001:db8::1]",
+     b"[ipv6:::1]", b"d" * 251 + b".org"],
+)
+def test_hello_accepts_domain_or_address_literal(arg: bytes) -> None:
+    conn = new()
+    assert pump(conn, b"EHLO  " + arg + b" \r\n") == [Hello("EHLO", arg.decode())]
+    assert conn.data_to_send().startswith(b"250-mx.example.org\r\n")
+    assert conn.helo == arg.decode()
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        b"client.example extra",  # one token only
+        b"a\tb",
+        b"a\x00b",
+        b"host\x01",
+        b"x\x1b[2J",
+        b"x\x7f",
+        b"x\r",  # a CR before the CRLF
+        b"caf\xe9.example",  # 8-bit
+        b"host.",
+        b"-host",
+        b"my_pc",
+        b"a..b",
+        b"[300.0.0.1]",
+        b"[192.0.2.1",
+        b"192.0.2.1]",
+        b"[IPv6:fe80::1%eth0]",
+        b"[IPv6:::1\x00]",
+        b"[]",
+        b"d" * 252 + b".org",  # 256 octets
+    ],
+)
+def test_hello_refuses_anything_else_and_session_goes_on(arg: bytes) -> None:
+    conn = new()
+    assert pump(conn, b"EHLO " + arg + b"\r\nHELO " + arg + b"\r\n") == []
+    assert conn.data_to_send() == (
+        b"501 5.5.4 Syntax: EHLO hostname\r\n501 5.5.4 Syntax: HELO hostname\r\n"
+    )
+    assert conn.helo is None
+    assert conn.state == "start"
+    assert pump(conn, b"HELO ok.example\r\n") == [Hello("HELO", "ok.example")]
+    assert conn.data_to_send() == b"250 mx.example.org\r\n"
+
+
+def test_bad_hello_mid_transaction_changes_nothing() -> None:
+    conn = in_transaction()
+    assert pump(conn, b"HELO bad name\r\n") == []
+    assert conn.data_to_send() == b"501 5.5.4 Syntax: HELO hostname\r\n"
+    assert (conn.state, conn.helo, conn.esmtp) == ("rcpt", "client.example", True)
+
+
+@pytest.mark.parametrize("line", [b"VRFY a\x01b", b"VRFY a\tb", b"VRFY bob\x7f", b"VRFY \x00",
+                                  b"VRFY bob\r", b"VRFY x\x1b[0m"])
+def test_vrfy_refuses_control_characters(line: bytes) -> None:
+    conn = ready()
+    assert pump(conn, line + b"\r\n") == []
+    assert conn.data_to_send() == b"501 5.5.4 Syntax: VRFY address\r\n"
+
+
+def test_vrfy_keeps_eight_bit_text() -> None:
+    conn = ready()
+    assert pump(conn, b"VRFY Ren\xe9\r\n") == [Verify("Ren\xe9")]
+
+
+@pytest.mark.parametrize("line", [b"ETRN x\x01.test", b"ETRN #q\x7f", b"ETRN @x.test\x00",
+                                  b"ETRN x.test\r"])
+def test_etrn_refuses_control_characters(line: bytes) -> None:
+    conn = ready()
+    assert pump(conn, line + b"\r\n", etrn_answer) == []
+    assert conn.data_to_send() == b"501 5.5.4 Syntax: ETRN [@]domain | #queue\r\n"
+
+
+def strings_in(value: object) -> list[str]:
+    """Every str inside an event (fields, dict keys and values, tuples)."""
+    if isinstance(value, str):
+        return [value]
+    if dataclasses.is_dataclass(value):
+        return [s for f in dataclasses.fields(value) for s in strings_in(getattr(value, f.name))]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in strings_in(k) + strings_in(v)]
+    if isinstance(value, tuple | list):
+        return [s for item in value for s in strings_in(item)]
+    return []
+
+
+VALID_LINES = [
+    b"HELO client.example",
+    b"EHLO [192.0.2.1]",
+    b'MAIL FROM:<"a b"@b.c> ENVID=x+41 RET=FULL',
+    b"MAIL FROM:<@r.org:u@[IPv6:2001:db8::1]> BODY=8BITMIME SIZE=10",
+    b"RCPT TO:<d@e.f> NOTIFY=SUCCESS ORCPT=rfc822;d+40e.f",
+    b"RCPT TO:<Postmaster>",
+    b"VRFY Bob Smith",
+    b"ETRN @x.test",
+    b"ETRN #q1",
+]
+
+
+@pytest.mark.parametrize("control", [b"\x00", b"\t", b"\x0b", b"\x0c", b"\r", b"\x1b",
+                                     b"\x1f", b"\x7f"])
+def test_no_control_character_reaches_the_driver(control: bytes) -> None:
+    """A control character anywhere in a valid command line: either the line is refused or
+    nothing the driver gets (event fields, helo) carries a control character."""
+    accepted = 0
+    for template in VALID_LINES:
+        for i in range(len(template) + 1):
+            conn = ready()
+            if template.startswith(b"RCPT"):
+                pump(conn, b"MAIL FROM:<>\r\n")
+            events = pump(conn, template[:i] + control + template[i:] + b"\r\n", etrn_answer)
+            accepted += len(events)
+            texts = strings_in(events) + [conn.helo or ""]
+            assert not any(c < " " or c == "\x7f" for text in texts for c in text), events
+    assert accepted > 0  # separators (a tab, a trailing CR...) still let some lines through
+
+
+# -- hostile clients: non-SMTP commands -------------------------------------------------------
+
+FORBIDDEN_REPLY = b"221 2.7.0 Error: I can break rules, too. Goodbye.\r\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "logged"),
+    [
+        (b"GET / HTTP/1.1", "GET / HTTP/1.1"),
+        (b"POST /cgi-bin/x HTTP/1.0", "POST /cgi-bin/x HTTP/1.0"),
+        (b"CONNECT mx.example.org:25 HTTP/1.1", "CONNECT mx.example.org:25 HTTP/1.1"),
+        (b"connect 192.0.2.1:25", "connect 192.0.2.1:25"),
+        (b"PUT", "PUT"),
+        (b"HEAD / HTTP/1.0", "HEAD / HTTP/1.0"),
+        (b"OPTIONS * HTTP/1.1", "OPTIONS * HTTP/1.1"),
+        (b"PROPFIND /dav HTTP/1.1", "PROPFIND /dav HTTP/1.1"),
+        (b"PRI * HTTP/2.0", "PRI * HTTP/2.0"),
+        (b"Host: mx.example.org", "Host: mx.example.org"),
+        (b"User-Agent: curl/8.5.0", "User-Agent: curl/8.5.0"),
+        (b"From: Alice <a@b.c>", "From: Alice <a@b.c>"),
+        (b"Subject:hi", "Subject:hi"),
+        (b"MAILFROM:<a@b.c>", "MAILFROM:<a@b.c>"),
+        (b"\x16\x03\x01\x02\x00\x01\x00", "???????"),  # a TLS ClientHello
+        (b"123 go", "123 go"),
+        (b"<html>", "<html>"),
+        (b"Host: x\r", "Host: x?"),
+    ],
+)
+def test_forbidden_command_ends_the_session(line: bytes, logged: str) -> None:
+    conn = ready()
+    events = pump(conn, line + b"\r\nNOOP\r\nQUIT\r\n")
+    assert events == [Forbidden(logged), ConnectionClosed()]
+    assert conn.data_to_send() == FORBIDDEN_REPLY  # the pipelined NOOP and QUIT are dropped
+    assert conn.closed
+    assert conn.next_event() == ConnectionClosed()
+
+
+def test_forbidden_in_any_command_state() -> None:
+    conn = new()
+    assert pump(conn, b"GET / HTTP/1.0\r\n") == [Forbidden("GET / HTTP/1.0"), ConnectionClosed()]
+    assert conn.data_to_send() == FORBIDDEN_REPLY
+    conn = in_transaction()
+    assert pump(conn, b"Subject: hi\r\n") == [Forbidden("Subject: hi"), ConnectionClosed()]
+    assert conn.data_to_send() == FORBIDDEN_REPLY
+
+
+def test_forbidden_line_is_made_printable_and_cut() -> None:
+    conn = ready(max_command_line=1000)
+    line = b"GET /\x01\xe9" + b"a" * 300 + b" HTTP/1.1"
+    [event, _] = pump(conn, line + b"\r\n")
+    assert event == Forbidden("GET /??" + "a" * 93)
+
+
+@pytest.mark.parametrize(
+    ("line", "event"),
+    [
+        (b"VRFY x HTTP/1.1", Verify("x HTTP/1.1")),  # SMTP commands are never forbidden
+        (b"NOOP Host: x", None),
+        (b"HELP GET", None),
+    ],
+)
+def test_smtp_commands_are_not_forbidden(line: bytes, event: Verify | None) -> None:
+    conn = ready()
+    assert pump(conn, line + b"\r\n") == ([event] if event else [])
+    assert not conn.closed
+
+
+def test_header_inside_message_text_is_content() -> None:
+    conn = in_transaction()
+    events, out = send_message(conn, b"Host: x\r\nGET / HTTP/1.1\r\n.\r\n")
+    assert events == [MessageReceived("a@example.com", ("b@example.net",),
+                                      b"Host: x\r\nGET / HTTP/1.1\r\n")]
+    assert out == b"250 2.0.0 Ok: queued as Q1\r\n"
+
+
+# -- hostile clients: text before the 354 (RFC 2920 3.1) ----------------------------------------
+
+IMPROPER = b"554 5.5.0 Error: improper command pipelining after DATA\r\n"
+
+
+def test_text_before_354_ends_the_session() -> None:
+    conn = in_transaction()
+    events = pump(conn, b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+    assert events == [ImproperPipelining("Subject: x????hi??.??QUIT??", 27), ConnectionClosed()]
+    assert conn.data_to_send() == IMPROPER  # no 354, no 250, no 221
+    assert conn.closed
+    assert conn.next_event() == ConnectionClosed()
+
+
+def test_whole_session_in_one_chunk_is_improper_pipelining() -> None:
+    conn = new()
+    events = pump(conn, b"EHLO c.example\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n"
+                        b"x\r\n.\r\n")
+    assert events == [Hello("EHLO", "c.example"), MailFrom("a@b.c", {}), RcptTo("d@e.f", {}),
+                      ImproperPipelining("x??.??", 6), ConnectionClosed()]
+    assert conn.data_to_send() == (
+        EHLO_REPLY.replace(b"client.example", b"c.example")
+        + b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" + IMPROPER
+    )
+
+
+def test_one_octet_before_354_is_enough() -> None:
+    conn = in_transaction()
+    assert pump(conn, b"DATA\r\n\r") == [ImproperPipelining("?", 1), ConnectionClosed()]
+    assert conn.data_to_send() == IMPROPER
+
+
+def test_improper_pipelining_sample_is_cut() -> None:
+    conn = in_transaction()
+    [event, _] = pump(conn, b"DATA\r\n" + b"\xff" * 300)
+    assert event == ImproperPipelining("?" * 100, 300)
+
+
+def test_refused_data_with_text_behind_it_is_read_as_commands() -> None:
+    conn = in_transaction()
+    assert pump(conn, b"DATA now\r\nNOOP\r\n") == []
+    assert conn.data_to_send() == b"501 5.5.4 Syntax: DATA\r\n250 2.0.0 Ok\r\n"
+    conn = ready()
+    assert pump(conn, b"DATA\r\nNOOP\r\n") == []
+    assert conn.data_to_send() == b"503 5.5.1 Error: need RCPT command\r\n250 2.0.0 Ok\r\n"
+
+
+def test_eof_after_data_is_not_improper_pipelining() -> None:
+    conn = in_transaction()
+    conn.receive_data(b"DATA\r\n")
+    conn.receive_data(b"")
+    assert conn.next_event() == ConnectionClosed()
+    assert conn.data_to_send() == GO_AHEAD
+
+
+# -- hostile clients: pregreet and refused clients ---------------------------------------------
+
+
+def test_early_talker() -> None:
+    conn = ServerConnection(ServerLimits(hostname=HOST))
+    conn.receive_data(b"EHLO spambot\r\nMAIL FROM:<a@b.c>\r\n")
+    assert conn.awaiting_first_command is False
+    conn.early_talker()
+    assert conn.data_to_send() == b"554 5.7.1 Error: client talked before the greeting\r\n"
+    assert conn.closed
+    assert conn.awaiting_first_command is False
+    assert conn.next_event() == ConnectionClosed()
+    assert conn.helo is None
+    assert conn.data_to_send() == b""
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("greeting", "early_talker"), ("greeting", "greeting"), ("refuse", "greeting"),
+     ("early_talker", "refuse")],
+)
+def test_session_opens_once(first: str, second: str) -> None:
+    conn = ServerConnection(ServerLimits(hostname=HOST))
+    call: dict[str, Callable[[], None]] = {
+        "greeting": conn.greeting,
+        "early_talker": conn.early_talker,
+        "refuse": lambda: conn.refuse("No"),
+    }
+    call[first]()
+    sent = conn.data_to_send()
+    with pytest.raises(SMTPProtocolError):
+        call[second]()
+    assert conn.data_to_send() == b""
+    assert sent != b""
+
+
+def test_opening_after_shutdown_sends_nothing_more() -> None:
+    conn = ServerConnection(ServerLimits(hostname=HOST))
+    conn.shutdown()
+    conn.greeting()
+    assert conn.data_to_send() == b"421 4.3.2 mx.example.org Service shutting down\r\n"
+
+
+def refused(**limits: int) -> ServerConnection:
+    conn = ServerConnection(ServerLimits(hostname=HOST, **limits))
+    conn.refuse("Client host rejected: Access denied")
+    assert conn.data_to_send() == b"554 5.7.1 Client host rejected: Access denied\r\n"
+    assert conn.refused
+    return conn
+
+
+NO_SERVICE = b"503 5.7.0 Error: no SMTP service here\r\n"
+
+
+def test_refused_client_gets_503_until_quit() -> None:
+    conn = refused()
+    commands = (b"EHLO c.example\r\nHELO c.example\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n"
+                b"DATA\r\nVRFY bob\r\nETRN x.test\r\nNOOP\r\nRSET\r\nHELP\r\nEXPN x\r\nFOO\r\n")
+    assert pump(conn, commands) == []
+    assert conn.data_to_send() == NO_SERVICE * 12
+    assert (conn.helo, conn.state) == (None, "start")
+    assert pump(conn, b"quit\r\n") == [Quit(), ConnectionClosed()]
+    assert conn.data_to_send() == b"221 2.0.0 Bye\r\n"
+
+
+def test_refused_client_hits_the_error_limit() -> None:
+    conn = refused(hard_error_limit=3)
+    assert pump(conn, b"EHLO c\r\n" + b"NOOP\r\n" * 5) == [ConnectionClosed()]
+    assert conn.data_to_send() == (
+        NO_SERVICE * 3 + b"421 4.7.0 mx.example.org Error: too many errors\r\n"
+    )
+
+
+def test_refused_client_forbidden_and_long_lines() -> None:
+    conn = refused()
+    assert pump(conn, b"NOOP " + b"x" * 600 + b"\r\n") == []
+    assert conn.data_to_send() == b"500 5.5.2 Error: line too long\r\n"
+    assert pump(conn, b"GET / HTTP/1.1\r\n") == [Forbidden("GET / HTTP/1.1"), ConnectionClosed()]
+    assert conn.data_to_send() == FORBIDDEN_REPLY
+
+
+def test_refusal_text_cannot_inject_lines() -> None:
+    conn = ServerConnection(ServerLimits(hostname=HOST))
+    with pytest.raises(ValueError):
+        conn.refuse("No\r\n250 Ok")
+    assert conn.data_to_send() == b""
+    conn.greeting()  # the session was not opened by the failed call
+    assert conn.data_to_send() == b"220 mx.example.org ESMTP mailpool\r\n"
+
+
+# -- deadline support: the driver owns the clock -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reason", ["Error: session too long", "Error: data too slow", "Error: command too slow"]
+)
+def test_timeout_reason(reason: str) -> None:
+    conn = in_transaction()
+    conn.timeout(timeout_reason=reason)
+    assert conn.data_to_send() == f"421 4.4.2 mx.example.org {reason}\r\n".encode()
+    assert conn.closed
+    conn.timeout(reason)  # once closed, nothing more
+    assert conn.data_to_send() == b""
+
+
+def test_timeout_reason_cannot_inject_lines() -> None:
+    conn = ready()
+    with pytest.raises(ValueError):
+        conn.timeout("x\r\n250 Ok")
+    assert not conn.closed
+    assert conn.data_to_send() == b""
+
+
+def test_awaiting_first_command() -> None:
+    conn = ServerConnection(ServerLimits(hostname=HOST))
+    assert conn.awaiting_first_command is False  # nothing was said yet
+    conn.greeting()
+    assert conn.awaiting_first_command is True
+    assert pump(conn, b"EH") == []
+    assert conn.awaiting_first_command is True
+    pump(conn, b"LO c\r\n")
+    assert conn.awaiting_first_command is False
+    pump(conn, b"NOOP\r\n")
+    assert conn.awaiting_first_command is False
+
+
+def test_awaiting_first_command_ends_with_any_complete_line() -> None:
+    conn = new()
+    pump(conn, b"x" * 600)
+    assert conn.awaiting_first_command is True  # still inside the (over-long) first line
+    pump(conn, b"\r\n")
+    assert conn.data_to_send() == b"500 5.5.2 Error: line too long\r\n"
+    assert conn.awaiting_first_command is False
+    conn = refused()
+    assert conn.awaiting_first_command is True
+    pump(conn, b"\r\n")
+    assert conn.awaiting_first_command is False
+    conn = new()
+    conn.timeout()
+    assert conn.awaiting_first_command is False
+
+
+def test_in_command_line() -> None:
+    conn = ready()
+    assert conn.in_command_line is False
+    pump(conn, b"NO")
+    assert conn.in_command_line is True
+    pump(conn, b"OP\r\n")
+    assert conn.in_command_line is False
+    pump(conn, b"NOOP\r\nRS")
+    assert conn.in_command_line is True
+    pump(conn, b"ET\r")
+    assert conn.in_command_line is True
+    pump(conn, b"\n")
+    assert conn.in_command_line is False
+    pump(conn, b"x" * 600)  # dropped as it comes: nothing buffered, still inside the line
+    assert len(conn._in) == 0
+    assert conn.in_command_line is True
+    pump(conn, b"\n")
+    assert conn.in_command_line is False
+    assert conn.data_to_send() == (
+        b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n500 5.5.2 Error: line too long\r\n"
+    )
+    pump(conn, b"QU")
+    conn.shutdown()
+    assert conn.in_command_line is False
+
+
+def test_in_command_line_is_false_while_reading_text() -> None:
+    conn = in_transaction()
+    start_data(conn)
+    pump(conn, b"partial line")
+    assert conn.in_command_line is False
+    pump(conn, b"\r\n.\r\nNO")
+    assert conn.state == "ready"
+    assert conn.in_command_line is True
+
+
+def test_data_bytes_received() -> None:
+    conn = in_transaction(max_text_line=10)
+    assert conn.data_bytes_received == 0
+    start_data(conn)
+    assert conn.data_bytes_received == 0
+    pump(conn, b"..ab\r\nc")  # before unstuffing; the partial line counts
+    assert conn.data_bytes_received == 7
+    pump(conn, b"\r")
+    assert conn.data_bytes_received == 8
+    pump(conn, b"\n" + b"x" * 25)  # an over-long line, dropped, still counts
+    assert conn.data_bytes_received == 34
+    assert len(conn._in) == 0
+    pump(conn, b"\r\n.\r\nNOOP\r\n")
+    assert conn.data_bytes_received == 39  # the final "." CRLF too, not what follows
+    assert conn.data_to_send() == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+    pump(conn, b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n")
+    assert conn.data_to_send() == b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+    assert conn.data_bytes_received == 39  # the last DATA's total until the next one
+    start_data(conn)
+    assert conn.data_bytes_received == 0
+    events = pump(conn, b"hi\r\n.\r\n")
+    assert events == [MessageReceived("a@b.c", ("d@e.f",), b"hi\r\n")]
+    assert conn.data_bytes_received == 7

@@ -43,7 +43,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from email.message import Message
-from email.policy import Policy
+from email.policy import EmailPolicy, Policy
 
 from mailpool.config import FilterRule
 
@@ -77,11 +77,16 @@ class FilterMatch:
 
 @dataclass
 class _Facts:
-    """What the rules can look at in one message, each list in message order, no repeats."""
+    """What the rules can look at in one message: ordered sets (dicts), in message order."""
 
-    subjects: list[str] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=list)
+    subjects: dict[str, None] = field(default_factory=dict)
+    names: dict[str, None] = field(default_factory=dict)
+    types: dict[str, None] = field(default_factory=dict)
+
+    def values(self, criterion: str) -> Iterable[str]:
+        if criterion == "subject":
+            return self.subjects
+        return self.names if criterion == "attachment" else self.types
 
 
 # Criteria in the order they are checked and reported: (rule field, label in the reason).
@@ -132,66 +137,52 @@ class Filters:
             found: list[str] = []
             for name, label, pattern, regex in rule.criteria:
                 if name == "originator":
-                    values: list[str] = [sender]
+                    values: Iterable[str] = (sender,)
                 else:
                     if facts is None:  # parsed at most once, and only if a rule needs it
                         facts = self._facts(content)
-                    values = _values(facts, name)
-                hit = next((v for v in values if regex.fullmatch(_candidate(name, v))), None)
-                if hit is None:
-                    hit = next((v for v in values if _alt_match(name, v, regex)), None)
+                    values = facts.values(name)
+                hit = next((v for v in values if _matches(name, v, regex)), None)
                 if hit is None:
                     break
                 found.append(f"{label} {_show(hit)} matches {_show(pattern)}")
             else:
-                return FilterMatch(rule.index, rule.action, f"rule {rule.index}: "
-                                   + ", ".join(found))
+                reason = f"rule {rule.index}: " + ", ".join(found)
+                return FilterMatch(rule.index, rule.action, reason)
         return None
 
     def _facts(self, content: bytes) -> _Facts:
-        if not self._needs_parse:
-            return _Facts()
-        root = _parse(content, email.policy.default, self._max_parts, self._max_depth,
-                      self._needs_body)
-        modern = root is not None
-        if root is None:  # the modern parser raised: compat32 does not parse header values
-            root = _parse(content, email.policy.compat32, self._max_parts, self._max_depth,
-                          self._needs_body)
         facts = _Facts()
-        if root is None:
+        if not self._needs_parse:
             return facts
-        views = list(_views(root, modern))
-        _add(facts.subjects, (s.strip() for view in views for s in _subjects(view)))
-        if not facts.subjects:
-            facts.subjects.append("")
-        if self._needs_body:
-            for part in _walk(root):
-                for view in _views(part, modern):
-                    _add(facts.types, _content_types(view))
-                    _add(facts.names, _file_names(view))
+        bounds = (self._max_parts, self._max_depth, self._needs_body)
+        modern = True
+        root = _parse(content, email.policy.default, *bounds)
+        if root is None:  # the modern parser raised; compat32 does not parse header values
+            modern = False
+            root = _parse(content, email.policy.compat32, *bounds)
+        if root is not None:
+            for view in _views(root, modern):
+                facts.subjects.update(dict.fromkeys(s.strip() for s in _subjects(view)))
+            if self._needs_body:
+                for part in _walk(root):
+                    for view in _views(part, modern):
+                        facts.types.update(dict.fromkeys(_content_types(view)))
+                        facts.names.update(dict.fromkeys(_file_names(view)))
+        if not facts.subjects:  # no Subject header: the subject is empty
+            facts.subjects[""] = None
         return facts
 
 
-def _values(facts: _Facts, name: str) -> list[str]:
-    if name == "subject":
-        return facts.subjects
-    if name == "attachment":
-        return facts.names
-    return facts.types
-
-
-def _candidate(name: str, value: str) -> str:
-    return value
-
-
-def _alt_match(name: str, value: str, regex: re.Pattern[str]) -> bool:
-    """A file name also matches as its last path element and without trailing dots and
-    spaces, which is how Windows opens `lovebug.vbs.` or `..\\lovebug.vbs `."""
+def _matches(name: str, value: str, regex: re.Pattern[str]) -> bool:
+    if regex.fullmatch(value):
+        return True
     if name != "attachment":
         return False
+    # A file name also counts as its last path element and without the trailing dots and
+    # spaces Windows ignores: `..\\lovebug.vbs. ` opens as lovebug.vbs.
     base = re.split(r"[/\\]", value)[-1]
-    return any(regex.fullmatch(alt) for alt in {base, value.rstrip(" ."), base.rstrip(" .")}
-               if alt != value)
+    return any(regex.fullmatch(alt) for alt in (base, value.rstrip(" ."), base.rstrip(" .")))
 
 
 def _envelope_address(originator: str) -> str:
@@ -249,7 +240,7 @@ def _parse(content: bytes, policy: Policy, max_parts: int, max_depth: int,
             email.parser.BytesParser(policy=bounded).parsebytes(content, headersonly=True)
     except _Bound:
         pass  # keep what was parsed before the bound
-    except (Exception, RecursionError):
+    except Exception:  # RecursionError included: hostile headers nest comments deeply
         return None
     return budget.root
 
@@ -280,14 +271,14 @@ def _views(part: Message, modern: bool) -> Iterator[Message]:
 
 
 def _is_compat(view: Message) -> bool:
-    return view.policy is email.policy.compat32 or not hasattr(view.policy, "header_factory")
+    return not isinstance(view.policy, EmailPolicy)
 
 
 def _subjects(view: Message) -> list[str]:
     try:
         values = view.get_all("subject") or []
-        if _is_compat(view):
-            return [_decode_words(v) for v in values if isinstance(v, str)]
+        if _is_compat(view):  # raw (or a Header for 8-bit bytes): unfold, then decode
+            return [_decode_words("".join(str(v).splitlines())) for v in values]
         return [str(v) for v in values]
     except Exception:
         return []
@@ -323,12 +314,6 @@ def _decode_words(value: str) -> str:
         return str(make_header(decode_header(value)))
     except Exception:
         return value
-
-
-def _add(into: list[str], values: Iterable[str]) -> None:
-    for value in values:
-        if value not in into:
-            into.append(value)
 
 
 def _show(value: str) -> str:

@@ -198,6 +198,17 @@ class Framework:
             fp.notices.append((kind, queued, [r.final_recipient for r in reports]))
             fp.handed.append(OutboundItem(notice_id, "incoming", [], 0.0))
 
+    def park(self, queue_id: str) -> tuple[str, dict[str, Any]] | None:
+        """Storage threshold: move a message to the busy queue untouched; its 7L entry (None
+        when it is no longer on the incoming queue)."""
+        try:
+            envelope = self.spool.load_envelope("incoming", queue_id)
+            self.spool.move(queue_id, "incoming", "busy", sync=False)
+        except FileNotFoundError:
+            return None
+        return ("7L", {"queue_id": queue_id, "message_id": envelope.message_id,
+                       "detail": "storage threshold: on the busy queue"})
+
     def complete(self, fp: FrameworkPass) -> None:
         """Second half, once every write is durable: journal it, take the message off."""
         env = fp.envelope

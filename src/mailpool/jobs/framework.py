@@ -15,14 +15,22 @@ from mailpool.framework.notice_queue import NoticeSettings
 from mailpool.framework.passes import Framework
 from mailpool.framework.spool import Spool
 from mailpool.jobs.runtime import JobContext, WorkResult, run_job
+from mailpool.storage import SpaceCheck
 from mailpool.supervisor.channel import OutboundItem
 
 
-async def work(framework: Framework, ctx: JobContext,
+async def work(framework: Framework, space: SpaceCheck, ctx: JobContext,
                items: list[tuple[str, bool]]) -> WorkResult:
     passes = []
     entries: list[tuple[str, dict[str, object]]] = []
     results: list[tuple[str, bool]] = []
+    if space.low():
+        # The storage threshold: park the batch on the busy queue; the supervisor puts it
+        # back (7M) when there is room again.
+        parked = [(qid, framework.park(qid)) for qid, _ in items]
+        if not await ctx.group_sync([entry for _, entry in parked if entry]):
+            return WorkResult([(qid, False) for qid, _ in items], [], [])
+        return WorkResult([(qid, True) for qid, _ in parked], [], [])
     for queue_id, again in items:
         fp = framework.deliver(queue_id, again=again)
         if fp is None:
@@ -50,4 +58,5 @@ async def run(ctx: JobContext) -> None:
         mailbox_root=ctx.loaded.mailbox_dir, hostname=cfg.host.name,
         local_domains=cfg.host.local_domains, postmaster=cfg.host.postmaster,
         router=cfg.outbound.router, notices=NoticeSettings.from_config(cfg))
-    await run_job(ctx, work=functools.partial(work, framework))
+    space = SpaceCheck(ctx.loaded.data_dir, cfg.storage.min_free_mb)
+    await run_job(ctx, work=functools.partial(work, framework, space))

@@ -16,6 +16,8 @@ from mailpool.jobs.runtime import JobContext, run_job, send_within
 from mailpool.message import find_message_id, message_id_header, received_header
 from mailpool.protocol import smtp_server as core
 from mailpool.relay import RelayRules
+from mailpool.storage import REPLY as STORAGE_LOW
+from mailpool.storage import SpaceCheck
 from mailpool.supervisor.channel import Assign
 
 
@@ -31,6 +33,7 @@ class SmtpServerRole:
             near_domains=cfg.relay.near_domains, networks=cfg.relay.networks,
             percent_hack=cfg.relay.percent_hack)
         self.etrn_domains = {d.lower().rstrip(".") for d in cfg.etrn.domains}
+        self.space = SpaceCheck(ctx.loaded.data_dir, cfg.storage.min_free_mb)
         self.postmaster = cfg.host.postmaster
         self.spool = Spool(ctx.loaded.spool_dir)
         self.directory = Directory(ctx.loaded.directory_file)
@@ -59,6 +62,9 @@ class SmtpServerRole:
     def rcpt(self, conn: core.ServerConnection, event: core.RcptTo, peer_ip: str,
              relayed: dict[str, str]) -> str | None:
         """Answer one RCPT; a journal note ("9V" refusal) for the caller to write, or None."""
+        if self.space.low():
+            conn.reply(*STORAGE_LOW)
+            return None
         verdict = self.relay.classify(event.address, peer_ip)
         addr = verdict.address
         if verdict.kind == "refused":
@@ -206,6 +212,9 @@ class SmtpServerRole:
                              event: core.MessageReceived, peer_ip: str,
                              rewritten: dict[str, str]) -> None:
         """Make the message durable in the incoming queue, journal it, then answer 250."""
+        if self.space.low():
+            conn.reply(*STORAGE_LOW)
+            return
         queue_id = self.spool.new_queue_id()
         content = event.content
         # A recipient named twice in one transaction (in any letter case: local mailboxes

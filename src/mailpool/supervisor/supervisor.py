@@ -32,6 +32,7 @@ from mailpool.logs import setup as setup_logging
 from mailpool.outbound.destinations import DestinationLimits, Destinations
 from mailpool.outbound.state import destinations, load_state
 from mailpool.roles import ROLES, for_queue
+from mailpool.storage import SpaceCheck
 from mailpool.supervisor.anvil import ClientLimits
 from mailpool.supervisor.channel import (
     AuthCount,
@@ -250,6 +251,7 @@ class Supervisor:
                 if dropped:
                     log.info("%s", dropped)
                 nursery.start_soon(self.housekeeping)
+                nursery.start_soon(self.storage_watch)
                 nursery.start_soon(self.commits.run)
                 self.pools.start(nursery)
                 nursery.start_soon(self.handoff.accept_loops, self.listeners)
@@ -359,6 +361,33 @@ class Supervisor:
                 job, lambda queue_id: self.nursery.start_soon(self.reload_outbound, queue_id))
 
     # --- timers ----------------------------------------------------------------------------------
+
+    async def storage_watch(self) -> None:
+        """Put the busy queue back on the incoming queue (7M) once there is room again."""
+        while True:
+            storage = self.loaded.config.storage  # a reload may change it
+            await trio.sleep(storage.check_interval)
+            moved = await trio.to_thread.run_sync(
+                self.resume_busy, SpaceCheck(self.loaded.data_dir, storage.min_free_mb))
+            for queue_id, message_id in moved:
+                self.record("7M", queue_id=queue_id, message_id=message_id,
+                            detail="space reclaimed: back on the incoming queue")
+                self.work.put(queue_id, again=True)
+
+    def resume_busy(self, check: SpaceCheck) -> list[tuple[str, str]]:
+        """In a worker thread (file system only): move the busy queue back when there is
+        room; the (queue id, Message-ID) moved."""
+        if check.low():
+            return []
+        moved = []
+        for queue_id in self.spool.list("busy"):
+            try:
+                envelope = self.spool.load_envelope("busy", queue_id)
+                self.spool.move(queue_id, "busy", "incoming", sync=False)
+            except (FileNotFoundError, SpoolError):
+                continue
+            moved.append((queue_id, envelope.message_id))
+        return moved
 
     async def housekeeping(self) -> None:
         interval = self.loaded.config.journal.sync_interval
