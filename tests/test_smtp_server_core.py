@@ -1336,7 +1336,7 @@ def test_no_control_character_reaches_the_driver(control: bytes) -> None:
                 pump(conn, b"MAIL FROM:<>\r\n")
             events = pump(conn, template[:i] + control + template[i:] + b"\r\n", etrn_answer)
             accepted += len(events)
-            texts = strings_in(events) + [conn.helo or ""]
+            texts = [*strings_in(events), conn.helo or ""]
             assert not any(c < " " or c == "\x7f" for text in texts for c in text), events
     assert accepted > 0  # separators (a tab, a trailing CR...) still let some lines through
 

@@ -9,6 +9,9 @@ import pytest
 from mailpool.protocol import smtp_client, smtp_server
 from mailpool.protocol.smtp_syntax import (
     ENHANCED_RE,
+    MAX_DOMAIN,
+    MAX_LOCAL_PART,
+    MAX_PATH,
     NEED_DATA,
     PAUSED,
     TOO_LONG,
@@ -18,9 +21,11 @@ from mailpool.protocol.smtp_syntax import (
     ReplySyntaxError,
     address_literal_ok,
     enhanced_of,
+    hello_argument_ok,
     is_mailbox,
     parse_params,
     parse_path,
+    path_length_ok,
     split_path,
     xtext_decode,
     xtext_encode,
@@ -99,6 +104,66 @@ def test_address_literal() -> None:
     assert not address_literal_ok("10.0.0.0256")
     assert address_literal_ok("ipv6:::1")
     assert not address_literal_ok("IPv6:::g")
+
+
+def test_rfc5321_size_limits() -> None:
+    assert (MAX_LOCAL_PART, MAX_DOMAIN, MAX_PATH) == (64, 255, 256)
+
+
+@pytest.mark.parametrize(
+    ("path", "ok"),
+    [
+        ("", True),
+        ("Postmaster", True),
+        ("l" * 64 + "@b.c", True),
+        ("l" * 65 + "@b.c", False),
+        ('"' + "q" * 62 + '"@b.c', True),  # a quoted local part counts with its quotes
+        ('"' + "q" * 63 + '"@b.c', False),
+        ('"a@b"@' + "d" * 247, True),  # the last "@" starts the domain
+        ("l" * 64 + "@" + "d" * 189, True),  # 254 octets + "<" and ">" = 256
+        ("l" * 64 + "@" + "d" * 190, False),
+        ("x" * 255, False),  # the path limit holds whatever the content
+        ("@r.org:" + "l" * 64 + "@b.c", True),  # the local part after the source route
+        ("@r.org:" + "l" * 65 + "@b.c", False),
+        ("@" + "r" * 200 + ".org:u@" + "d" * 46, True),  # 254 with the route
+        ("@" + "r" * 200 + ".org:u@" + "d" * 47, False),
+    ],
+)
+def test_path_length_ok(path: str, ok: bool) -> None:
+    assert path_length_ok(path) is ok
+
+
+@pytest.mark.parametrize(
+    ("arg", "ok"),
+    [
+        ("mx.example.org", True),
+        ("localhost", True),
+        ("a-1.b2", True),
+        ("d" * 251 + ".org", True),  # 255 octets
+        ("d" * 252 + ".org", False),
+        ("[192.0.2.1]", True),
+        ("[IPv6:2001:db8::1]", True),
+        ("[IPv6:::ffff:192.0.2.1]", True),
+        ("", False),
+        ("a b", False),
+        ("a\tb", False),
+        ("a\x00", False),
+        ("\x7f", False),
+        ("caf\xe9", False),
+        ("host.", False),
+        (".host", False),
+        ("ho_st", False),
+        ("-host", False),
+        ("[192.0.2.256]", False),
+        ("[192.0.2.1] x", False),
+        ("[[192.0.2.1]]", False),
+        ("[IPv6:::1\x00]", False),
+        ("[IPv6:fe80::1%eth0]", False),
+        ("192.0.2.1", True),  # digits and dots are a (numeric-looking) domain in the grammar
+    ],
+)
+def test_hello_argument_ok(arg: str, ok: bool) -> None:
+    assert hello_argument_ok(arg) is ok
 
 
 def test_parse_params() -> None:

@@ -219,6 +219,18 @@ class _Part(Message):
         super().__init__(policy)
         self.budget = budget
         self.depth = 0
+        self._fetched: dict[tuple[str, str], object] = {}
+
+    def get(self, name: str, failobj: object = None) -> object:  # type: ignore[override]
+        """Message.get, remembering each parsed header: the parser asks for the content type
+        of every part five times, and policy.default parses the header anew each time."""
+        wanted = name.lower()
+        for key in self.raw_items():
+            if key[0].lower() == wanted:
+                if key not in self._fetched:
+                    self._fetched[key] = self.policy.header_fetch_parse(*key)
+                return self._fetched[key]
+        return failobj
 
     def attach(self, payload: Message) -> None:  # type: ignore[override]
         if isinstance(payload, _Part):

@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import dns.exception
-import dns.resolver
 import trio
 
 from mailpool.config import parse_router
@@ -34,7 +32,14 @@ from mailpool.framework.spool import Envelope, Spool, SpoolError
 from mailpool.jobs.client_session import ConnectionCache, SessionError, open_connection
 from mailpool.jobs.runtime import JobContext, run_job
 from mailpool.outbound.mx import RouteFailure
-from mailpool.outbound.resolver import DnsProblem, DnsSettings, MailResolver, MxHost, Route
+from mailpool.outbound.resolver import (
+    DnsProblem,
+    DnsSettings,
+    MailResolver,
+    MxHost,
+    Route,
+    system_nameservers,
+)
 from mailpool.outbound.schedule import (
     EXPIRED,
     RetryPolicy,
@@ -465,16 +470,6 @@ class ClientRole:
             log.warning("ETRN: %s", exc.reason)
         finally:
             await conn.close()
-
-
-def system_nameservers() -> tuple[str, ...]:
-    """The nameservers of /etc/resolv.conf ([dns] nameservers left empty)."""
-    try:
-        found = tuple(dns.resolver.Resolver(configure=True).nameservers)
-    except dns.exception.DNSException as exc:
-        found = ()
-        log.error("no usable /etc/resolv.conf (%s): set [dns] nameservers", exc)
-    return found or ("127.0.0.1",)
 
 
 def _is_ip(host: str) -> bool:

@@ -6,6 +6,9 @@ lives in mailpool.protocol.smtp_server.
 
 from __future__ import annotations
 
+import logging
+import select
+import socket
 import time
 
 import trio
@@ -14,11 +17,29 @@ from mailpool.directory import Directory, DirectoryError
 from mailpool.framework.spool import Envelope, Spool
 from mailpool.jobs.runtime import JobContext, run_job, send_within
 from mailpool.message import find_message_id, message_id_header, received_header
+from mailpool.outbound.resolver import system_nameservers
 from mailpool.protocol import smtp_server as core
 from mailpool.relay import RelayRules
+from mailpool.restrictions import ConnectionRules
 from mailpool.storage import REPLY as STORAGE_LOW
 from mailpool.storage import SpaceCheck
 from mailpool.supervisor.channel import Assign
+
+log = logging.getLogger("mailpool.smtp")
+
+
+async def talked_first(stream: trio.SocketStream, pause: float) -> bool:
+    """Whether the client sent anything before its greeting (waiting `pause` seconds)."""
+    sock = stream.socket
+    if pause > 0:
+        with trio.move_on_after(pause):
+            await trio.lowlevel.wait_readable(sock)
+    if not select.select([sock.fileno()], [], [], 0)[0]:
+        return False
+    try:
+        return bool(await sock.recv(1, socket.MSG_PEEK))
+    except OSError:
+        return False  # reset: the session ends at its first read
 
 
 class SmtpServerRole:
@@ -34,6 +55,12 @@ class SmtpServerRole:
             percent_hack=cfg.relay.percent_hack)
         self.etrn_domains = {d.lower().rstrip(".") for d in cfg.etrn.domains}
         self.space = SpaceCheck(ctx.loaded.data_dir, cfg.storage.min_free_mb)
+        restrictions = cfg.restrictions
+        self.rules = ConnectionRules(
+            deny=restrictions.deny, dnsbl=restrictions.dnsbl,
+            timeout=restrictions.dnsbl_timeout,
+            nameservers=cfg.dns.nameservers or list(system_nameservers()),
+            port=cfg.dns.port) if restrictions.deny or restrictions.dnsbl else None
         self.postmaster = cfg.host.postmaster
         self.spool = Spool(ctx.loaded.spool_dir)
         self.directory = Directory(ctx.loaded.directory_file)
@@ -113,14 +140,41 @@ class SmtpServerRole:
 
     # --- the session --------------------------------------------------------------------
 
+    async def opening(self, ctx: JobContext, stream: trio.SocketStream,
+                      conn: core.ServerConnection, peer_ip: str) -> None:
+        """Greet the client, or refuse it: the deny list and DNS blocklists, and a client that
+        talks before the greeting (Postfix's pregreet test; with greet_pause 0 only what it
+        sent while the connection waited for a job counts)."""
+        if self.rules is not None:
+            refusal, notes = await self.rules.check(peer_ip)
+            for note in notes:
+                log.info("blocklist lookup for %s: %s", peer_ip, note)
+            if refusal is not None:
+                conn.refuse(refusal.reason)
+                await ctx.journal("9S", ip=peer_ip,
+                                  detail=f"{refusal.listed_by}: {refusal.reason} "
+                                         f"({refusal.detail})")
+                return
+        if await talked_first(stream, ctx.config.smtp.greet_pause):
+            conn.early_talker()
+            await ctx.journal("9S", ip=peer_ip, detail="talked before the greeting")
+            return
+        conn.greeting()
+
     async def session(self, ctx: JobContext, stream: trio.SocketStream, assign: Assign) -> None:
         cfg = ctx.config.smtp
         conn = core.ServerConnection(self.limits)
-        conn.greeting()
         peer_ip = assign.peer_ip
+        await self.opening(ctx, stream, conn, peer_ip)
         # RCPT address as given -> the address to deliver to, where the relay rules
         # rewrote it or let it go out (for this transaction).
         rewritten: dict[str, str] = {}
+        # Deadlines no dripping client can stretch: the whole session; each command line
+        # (from the wait that starts it, the greeting for the first); DATA at a minimum rate.
+        now = trio.current_time()
+        session_deadline = now + cfg.session_timeout
+        line_deadline = now + cfg.command_timeout
+        data_started: float | None = None
 
         async def flush() -> bool:
             return await send_within(stream, conn.data_to_send(), cfg.command_timeout)
@@ -139,12 +193,23 @@ class SmtpServerRole:
                         conn.shutdown()
                         await flush()
                         return
-                    # One deadline per round trip: our replies must go out and the client's
-                    # next bytes arrive within it (a client that does not read is as silent
-                    # as one that does not write).
+                    now = trio.current_time()
+                    if conn.state == "data":
+                        data_started = data_started if data_started is not None else now
+                        deadline = (data_started + cfg.data_timeout
+                                    + conn.data_bytes_received / cfg.min_data_rate)
+                        why = "Error: data too slow"
+                    else:
+                        data_started = None
+                        if not conn.in_command_line and not conn.awaiting_first_command:
+                            line_deadline = now + cfg.command_timeout  # a new line starts
+                        deadline, why = line_deadline, "Error: timeout exceeded"
+                    if session_deadline < deadline:
+                        deadline, why = session_deadline, "Error: session too long"
+                    # Our replies must go out and the client's next bytes arrive before it
+                    # (a client that does not read is as silent as one that does not write).
                     out = conn.data_to_send()
-                    timeout = cfg.data_timeout if conn.state == "data" else cfg.command_timeout
-                    with trio.move_on_after(timeout) as scope:
+                    with trio.move_on_at(deadline) as scope:
                         if out:
                             await stream.send_all(out)
                         if idle:  # a drain may interrupt the wait, never a reply
@@ -159,10 +224,16 @@ class SmtpServerRole:
                         if idle and ctx.draining.is_set():
                             conn.shutdown()
                         else:
-                            conn.timeout()
+                            conn.timeout(why)
                         await flush()
                         return
                     conn.receive_data(data)
+                elif isinstance(event, core.Forbidden | core.ImproperPipelining):
+                    # The core answered and closes: journal who tried what.
+                    what = (f"forbidden command {event.line!r}"
+                            if isinstance(event, core.Forbidden)
+                            else f"improper pipelining after DATA: {event.sample!r}")
+                    await ctx.journal("9S", ip=peer_ip, detail=what)
                 elif isinstance(event, core.RcptTo):
                     refused = self.rcpt(conn, event, peer_ip, rewritten)
                     if refused is not None:

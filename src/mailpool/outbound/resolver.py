@@ -14,6 +14,7 @@ whether or not it ended the route.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import random
 import time
 from collections.abc import Collection, Iterable, Sequence
@@ -45,6 +46,8 @@ __all__ = [
     "Route",
     "RouteFailure",
 ]
+
+log = logging.getLogger("mailpool.dns")
 
 # EDNS(0) buffer size of the DNS flag day 2020: big enough for most MX sets, small enough
 # not to fragment. Bigger answers come truncated and dnspython retries them over TCP.
@@ -155,6 +158,17 @@ def _nameserver_errors(exc: dns.resolver.NoNameservers) -> str:
         if text not in reasons:
             reasons.append(text)
     return ", ".join(reasons) or "no nameserver answering"
+
+
+def system_nameservers() -> tuple[str, ...]:
+    """The nameservers of /etc/resolv.conf, for [dns] nameservers left empty (read once,
+    when a job starts; never for the search list or options)."""
+    try:
+        found = tuple(dns.resolver.Resolver(configure=True).nameservers)
+    except dns.exception.DNSException as exc:
+        found = ()
+        log.error("no usable /etc/resolv.conf (%s): set [dns] nameservers", exc)
+    return found or ("127.0.0.1",)
 
 
 def _negative_ttl(responses: Iterable[Any]) -> float:
