@@ -11,6 +11,7 @@ import pytest
 from mailpool.config import PoolParams
 from mailpool.supervisor.pool import (
     BACKOFF_CAP,
+    START_GRACE,
     JobState,
     Plan,
     PoolEntry,
@@ -388,16 +389,26 @@ def test_heartbeat_kill_of_silent_ready_job() -> None:
 
 def test_starting_job_that_never_gets_ready_is_killed() -> None:
     clock = FakeClock()
-    pool = entry(clock, initial_jobs=1, threshold=0, additional_jobs=1, heartbeat_timeout=5.0)
+    pool = entry(clock, initial_jobs=1, threshold=0, additional_jobs=1, heartbeat_timeout=15.0)
     execute(pool, pool.start(), ready=False)
-    clock.advance(5.0)
+    clock.advance(15.0)
     plan = pool.plan()
     assert plan.kill == [(1, "heartbeat")]
-    assert plan.spawn == 0 and plan.spawn_blocked_until == 5.5  # a start-up failure
+    assert plan.spawn == 0 and plan.spawn_blocked_until == 15.5  # a start-up failure
     assert pool.job_exited(1, crashed=True) == "heartbeat"
-    assert pool.plan().spawn_blocked_until == 5.5  # counted once
+    assert pool.plan().spawn_blocked_until == 15.5  # counted once
     clock.advance(0.5)
     assert pool.plan().spawn == 1
+
+
+def test_a_starting_job_has_the_start_grace_even_with_a_short_heartbeat() -> None:
+    clock = FakeClock()
+    pool = entry(clock, initial_jobs=1, threshold=0, additional_jobs=1, heartbeat_timeout=1.0)
+    execute(pool, pool.start(), ready=False)
+    clock.advance(START_GRACE - 0.1)
+    assert pool.plan().kill == []  # still importing, not hung
+    clock.advance(0.1)
+    assert pool.plan().kill == [(1, "heartbeat")]
 
 
 def test_drain_timeout_kills_a_draining_job() -> None:

@@ -19,7 +19,8 @@ filters look at:
 Each part is read twice, through policy.default and through a compat32 view of its raw
 headers, and the values of both count: the modern header parser drops parameters it finds
 malformed or repeated (`filename="ok.txt"; filename="evil.exe"`), which a mail client may still
-use, and it can raise on hostile headers (deeply nested comments) where compat32 does not.
+use. If the modern parse itself raises (deeply nested comments in a header make its parser
+recurse out), the message is parsed again with compat32 alone, which does not parse values.
 
 Bounds: parsing stops once max_parts parts exist or a part would sit deeper than max_depth
 (the top-level message is depth 0). The parser's own message factory enforces this, so a
@@ -56,8 +57,8 @@ def wildcard(pattern: str) -> re.Pattern[str]:
     """Compile a filter pattern: `*` is any run of characters, all else literal, no case.
 
     Use with fullmatch(). The pieces between stars are matched leftmost inside atomic groups,
-    which is exact for star-only patterns and keeps matching linear: a pattern like `*a*a*a*b`
-    cannot backtrack exponentially over a long hostile subject.
+    which is exact for star-only patterns and never backtracks into a piece, so a pattern
+    like `*a*a*a*b` cannot take exponential time over a long hostile subject.
     """
     pieces = pattern.split("*")
     if len(pieces) == 1:

@@ -10,6 +10,7 @@ import logging
 import select
 import socket
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -17,15 +18,28 @@ from mailpool.directory import Directory, DirectoryError
 from mailpool.framework.spool import Envelope, Spool
 from mailpool.jobs.runtime import JobContext, run_job, send_within
 from mailpool.message import find_message_id, message_id_header, received_header
-from mailpool.outbound.resolver import system_nameservers
 from mailpool.protocol import smtp_server as core
 from mailpool.relay import RelayRules
-from mailpool.restrictions import ConnectionRules
 from mailpool.storage import REPLY as STORAGE_LOW
 from mailpool.storage import SpaceCheck
 from mailpool.supervisor.channel import Assign
 
+if TYPE_CHECKING:
+    from mailpool.config import Config
+    from mailpool.restrictions import ConnectionRules
+
 log = logging.getLogger("mailpool.smtp")
+
+
+def connection_rules(cfg: Config) -> ConnectionRules:
+    # dnspython is imported only by jobs that need it: it doubles a job's start-up time.
+    from mailpool.outbound.resolver import system_nameservers
+    from mailpool.restrictions import ConnectionRules
+
+    r = cfg.restrictions
+    return ConnectionRules(deny=r.deny, dnsbl=r.dnsbl, timeout=r.dnsbl_timeout,
+                           nameservers=cfg.dns.nameservers or list(system_nameservers()),
+                           port=cfg.dns.port)
 
 
 async def talked_first(stream: trio.SocketStream, pause: float) -> bool:
@@ -55,12 +69,8 @@ class SmtpServerRole:
             percent_hack=cfg.relay.percent_hack)
         self.etrn_domains = {d.lower().rstrip(".") for d in cfg.etrn.domains}
         self.space = SpaceCheck(ctx.loaded.data_dir, cfg.storage.min_free_mb)
-        restrictions = cfg.restrictions
-        self.rules = ConnectionRules(
-            deny=restrictions.deny, dnsbl=restrictions.dnsbl,
-            timeout=restrictions.dnsbl_timeout,
-            nameservers=cfg.dns.nameservers or list(system_nameservers()),
-            port=cfg.dns.port) if restrictions.deny or restrictions.dnsbl else None
+        self.rules = connection_rules(cfg) if (cfg.restrictions.deny
+                                               or cfg.restrictions.dnsbl) else None
         self.postmaster = cfg.host.postmaster
         self.spool = Spool(ctx.loaded.spool_dir)
         self.directory = Directory(ctx.loaded.directory_file)

@@ -36,6 +36,8 @@ BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 # A job that exits before serving anything this soon after its start "died at start-up".
 EARLY_WINDOW = 5.0
+# A starting job has at least this long to say Ready, whatever its heartbeat_timeout.
+START_GRACE = 10.0
 
 # Why a job is drained (no new sessions, ends when its sessions end).
 DRAIN_REASONS = ("max_use", "idle", "maximum", "reload", "drain")
@@ -353,9 +355,13 @@ class PoolEntry:
                     wake_at=self._wake_at(now, blocked))
 
     def _liveness_deadline(self, job: Job) -> float:
-        # Before READY the start itself must finish within heartbeat_timeout.
-        base = job.started_at if job.ready_at is None else job.last_heartbeat
-        return base + self.params.heartbeat_timeout
+        # Before READY the start itself must finish within heartbeat_timeout, but never less
+        # than START_GRACE: a Python job's start is CPU-bound (imports), and several jobs
+        # starting at once on a busy machine take seconds; killing them would only restart
+        # them.
+        if job.ready_at is None:
+            return job.started_at + max(self.params.heartbeat_timeout, START_GRACE)
+        return job.last_heartbeat + self.params.heartbeat_timeout
 
     def _shrink_to_maximum(self, now: float) -> None:
         live = [j for j in self._jobs.values() if j.state in _LIVE]
