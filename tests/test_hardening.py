@@ -221,3 +221,155 @@ def test_below_the_storage_threshold_mail_waits_and_resumes(host: Any, raw_smtp:
     h.wait_delivered("bob", 1, timeout=30)
     codes = [r["code"] for r in h.journal("--queue-id", qid)]
     assert codes.index("7L") < codes.index("7M") < codes.index("B2"), codes
+
+
+# --- deadlines a client cannot stretch --------------------------------------------------------
+
+
+def _connect(h: Host, source: str = "127.0.0.1") -> socket.socket:
+    s = socket.create_connection(h.smtp, source_address=(source, 0), timeout=30)
+    return s
+
+
+def _closed(s: socket.socket) -> bool:
+    """The server closed: EOF, or a reset (it closed with our unread input in its buffer)."""
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _read_reply(s: socket.socket) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\r\n") or (len(buf) > 4 and buf.splitlines()[-1][3:4] == b"-"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def test_a_dripping_client_is_cut_at_the_command_deadline(host: Any) -> None:
+    h = host("[smtp]\ncommand_timeout = 2.0\n")
+    h.add_user("bob", "bob@example.test")
+    drip = _connect(h)
+    assert _read_reply(drip).startswith(b"220")
+    drip.sendall(b"EHLO client.example.test\r\n")
+    _read_reply(drip)
+    start = time.monotonic()
+    closed_at = None
+    for byte in b"MAIL FROM:<a@remote.test>\r\n":  # one byte every 0.4 s: 11 s in all
+        try:
+            drip.sendall(bytes([byte]))
+        except OSError:
+            break
+        drip.settimeout(0.4)
+        try:
+            got = drip.recv(200)
+        except TimeoutError:
+            continue
+        assert got.startswith(b"421 4.4.2"), got
+        closed_at = time.monotonic()
+        break
+    assert closed_at is not None and closed_at - start < 4  # one deadline for the whole line
+    smtp_ok(h)  # the normal client beside it was served
+
+
+def test_data_below_the_minimum_rate_and_a_session_too_long_are_cut(host: Any) -> None:
+    h = host("[smtp]\ndata_timeout = 1.0\nmin_data_rate = 100\nsession_timeout = 6.0\n"
+             "command_timeout = 5.0\n")
+    h.add_user("bob", "bob@example.test")
+    slow = _connect(h)
+    _read_reply(slow)
+    for cmd in (b"EHLO c.example.test", b"MAIL FROM:<a@remote.test>",
+                b"RCPT TO:<bob@example.test>", b"DATA"):
+        slow.sendall(cmd + b"\r\n")
+        _read_reply(slow)
+    start = time.monotonic()
+    reply = b""
+    for _ in range(40):  # 10 bytes a second: 1 s grace + 10 bytes / 100 B/s
+        try:
+            slow.sendall(b"x" * 10)
+        except OSError:
+            break
+        slow.settimeout(1.0)
+        try:
+            reply = slow.recv(200)
+        except TimeoutError:
+            continue
+        break
+    assert reply.startswith(b"421 4.4.2") and b"data too slow" in reply, reply
+    assert time.monotonic() - start < 6
+    # A session that keeps talking is still ended at session_timeout.
+    chatty = _connect(h)
+    _read_reply(chatty)
+    start = time.monotonic()
+    reply = b""
+    while time.monotonic() - start < 15:
+        chatty.sendall(b"NOOP\r\n")
+        reply = _read_reply(chatty)
+        if not reply.startswith(b"250"):
+            break
+        time.sleep(0.5)
+    assert reply.startswith(b"421 4.4.2") and b"session too long" in reply, reply
+    assert 5 < time.monotonic() - start < 9
+
+
+# --- hostile input ------------------------------------------------------------------------------
+
+
+def test_pregreet_forbidden_commands_and_pipelining_before_354(host: Any) -> None:
+    h = host("[smtp]\ngreet_pause = 0.5\n")
+    h.add_user("bob", "bob@example.test")
+    early = _connect(h)
+    early.sendall(b"EHLO bot.example.test\r\n")  # before the greeting
+    assert _read_reply(early).startswith(b"554 5.7.1")
+    assert _closed(early)
+    web = _connect(h)
+    assert _read_reply(web).startswith(b"220")
+    web.sendall(b"GET / HTTP/1.1\r\nHost: mail.example.test\r\n\r\n")
+    assert _read_reply(web) == b"221 2.7.0 Error: I can break rules, too. Goodbye.\r\n"
+    assert _closed(web)
+    rush = _connect(h)
+    _read_reply(rush)
+    rush.sendall(b"EHLO c.example.test\r\n")
+    _read_reply(rush)
+    rush.sendall(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@example.test>\r\n"
+                 b"DATA\r\nSubject: no wait\r\n\r\nbody\r\n.\r\n")
+    replies = b""
+    while b"554" not in replies:
+        try:
+            chunk = rush.recv(4096)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        replies += chunk
+    assert b"554 5.5.0 Error: improper command pipelining after DATA" in replies
+    smtp_ok(h)
+    details = [r["detail"] for r in h.journal("--code", "9S")]
+    assert any("talked before the greeting" in d for d in details)
+    assert any("forbidden command" in d and "GET" in d for d in details)
+    assert any("improper pipelining" in d for d in details)
+    assert h.maildir_files("bob") and len(h.maildir_files("bob")) == 1
+
+
+def test_grammar_limits_and_a_nul_in_ehlo(host: Any, raw_smtp: Any) -> None:
+    h = host()
+    h.add_user("bob", "bob@example.test")
+    c = raw_smtp(h.smtp)
+    c.reply()
+    assert c.cmd("EHLO bad\x00name")[0] == 501
+    assert c.cmd("EHLO good.example.test")[0] == 250
+    assert c.cmd("MAIL FROM:<" + "a" * 65 + "@remote.test>")[0] == 501
+    assert c.cmd("MAIL FROM:<a@remote.test>")[0] == 250
+    long_path = "b" * 60 + "@" + ".".join(["d" * 60] * 4) + ".test"
+    assert c.cmd(f"RCPT TO:<{long_path}>") == (501, ["5.1.3 Bad recipient address syntax"])
+    assert c.cmd("RCPT TO:<bob@example.test>")[0] == 250
+    c.send(b"DATA\r\n")
+    assert c.reply()[0] == 354
+    c.send(b"Subject: fine\r\n\r\nok\r\n.\r\n")
+    assert c.reply()[0] == 250
+    (path,) = h.wait_delivered("bob", 1)
+    header = path.read_bytes().split(b"\r\n\r\n")[0]
+    assert b"good.example.test" in header and b"\x00" not in header

@@ -237,6 +237,28 @@ def cmd_queue_flush(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return 0
 
 
+def _queue_change(loaded: LoadedConfig, op: str, queue_id: str) -> dict[str, object]:
+    from mailpool.supervisor.control import ControlUnavailable, request
+
+    try:
+        return request(loaded.control_socket, {"op": op, "queue_id": queue_id})
+    except ControlUnavailable as exc:
+        raise CliError(f"no running mailpool at {loaded.control_socket}: {exc} (queue changes "
+                       "go through the running host)") from None
+
+
+def cmd_queue_release(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    _queue_change(loaded, "queue-release", args.queue_id)
+    print(f"{args.queue_id}: released for delivery")
+    return 0
+
+
+def cmd_queue_delete(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    reply = _queue_change(loaded, "queue-delete", args.queue_id)
+    print(f"{args.queue_id}: deleted from {reply['queue']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailpool", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -283,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
               "deliver deferred mail now, through the running host")
     p.add_argument("queue_id", nargs="?", help="only this message")
     p.add_argument("--domain", help="only mail for this domain")
+    p = _leaf(queue, "release", cmd_queue_release,
+              "deliver a message kept in quarantine (by a filter) or on hold")
+    p.add_argument("queue_id")
+    p = _leaf(queue, "delete", cmd_queue_delete, "delete a message from its queue (journaled)")
+    p.add_argument("queue_id")
 
     pool = sub.add_parser("pool", help="prestart job entries (CHGPJE, DSPACTPJ)").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")

@@ -20,6 +20,7 @@ from typing import Any
 
 from mailpool.directory import Directory
 from mailpool.framework import maildir
+from mailpool.framework.filters import FilterMatch, Filters
 from mailpool.framework.notice_queue import NoticeSettings, QueuedNotice, queue_notice
 from mailpool.framework.notices import RecipientReport, add_delivery_headers
 from mailpool.framework.spool import Envelope, Spool
@@ -45,6 +46,7 @@ class FrameworkPass:
     forwarded: list[str] = field(default_factory=list)
     notices: list[tuple[str, QueuedNotice, list[str]]] = field(default_factory=list)
     handed: list[OutboundItem] = field(default_factory=list)
+    filtered: bool = False  # kept in quarantine or discarded by a filter: nothing else to do
 
     def journal(self, code: str, **fields: Any) -> None:
         self.entries.append((code, {**fields, **self.ids}))
@@ -64,7 +66,7 @@ def _wants(notify: str, what: str) -> bool:
 class Framework:
     def __init__(self, *, spool: Spool, directory: Directory, mailbox_root: Path,
                  hostname: str, local_domains: list[str], postmaster: str, router: str,
-                 notices: NoticeSettings) -> None:
+                 notices: NoticeSettings, filters: Filters | None = None) -> None:
         self.spool = spool
         self.directory = directory
         self.mailbox_root = mailbox_root
@@ -73,6 +75,7 @@ class Framework:
         self.postmaster = postmaster
         self.router = router
         self.notice_settings = notices
+        self.filters = filters
         self._ready_boxes: set[Path] = set()  # Maildirs known to exist (saves the stats)
 
     def resolve(self, address: str) -> tuple[str, str | None]:
@@ -111,6 +114,11 @@ class Framework:
         fp.journal("71", originator=envelope.originator)
         for rcpt in envelope.recipients:
             fp.journal("72", recipient=rcpt)
+        if self.filters is not None and not envelope.filter_exempt:
+            match = self.filters.check(envelope.originator, content)
+            if match is not None:
+                self._filter(fp, match)
+                return fp
         done = self.spool.delivered(queue_id)
         failed: list[int] = []
         confirm: list[int] = []
@@ -198,6 +206,16 @@ class Framework:
             fp.notices.append((kind, queued, [r.final_recipient for r in reports]))
             fp.handed.append(OutboundItem(notice_id, "incoming", [], 0.0))
 
+    def _filter(self, fp: FrameworkPass, match: FilterMatch) -> None:
+        """The source's virus filters: keep (the quarantine queue) or discard, journaled OW."""
+        fp.filtered = True
+        if match.action == "keep":
+            self.spool.move(fp.queue_id, "incoming", "quarantine", sync=False)
+            fp.journal("OW", detail=f"kept in quarantine: {match.reason}")
+        else:
+            self.spool.remove("incoming", fp.queue_id, sync=False)
+            fp.journal("OW", detail=f"discarded: {match.reason}")
+
     def park(self, queue_id: str) -> tuple[str, dict[str, Any]] | None:
         """Storage threshold: move a message to the busy queue untouched; its 7L entry (None
         when it is no longer on the incoming queue)."""
@@ -211,6 +229,8 @@ class Framework:
 
     def complete(self, fp: FrameworkPass) -> None:
         """Second half, once every write is durable: journal it, take the message off."""
+        if fp.filtered:
+            return  # already off the incoming queue (quarantined or discarded)
         env = fp.envelope
         for rcpt, tag, box in fp.outcome:
             fp.journal("P2", recipient=rcpt, tag=tag, detail=tag)

@@ -74,6 +74,8 @@ class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
     relayed: bool = False
     # A notice this host generated ("failure", "delay", "success"): never answered by another.
     notice: str = ""
+    # Released from quarantine by the operator: the filters do not look at it again.
+    filter_exempt: bool = False
 
     def rcpt_notify(self, index: int) -> str:
         return self.notify[index] if index < len(self.notify) else ""

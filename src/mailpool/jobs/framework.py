@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 from mailpool.directory import Directory
+from mailpool.framework.filters import Filters
 from mailpool.framework.notice_queue import NoticeSettings
 from mailpool.framework.passes import Framework
 from mailpool.framework.spool import Spool
@@ -57,6 +58,7 @@ async def run(ctx: JobContext) -> None:
         spool=Spool(ctx.loaded.spool_dir), directory=Directory(ctx.loaded.directory_file),
         mailbox_root=ctx.loaded.mailbox_dir, hostname=cfg.host.name,
         local_domains=cfg.host.local_domains, postmaster=cfg.host.postmaster,
-        router=cfg.outbound.router, notices=NoticeSettings.from_config(cfg))
+        router=cfg.outbound.router, notices=NoticeSettings.from_config(cfg),
+        filters=Filters(cfg.filter) if cfg.filter else None)
     space = SpaceCheck(ctx.loaded.data_dir, cfg.storage.min_free_mb)
     await run_job(ctx, work=functools.partial(work, framework, space))

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from mailpool.restrictions import ConnectionRules
 
 log = logging.getLogger("mailpool.smtp")
+# Seconds a closing session reads (and drops) what the client still sends.
+LINGER = 1.0
 
 
 def connection_rules(cfg: Config) -> ConnectionRules:
@@ -189,12 +191,25 @@ class SmtpServerRole:
         async def flush() -> bool:
             return await send_within(stream, conn.data_to_send(), cfg.command_timeout)
 
+        async def close() -> None:
+            """The last reply out, then a short lingering close: input the client already
+            sent is read and dropped, so the kernel does not answer it with a reset that
+            could destroy that last reply before the client reads it."""
+            if await flush():
+                with trio.move_on_after(LINGER):
+                    try:
+                        await stream.send_eof()
+                        while await stream.receive_some(65536):
+                            pass
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+
         try:
             while True:
                 event = conn.next_event()
                 if event is core.NEED_DATA:
                     if conn.closed:
-                        await flush()
+                        await close()
                         return
                     # Between transactions a draining job ends the session at once (421);
                     # a transaction in progress may finish within the drain timeout.
@@ -263,7 +278,7 @@ class SmtpServerRole:
                     rewritten = {}
                     conn.reply(250, "Ok", "2.1.0")
                 elif isinstance(event, core.ConnectionClosed):
-                    await flush()
+                    await close()
                     return
                 # Hello, Reset, Quit: the core already answered.
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -2,7 +2,7 @@
 
 The first character is the function identifier, the second the action. The
 source's codes come from /work/shared/journal-codes.md; `J` (prestart job
-pool) is the project's own and `D` is used for the POP3 server. Reserved
+pool) and `Q` (queue operator) are the project's own, `D` is the POP3 server. Reserved
 codes and identifiers have no counterpart here: the dump names them, the
 writer refuses them.
 """
@@ -49,6 +49,7 @@ FUNCTIONS: Final[dict[str, FunctionInfo]] = {
         FunctionInfo("M", "SNADS", reserved=True),
         FunctionInfo("O", "Filtering"),
         FunctionInfo("P", "Framework address resolution"),
+        FunctionInfo("Q", "Queue operator"),
     )
 }
 
@@ -130,6 +131,9 @@ _TABLE: Final[tuple[tuple[str, str, str] | tuple[str, str, str, bool], ...]] = (
     ("JR", "request rejected", "Request rejected at the maximum number of jobs (421 sent)"),
     ("JC", "pool entry changed", "Prestart job entry changed (CHGPJE)"),
     ("JT", "job restart throttled", "Prestart job restart throttled (back-off)"),
+    # Queue operator (project)
+    ("QR", "message released", "Message released from quarantine or hold by the operator"),
+    ("QD", "message deleted", "Message deleted from its queue by the operator"),
     # POP3 server (project)
     ("DL", "POP login", "POP login succeeded"),
     ("DF", "POP login failed", "POP login failed"),

@@ -12,8 +12,10 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import trio
 
 from mailpool.config import PoolParams
+from mailpool.framework.spool import SpoolError
 from mailpool.journal.writer import NullJournal
 
 if TYPE_CHECKING:
@@ -28,6 +30,8 @@ class ControlOps:
             "pool-change": self.pool_change,
             "journal-rotate": self.journal_rotate,
             "queue-flush": self.queue_flush,
+            "queue-release": self.queue_release,
+            "queue-delete": self.queue_delete,
             "status": self.status,
         }
 
@@ -84,6 +88,32 @@ class ControlOps:
         count = self.sup.outbound.flush(domain=req.get("domain") or None,
                                         queue_id=req.get("queue_id") or None)
         return {"flushed": count}
+
+    async def queue_release(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A message kept by a filter (quarantine) or on hold goes on to delivery."""
+        queue_id = str(req.get("queue_id", ""))
+        try:
+            released = await trio.to_thread.run_sync(self.sup.release, queue_id)
+        except (ValueError, SpoolError) as exc:
+            return {"error": str(exc)}
+        self.sup.record("QR", queue_id=queue_id, message_id=released.message_id,
+                        detail="released by the operator")
+        self.sup.work.put(queue_id)
+        return {"released": queue_id}
+
+    async def queue_delete(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Remove a message from whatever queue holds it, unless a job is working on it."""
+        queue_id = str(req.get("queue_id", ""))
+        if self.sup.busy_with(queue_id):
+            return {"error": f"{queue_id} is being delivered right now: try again in a moment"}
+        try:
+            queue, envelope = await trio.to_thread.run_sync(self.sup.delete, queue_id)
+        except (ValueError, SpoolError) as exc:
+            return {"error": str(exc)}
+        self.sup.outbound.forget(queue_id)
+        self.sup.record("QD", queue_id=queue_id, message_id=envelope.message_id,
+                        detail=f"deleted from {queue} by the operator")
+        return {"deleted": queue_id, "queue": queue}
 
     async def status(self, req: dict[str, Any]) -> dict[str, Any]:
         return self.sup.status()

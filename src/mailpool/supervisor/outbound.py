@@ -66,6 +66,10 @@ class OutboundDispatcher:
             if group is not None and queue_id in group:
                 group.remove(queue_id)
 
+    def forget(self, queue_id: str) -> None:
+        """The message left the queues (the operator deleted it)."""
+        self._drop(queue_id)
+
     def delivered(self, job: JobHandle, msg: Delivered) -> None:
         booked = self.in_flight.pop(msg.queue_id, (job, []))[1]
         if msg.queue_id in job.work:

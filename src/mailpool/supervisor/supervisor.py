@@ -20,13 +20,14 @@ import socket
 import time
 from typing import Any
 
+import msgspec
 import trio
 
 from mailpool.admin.server import serve_admin
 from mailpool.config import ConfigError, LoadedConfig, dump_snapshot, load_config, parse_hostport
 from mailpool.config import pool_params as effective_pool
-from mailpool.framework.spool import Spool, SpoolError
-from mailpool.fsutil import raise_fd_limit
+from mailpool.framework.spool import Envelope, Spool, SpoolError
+from mailpool.fsutil import raise_fd_limit, syncfs
 from mailpool.journal.writer import JournalWriter, NullJournal
 from mailpool.logs import setup as setup_logging
 from mailpool.outbound.destinations import DestinationLimits, Destinations
@@ -417,6 +418,34 @@ class Supervisor:
             log.info("scheduler: %d queued message(s) due; ETRN %s", count,
                      "sent for " + ", ".join(domains) if job else "skipped (no client job)")
             await trio.sleep(cfg.etrn.interval)
+
+    # --- operator changes to queued mail (worker threads: file system only) ----------------------
+
+    def release(self, queue_id: str) -> Envelope:
+        """quarantine/hold -> incoming, marked so the filters let it through."""
+        queue = self.spool.find(queue_id)
+        if queue not in ("quarantine", "hold"):
+            raise ValueError(f"{queue_id}: not in quarantine or on hold"
+                             + (f" (it is in {queue})" if queue else " (no such message)"))
+        envelope, content = self.spool.load(queue, queue_id)
+        released = msgspec.structs.replace(envelope, filter_exempt=True)
+        self.spool.store("incoming", released, content, sync=False)
+        self.spool.remove(queue, queue_id, sync=False)
+        syncfs(self.loaded.spool_dir)
+        return released
+
+    def delete(self, queue_id: str) -> tuple[str, Envelope]:
+        queue = self.spool.find(queue_id)
+        if queue is None:
+            raise ValueError(f"{queue_id}: no such message in any queue")
+        envelope = self.spool.load_envelope(queue, queue_id)
+        self.spool.remove(queue, queue_id)
+        return queue, envelope
+
+    def busy_with(self, queue_id: str) -> bool:
+        """Is a job working on this message now?"""
+        return any(queue_id in job.work for entry in self.pools.entries.values()
+                   for job in entry.jobs.values())
 
     # --- admin console source (mailpool.admin.app.AdminSource) -------------------------------
 
