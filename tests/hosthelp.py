@@ -69,13 +69,23 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+def _is_tables(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def _toml(table: dict[str, Any], name: str = "") -> list[str]:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    lines = [f"{k} = {_toml_value(v)}" for k, v in table.items()
+             if not isinstance(v, dict) and not _is_tables(v)]
     if name and lines:
         lines = ["", f"[{name}]", *lines]
     for key, value in table.items():
+        full = f"{name}.{key}" if name else key
         if isinstance(value, dict):
-            lines += _toml(value, f"{name}.{key}" if name else key)
+            lines += _toml(value, full)
+        elif _is_tables(value):  # an array of tables: [[full]] each
+            for item in value:
+                lines += ["", f"[[{full}]]", *(f"{k} = {_toml_value(v)}"
+                                               for k, v in item.items())]
     return lines
 
 

@@ -373,3 +373,88 @@ def test_grammar_limits_and_a_nul_in_ehlo(host: Any, raw_smtp: Any) -> None:
     (path,) = h.wait_delivered("bob", 1)
     header = path.read_bytes().split(b"\r\n\r\n")[0]
     assert b"good.example.test" in header and b"\x00" not in header
+
+
+# --- connection restrictions and filters ---------------------------------------------------
+
+
+def test_deny_list_and_dns_blocklist_refuse_only_the_listed_client(host: Any) -> None:
+    from dnsserver import DnsServer
+
+    with DnsServer() as dns:
+        dns.add("2.0.0.127.bl.test", "A", "127.0.0.2")
+        dns.add("2.0.0.127.bl.test", "TXT", '"listed for testing"')
+        dns.add("4.0.0.127.bl.test", "A", "127.255.255.254")  # an error code, not a listing
+        dns.silence("5.0.0.127.bl.test")                        # a timeout never rejects
+        h = host(f'[restrictions]\ndeny = ["127.0.0.3/32"]\ndnsbl = ["bl.test"]\n'
+                 f'dnsbl_timeout = 1.0\n[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\n')
+        h.add_user("bob", "bob@example.test")
+        for source, refused in (("127.0.0.2", True), ("127.0.0.3", True),
+                                ("127.0.0.4", False), ("127.0.0.5", False)):
+            s = _connect(h, source)
+            greeting = _read_reply(s)
+            if refused:
+                assert greeting.startswith(b"554 5.7.1"), (source, greeting)
+                s.sendall(b"MAIL FROM:<a@remote.test>\r\n")
+                assert _read_reply(s).startswith(b"503 5.7.0")
+                s.sendall(b"QUIT\r\n")
+                assert _read_reply(s).startswith(b"221")
+            else:
+                assert greeting.startswith(b"220"), (source, greeting)
+            s.close()
+        smtp_ok(h)
+        records = h.journal("--code", "9S")
+        by_ip = {r["ip"]: r["detail"] for r in records}
+        assert "bl.test" in by_ip["127.0.0.2"] and "listed for testing" in by_ip["127.0.0.2"]
+        assert by_ip["127.0.0.3"].startswith("deny")
+        assert "127.0.0.4" not in by_ip and "127.0.0.5" not in by_ip
+
+
+def test_filters_keep_discard_release_and_delete(host: Any) -> None:
+    h = host('[[filter]]\naction = "keep"\nattachment = "*.vbs"\n'
+             '[[filter]]\naction = "discard"\nsubject = "ILOVEYOU"\n')
+    h.add_user("bob", "bob@example.test")
+    from email.message import EmailMessage
+
+    def send(msg: EmailMessage) -> str:
+        with smtplib.SMTP(*h.smtp, timeout=10) as s:
+            s.ehlo("client.example.test")
+            s.mail("a@remote.test")
+            s.rcpt("bob@example.test")
+            code, text = s.data(msg.as_bytes())
+            assert code == 250
+        return text.decode().rsplit(" ", 1)[-1]
+
+    virus = EmailMessage()
+    virus["Subject"] = "a letter"
+    virus.set_content("open it")
+    virus.add_attachment(b"x", maintype="application", subtype="octet-stream",
+                         filename="=?utf-8?q?lovebug=2Evbs?=")
+    kept = send(virus)
+    love = EmailMessage()
+    love["Subject"] = "=?utf-8?b?SUxPVkVZT1U=?="  # ILOVEYOU, encoded
+    love.set_content("x")
+    dropped = send(love)
+    plain = EmailMessage()
+    plain["Subject"] = "hello"
+    plain.set_content("fine")
+    send(plain)
+    h.wait_delivered("bob", 1)
+    wait_for(lambda: h.queue_files("quarantine"), 10, what="the kept message in quarantine")
+    rows = [json.loads(x) for x in
+            h.cli("queue", "list", "--queue", "quarantine", "--json").stdout.splitlines()]
+    assert [r["queue_id"] for r in rows] == [kept]
+    ow = {r["queue_id"]: r["detail"] for r in h.journal("--code", "OW")}
+    assert ow[kept].startswith("kept in quarantine") and "lovebug.vbs" in ow[kept]
+    assert ow[dropped].startswith("discarded")
+    # The operator looks at it and lets it through: delivered, not filtered again.
+    h.cli("queue", "release", kept)
+    h.wait_delivered("bob", 2)
+    assert [r["code"] for r in h.journal("--queue-id", kept)].count("QR") == 1
+    # And a message can be deleted from its queue.
+    kept_again = send(virus)
+    wait_for(lambda: h.queue_files("quarantine"), 10, what="another one in quarantine")
+    out = h.cli("queue", "delete", kept_again).stdout
+    assert "deleted from quarantine" in out and not h.queue_files("quarantine")
+    res = h.cli("queue", "release", kept_again, check=False)
+    assert res.returncode == 1 and "no such message" in res.stderr
