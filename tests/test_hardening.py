@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import select
 import signal
 import smtplib
 import socket
@@ -458,3 +459,25 @@ def test_filters_keep_discard_release_and_delete(host: Any) -> None:
     assert "deleted from quarantine" in out and not h.queue_files("quarantine")
     res = h.cli("queue", "release", kept_again, check=False)
     assert res.returncode == 1 and "no such message" in res.stderr
+
+
+def test_connections_waiting_for_a_job_are_bounded(host: Any) -> None:
+    h = host("[pool.smtp-server]\ninitial_jobs = 1\nthreshold = 0\nadditional_jobs = 1\n"
+             "maximum_jobs = 1\nwait = true\nwait_timeout = 30.0\nmax_waiting = 2\n",
+             wait_jobs={"smtp-server": 1, "framework": 1})
+    busy = _connect(h)
+    assert _read_reply(busy).startswith(b"220")  # the only job is taken
+    held = [_connect(h) for _ in range(2)]       # these two wait for it
+    time.sleep(0.5)
+    extra = _connect(h)
+    extra.settimeout(5)
+    assert _read_reply(extra).startswith(b"421 4.3.2")  # at once, not after wait_timeout
+    rejected = [r for r in h.journal("--code", "JR") if "max_waiting" in r.get("detail", "")]
+    assert len(rejected) == 1
+    busy.sendall(b"QUIT\r\n")
+    _read_reply(busy)
+    busy.close()
+    ready, _, _ = select.select(held, [], [], 10)
+    assert ready and _read_reply(ready[0]).startswith(b"220")  # a held one got the job
+    for s in (busy, *held, extra):
+        s.close()
