@@ -41,6 +41,28 @@ class ListenConfig(Base):
     smtp: str = "127.0.0.1:2525"
     pop3: str = "127.0.0.1:1110"
     admin: str = "127.0.0.1:8025"
+    # Optional ("" = off), RFC 8314: submission (587, STARTTLS and AUTH required), implicit
+    # TLS submission (465) and POP3 over TLS (995). All need [tls].
+    submission: str = ""
+    smtps: str = ""
+    pop3s: str = ""
+
+
+# The listeners a session can come from, and whether TLS starts at once on them.
+SMTP_LISTENERS = ("smtp", "submission", "smtps")
+POP_LISTENERS = ("pop3", "pop3s")
+IMPLICIT_TLS = ("smtps", "pop3s")
+
+
+class TlsConfig(Base):
+    # PEM files; reloaded with the configuration (SIGHUP: new jobs use the new ones).
+    certificate: str = ""
+    key: str = ""
+    handshake_timeout: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certificate)
 
 
 class PathsConfig(Base):
@@ -69,6 +91,13 @@ class SmtpConfig(Base):
     spool_timeout: float = 60.0
     # Per client address (Postfix's anvil): open connections and new ones per minute; over
     # either, 421 4.7.0. Addresses in client_limit_exceptions are not counted.
+    # AUTH on the smtp listener (port 25): off unless configured; always on submission.
+    auth: bool = False
+    # A client is disconnected after this many failed AUTH attempts in one session.
+    max_auth_failures: int = 3
+    # An authenticated client's envelope sender must be one of its addresses (553 5.7.1),
+    # as Postfix's reject_sender_login_mismatch.
+    reject_sender_login_mismatch: bool = True
     max_connections_per_client: int = 10
     max_connection_rate: int = 60
     client_limit_exceptions: list[str] = msgspec.field(
@@ -110,7 +139,8 @@ class StorageConfig(Base):
 class Pop3Config(Base):
     # The source raises this for slow dial-up clients (RFC 1939 asks for >= 10 minutes).
     inactivity_timeout: float = 600.0
-    allow_cleartext_login: bool = True
+    # USER/PASS and AUTH without TLS; unset: allowed only while no [tls] is configured.
+    allow_cleartext_login: bool | None = None
     # The source's "message split size": 0 means no maximum, the only value offered.
     message_split_size: int = 0
     # Growing delay after failed logins from one address (seconds: base, cap).
@@ -142,6 +172,18 @@ class DnsConfig(Base):
     cache: bool = True
 
 
+TLS_POLICIES = ("none", "may", "encrypt", "verify")
+
+
+class OutboundTlsConfig(Base):
+    """STARTTLS towards next hops: none, may (opportunistic, the default), encrypt (TLS or
+    no delivery), verify (TLS with a certificate valid for the MX name)."""
+
+    policy: str = "may"
+    destinations: dict[str, str] = msgspec.field(default_factory=dict)  # domain -> policy
+    ca_file: str = ""   # CAs for verify ("" = the system's)
+
+
 class OutboundConfig(Base):
     """The SMTP client (QTMSCLCP): where non-local mail goes and how long each step may take."""
 
@@ -169,6 +211,7 @@ class OutboundConfig(Base):
     # An idle connection is kept this long for the next message to the same destination.
     connection_cache_time: float = 2.0
     connection_reuse_limit: int = 100
+    tls: OutboundTlsConfig = msgspec.field(default_factory=OutboundTlsConfig)
 
 
 class RetryConfig(Base):
@@ -280,6 +323,7 @@ class Config(Base):
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     notices: NoticesConfig = msgspec.field(default_factory=NoticesConfig)
     etrn: EtrnConfig = msgspec.field(default_factory=EtrnConfig)
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     restrictions: RestrictionsConfig = msgspec.field(default_factory=RestrictionsConfig)
     filter: list[FilterRule] = msgspec.field(default_factory=list)
@@ -345,12 +389,17 @@ def _check(cfg: Config) -> list[tuple[str, Any, str]]:
     for i, dom in enumerate(cfg.host.local_domains):
         if not _DOMAIN.match(dom):
             problems.append((f"host.local_domains[{i}]", dom, "is not a valid domain"))
-    for key in ("smtp", "pop3", "admin"):
+    for key in ("smtp", "pop3", "admin", "submission", "smtps", "pop3s"):
         value = getattr(cfg.listen, key)
+        if not value and key in ("submission", "smtps", "pop3s"):
+            continue  # optional, off
         try:
             parse_hostport(value)
         except ValueError as exc:
             problems.append((f"listen.{key}", value, str(exc)))
+            continue
+        if key in ("submission", "smtps", "pop3s") and not cfg.tls.enabled:
+            problems.append((f"listen.{key}", value, "needs [tls] certificate and key"))
     for key in ("max_message_size", "max_recipients", "max_command_line", "max_text_line",
                 "hard_error_limit"):
         value = getattr(cfg.smtp, key)
@@ -381,6 +430,7 @@ def _check(cfg: Config) -> list[tuple[str, Any, str]]:
                          "must be at least 4096"))
     problems += _check_outbound(cfg)
     problems += _check_hardening(cfg)
+    problems += _check_tls(cfg)
     for name, params in cfg.pool.items():
         if name not in ROLE_NAMES:
             problems.append((f"pool.{name}", name,
@@ -516,6 +566,57 @@ def _check_hardening(cfg: Config) -> list[tuple[str, Any, str]]:
     elif cfg.admin.token and len(cfg.admin.token) < 16:
         problems.append(("admin.token", "(hidden)", "must be at least 16 characters"))
     return problems
+
+
+def _check_tls(cfg: Config) -> list[tuple[str, Any, str]]:
+    """[tls] files must be readable PEM at start (one clear error naming key and path)."""
+    import ssl
+
+    problems: list[tuple[str, Any, str]] = []
+    tls = cfg.tls
+    if bool(tls.certificate) != bool(tls.key):
+        key = "tls.key" if tls.certificate else "tls.certificate"
+        problems.append((key, "", "tls.certificate and tls.key go together"))
+    elif tls.enabled:
+        for key, path in (("tls.certificate", tls.certificate), ("tls.key", tls.key)):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                problems.append((key, path, f"cannot read: {exc.strerror}"))
+        if not problems:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    tls.certificate, tls.key)
+            except (ssl.SSLError, ValueError) as exc:
+                problems.append(("tls.certificate", tls.certificate,
+                                 f"not a usable certificate and key: {exc}"))
+    if tls.handshake_timeout <= 0:
+        problems.append(("tls.handshake_timeout", tls.handshake_timeout, "must be above 0"))
+    out = cfg.outbound.tls
+    if out.policy not in TLS_POLICIES:
+        problems.append(("outbound.tls.policy", out.policy,
+                         f"must be one of {', '.join(TLS_POLICIES)}"))
+    for domain, policy in out.destinations.items():
+        if policy not in TLS_POLICIES:
+            problems.append((f"outbound.tls.destinations.{domain}", policy,
+                             f"must be one of {', '.join(TLS_POLICIES)}"))
+    if out.ca_file:
+        try:
+            with open(out.ca_file, "rb"):
+                pass
+        except OSError as exc:
+            problems.append(("outbound.tls.ca_file", out.ca_file, f"cannot read: {exc.strerror}"))
+    if cfg.smtp.max_auth_failures < 1:
+        problems.append(("smtp.max_auth_failures", cfg.smtp.max_auth_failures,
+                         "must be at least 1"))
+    return problems
+
+
+def cleartext_login_allowed(cfg: Config) -> bool:
+    """POP3 USER/PASS and AUTH without TLS: as configured, else only while TLS is not set up."""
+    allowed = cfg.pop3.allow_cleartext_login
+    return not cfg.tls.enabled if allowed is None else allowed
 
 
 def parse_router(value: str) -> tuple[str, int | None]:
@@ -658,10 +759,21 @@ def effective_toml(cfg: Config) -> str:
 
     def table(name: str, obj: msgspec.Struct, skip: tuple[str, ...] = ()) -> None:
         lines.append(f"[{name}]")
+        nested = []
         for field, key in zip(obj.__struct_fields__, obj.__struct_encode_fields__, strict=True):
-            if field not in skip:
-                lines.append(f"{key} = {value(getattr(obj, field))}")
+            v = getattr(obj, field)
+            if field in skip or v is None:  # None: unset (TOML has no null)
+                continue
+            if isinstance(v, msgspec.Struct):
+                nested.append((f"{name}.{key}", v))
+            elif isinstance(v, dict):
+                inline = ", ".join(f"{value(k)} = {value(x)}" for k, x in v.items())
+                lines.append(f"{key} = {{{inline}}}")
+            else:
+                lines.append(f"{key} = {value(v)}")
         lines.append("")
+        for sub, struct in nested:
+            table(sub, struct)
 
     for section in Config.__struct_fields__:
         if section == "filter":

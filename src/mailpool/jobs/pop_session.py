@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 
 from mailpool.auth_cache import AuthCache
+from mailpool.config import cleartext_login_allowed
 from mailpool.directory import Directory, DirectoryError
 from mailpool.jobs.runtime import JobContext, run_job, send_within
 from mailpool.maildrop import DropMessage, Maildrop
@@ -21,7 +22,7 @@ class PopServerRole:
         self.mailbox_root = ctx.loaded.mailbox_dir
         self.auth_cache = AuthCache(cfg.pop3.auth_cache_ttl)
         self.limits = core.Pop3Limits(hostname=cfg.host.name,
-                                      allow_cleartext_login=cfg.pop3.allow_cleartext_login)
+                                      allow_cleartext_login=cleartext_login_allowed(cfg))
 
     async def authenticate(self, user: str, password: str) -> bool:
         """A recently verified password is taken from the cache; anything else pays the
