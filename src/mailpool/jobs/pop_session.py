@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import trio
 
-from mailpool.auth_cache import AuthCache
 from mailpool.config import cleartext_login_allowed
 from mailpool.directory import Directory, DirectoryError
+from mailpool.jobs.logins import Logins
 from mailpool.jobs.runtime import JobContext, run_job, send_within
 from mailpool.maildrop import DropMessage, Maildrop
 from mailpool.protocol import pop3 as core
@@ -20,27 +20,9 @@ class PopServerRole:
         cfg = ctx.config
         self.directory = Directory(ctx.loaded.directory_file)
         self.mailbox_root = ctx.loaded.mailbox_dir
-        self.auth_cache = AuthCache(cfg.pop3.auth_cache_ttl)
+        self.logins = Logins(ctx, self.directory)
         self.limits = core.Pop3Limits(hostname=cfg.host.name,
                                       allow_cleartext_login=cleartext_login_allowed(cfg))
-
-    async def authenticate(self, user: str, password: str) -> bool:
-        """A recently verified password is taken from the cache; anything else pays the
-        memory-hard hash in a worker thread (and is remembered when right)."""
-        entry = self.directory.get(user)
-        stored = entry.password_hash if entry is not None else ""
-        if stored and self.auth_cache.check(user, password, stored):
-            return True
-        ok = await trio.to_thread.run_sync(self.directory.authenticate, user, password)
-        if ok:
-            self.auth_cache.remember(user, password, stored)
-        return ok
-
-    def failure_delay(self, ctx: JobContext, failures: int) -> float:
-        """Every failure waits the base delay (unknown user and bad password alike); repeated
-        failures from one address wait longer, doubling up to the cap."""
-        cfg = ctx.config.pop3
-        return min(cfg.auth_fail_delay * 2 ** max(0, failures - 1), cfg.auth_fail_delay_max)
 
     async def session(self, ctx: JobContext, stream: trio.SocketStream, assign: Assign) -> None:
         conn = core.Pop3Connection(self.limits)
@@ -80,20 +62,18 @@ class PopServerRole:
                         conn.receive_data(data)
                 elif isinstance(event, core.Authenticate):
                     try:
-                        ok = await self.authenticate(event.user, event.password)
+                        name = await self.logins.check(event.user, event.password)
                     except (OSError, DirectoryError):
                         # A broken directory is the host's fault: not a failed login, and
                         # not a reason to crash the job with every session in it.
                         conn.sys_temp_error("cannot check the password now")
                         continue
-                    if not ok:
-                        # The count across every job, so parallel guessing is slowed too.
-                        failures = max(failures + 1, await ctx.auth_failed(peer_ip))
+                    if name is None:
                         await ctx.journal("DF", ip=peer_ip, user=event.user)
-                        await trio.sleep(self.failure_delay(ctx, failures))
+                        failures = await self.logins.failed(peer_ip, failures)
                         conn.auth_failed()
                         continue
-                    candidate = Maildrop(self.mailbox_root / event.user)
+                    candidate = Maildrop(self.mailbox_root / name)
                     try:
                         locked = await trio.to_thread.run_sync(candidate.lock)
                     except OSError as exc:
@@ -109,7 +89,7 @@ class PopServerRole:
                         candidate.unlock()
                         conn.sys_temp_error(f"cannot read maildrop ({exc.strerror or exc})")
                         continue
-                    drop, user = candidate, event.user
+                    drop, user = candidate, name
                     listing = {m.uid: m for m in messages}
                     conn.auth_ok([core.MessageInfo(uid=m.uid, size=m.size) for m in messages])
                     await ctx.journal("DL", user=user, ip=peer_ip,
