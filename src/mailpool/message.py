@@ -33,11 +33,18 @@ def find_message_id(content: bytes) -> str | None:
 
 
 def received_header(*, helo: str, peer_ip: str, hostname: str, queue_id: str,
-                    recipients: list[str], esmtp: bool) -> bytes:
-    """RFC 5321 4.4 trace header, folded the way Postfix folds it."""
-    proto = "ESMTP" if esmtp else "SMTP"
-    lines = [f"Received: from {helo or 'unknown'} ([{peer_ip}])",
-             f"\tby {hostname} (mailpool) with {proto} id {queue_id}"]
+                    recipients: list[str], esmtp: bool, tls: str = "",
+                    authenticated: bool = False) -> bytes:
+    """RFC 5321 4.4 trace header, folded the way Postfix folds it; `tls` describes the
+    session's encryption ("TLSv1.3 with cipher ..."), and the protocol name says it with
+    RFC 3848's ESMTPS / ESMTPA / ESMTPSA."""
+    proto = "SMTP"
+    if esmtp:
+        proto = "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
+    lines = [f"Received: from {helo or 'unknown'} ([{peer_ip}])"]
+    if tls:
+        lines.append(f"\t(using {tls})")
+    lines.append(f"\tby {hostname} (mailpool) with {proto} id {queue_id}")
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>;")
     else:

@@ -1,6 +1,6 @@
 """The role table: every kind of prestart job is one row here, and nothing else spells its name.
 
-A role is fed either by a listener (the supervisor accepts and hands the connection over) or
+A role is fed either by listeners (the supervisor accepts and hands the connection over) or
 by a spool queue (the dispatcher hands it queue ids). Its row says which, what the supervisor
 answers a client when no job can take it, which function a job process runs, and the CHGPJE
 defaults of its pool entry (as in the source: QTMSSRCP 4/2/2/20, QTMSCLCP 4/2/2/20).
@@ -16,7 +16,7 @@ from typing import Any, Final
 class Role:
     name: str                 # the pool entry's name, [pool.NAME]
     program: str              # "module:function" a job process runs: async def run(ctx)
-    listener: str | None = None   # [listen] key whose connections feed this role
+    listeners: tuple[str, ...] = ()  # [listen] keys whose connections feed this role
     queue: str | None = None      # the dispatcher queue that feeds it
     busy_reply: bytes = b""       # sent by the supervisor when no job can take a connection
     pool_defaults: dict[str, Any] = field(default_factory=dict)  # PoolParams overrides
@@ -29,8 +29,10 @@ SMTP_BUSY: Final = b"421 4.3.2 Service not available, closing transmission chann
 POP_BUSY: Final = b"-ERR [SYS/TEMP] service not available, try again later\r\n"
 
 ROLES: Final[tuple[Role, ...]] = (
-    Role("smtp-server", "mailpool.jobs.smtp_session:run", listener="smtp", busy_reply=SMTP_BUSY),
-    Role("pop-server", "mailpool.jobs.pop_session:run", listener="pop3", busy_reply=POP_BUSY,
+    Role("smtp-server", "mailpool.jobs.smtp_session:run",
+         listeners=("smtp", "submission", "smtps"), busy_reply=SMTP_BUSY),
+    Role("pop-server", "mailpool.jobs.pop_session:run", listeners=("pop3", "pop3s"),
+         busy_reply=POP_BUSY,
          pool_defaults={"initial_jobs": 2, "threshold": 1, "additional_jobs": 1,
                         "maximum_jobs": 10}),
     Role("framework", "mailpool.jobs.framework:run", queue="incoming",

@@ -41,22 +41,22 @@ class HandOff:
         with self.scope:
             async with trio.open_nursery() as nursery:
                 for entry in self.pools.entries.values():
-                    if entry.role.listener is not None:
-                        nursery.start_soon(self.accept_loop, nursery, entry,
-                                           listeners[entry.role.listener])
+                    for name in entry.role.listeners:
+                        if name in listeners:  # the optional ones only when configured
+                            nursery.start_soon(self.accept_loop, nursery, entry, name,
+                                               listeners[name])
         for sock in listeners.values():
             sock.close()
 
-    async def accept_loop(self, nursery: trio.Nursery, entry: EntryRuntime,
+    async def accept_loop(self, nursery: trio.Nursery, entry: EntryRuntime, listener_name: str,
                           listener: trio.socket.SocketType) -> None:
         while True:
             try:
                 sock, addr = await listener.accept()
             except OSError as exc:
-                log.warning("accept on %s: %s", entry.role.listener, exc)
+                log.warning("accept on %s: %s", listener_name, exc)
                 await trio.sleep(0.1)  # EMFILE and friends: back off, do not spin
                 continue
-            listener_name = entry.role.listener or ""
             limits = self.limits.get(listener_name)
             if limits is not None:
                 refused = limits.admit(str(addr[0]))
@@ -64,7 +64,7 @@ class HandOff:
                     self.record("9S", ip=str(addr[0]), detail=refused)
                     await self.refuse(sock, TOO_MANY)
                     continue
-            if not await self.assign_now(entry, sock, addr):
+            if not await self.assign_now(entry, listener_name, sock, addr):
                 if self.waiting.get(entry.name, 0) >= entry.rules.params.max_waiting:
                     # Bounded memory: beyond max_waiting nobody else is held.
                     entry.rules.request_rejected(None)
@@ -74,7 +74,7 @@ class HandOff:
                     await self.refuse(sock, entry.role.busy_reply)
                     continue
                 self.waiting[entry.name] = self.waiting.get(entry.name, 0) + 1
-                nursery.start_soon(self.hand_off, entry, sock, addr)
+                nursery.start_soon(self.hand_off, entry, listener_name, sock, addr)
 
     async def refuse(self, sock: trio.socket.SocketType, reply: bytes) -> None:
         """Say why and close. A fresh socket's send buffer is empty: this never waits long."""
@@ -89,17 +89,17 @@ class HandOff:
         if limits is not None:
             limits.closed(ip)
 
-    async def assign_now(self, entry: EntryRuntime, sock: trio.socket.SocketType,
-                         addr: tuple[Any, ...]) -> bool:
+    async def assign_now(self, entry: EntryRuntime, listener: str,
+                         sock: trio.socket.SocketType, addr: tuple[Any, ...]) -> bool:
         """Hand the connection to a job free at this moment; False when none is."""
         job_id = entry.rules.acquire()
-        if job_id is None or not await self.send_to_job(entry, job_id, sock, addr):
+        if job_id is None or not await self.send_to_job(entry, listener, job_id, sock, addr):
             return False  # the socket stays open for hand_off
         sock.close()  # the job has its own copy now
         return True
 
-    async def send_to_job(self, entry: EntryRuntime, job_id: int, sock: trio.socket.SocketType,
-                          addr: tuple[Any, ...]) -> bool:
+    async def send_to_job(self, entry: EntryRuntime, listener: str, job_id: int,
+                          sock: trio.socket.SocketType, addr: tuple[Any, ...]) -> bool:
         """Pass the socket to an acquired job; False (slot given back) if that job is gone."""
         job = self.pools.job(entry, job_id)
         if job is None:
@@ -108,12 +108,12 @@ class HandOff:
         conn_id = self.conn_ids
         peer_ip = str(addr[0])
         job.conns.add(conn_id)
-        self.peers[conn_id] = (entry.role.listener or "", peer_ip)
+        self.peers[conn_id] = (listener, peer_ip)
         assert job.channel is not None
         try:
             await job.channel.send(Assign(conn_id=conn_id, peer_ip=peer_ip,
                                           peer_port=int(addr[1]),
-                                          listener=entry.role.listener or "",
+                                          listener=listener,
                                           auth_failures=self.logins.recent(peer_ip)),
                                    fd=sock.fileno())
         except ChannelClosed:
@@ -126,16 +126,16 @@ class HandOff:
         entry.poke()
         return True
 
-    async def hand_off(self, entry: EntryRuntime, sock: trio.socket.SocketType,
+    async def hand_off(self, entry: EntryRuntime, listener: str, sock: trio.socket.SocketType,
                        addr: tuple[Any, ...]) -> None:
         try:
-            if not await self._hand_off(entry, sock, addr):
-                self.uncount(entry.role.listener or "", str(addr[0]))
+            if not await self._hand_off(entry, listener, sock, addr):
+                self.uncount(listener, str(addr[0]))
         finally:
             self.waiting[entry.name] -= 1
 
-    async def _hand_off(self, entry: EntryRuntime, sock: trio.socket.SocketType,
-                        addr: tuple[Any, ...]) -> bool:
+    async def _hand_off(self, entry: EntryRuntime, listener: str,
+                        sock: trio.socket.SocketType, addr: tuple[Any, ...]) -> bool:
         """Held until a job takes it (True) or it is refused or gone (False)."""
         peer_ip = str(addr[0])
         with sock:
@@ -143,7 +143,7 @@ class HandOff:
                 job_id, waited, gone = await self.pools.acquire(
                     entry, entry.rules.params.wait_timeout, sock)
                 if job_id is not None:
-                    if await self.send_to_job(entry, job_id, sock, addr):
+                    if await self.send_to_job(entry, listener, job_id, sock, addr):
                         return True
                     continue  # that job died meanwhile: try another
                 entry.rules.request_rejected(waited)

@@ -24,7 +24,15 @@ import msgspec
 import trio
 
 from mailpool.admin.server import serve_admin
-from mailpool.config import ConfigError, LoadedConfig, dump_snapshot, load_config, parse_hostport
+from mailpool.config import (
+    POP_LISTENERS,
+    SMTP_LISTENERS,
+    ConfigError,
+    LoadedConfig,
+    dump_snapshot,
+    load_config,
+    parse_hostport,
+)
 from mailpool.config import pool_params as effective_pool
 from mailpool.framework.spool import Envelope, Spool, SpoolError
 from mailpool.fsutil import raise_fd_limit, syncfs
@@ -82,11 +90,13 @@ class Supervisor:
         self.logins = LoginFailures(trio.current_time)
         self.pools = JobPools(self.record, self.on_message, self.on_job_exit)
         smtp = loaded.config.smtp
-        self.handoff = HandOff(self.pools, self.logins, self.record, {
-            "smtp": ClientLimits(max_connections=smtp.max_connections_per_client,
-                                 max_rate=smtp.max_connection_rate,
-                                 exceptions=smtp.client_limit_exceptions,
-                                 clock=trio.current_time)})
+        # One count per client address across every SMTP listener.
+        smtp_limits = ClientLimits(max_connections=smtp.max_connections_per_client,
+                                   max_rate=smtp.max_connection_rate,
+                                   exceptions=smtp.client_limit_exceptions,
+                                   clock=trio.current_time)
+        self.handoff = HandOff(self.pools, self.logins, self.record,
+                               dict.fromkeys(SMTP_LISTENERS, smtp_limits))
         self.commits = GroupCommit(loaded.spool_dir, self.on_durable)
         self.control = ControlOps(self)
         cfg = loaded.config
@@ -212,8 +222,10 @@ class Supervisor:
                                          max_receiver_bytes=cfg.journal.receiver_max_bytes)
         self.journal.open()
         self.write_snapshot()
-        for name in ("smtp", "pop3"):
+        for name in (*SMTP_LISTENERS, *POP_LISTENERS):
             address = getattr(cfg.listen, name)
+            if not address:
+                continue  # an optional listener that is off
             try:
                 await self.bind(name, address)
             except OSError as exc:
@@ -397,7 +409,7 @@ class Supervisor:
             # fdatasync can take a while on a busy disk: not on the supervisor's loop.
             await trio.to_thread.run_sync(self.journal.sync)
             self.logins.expire()
-            for limits in self.handoff.limits.values():
+            for limits in set(self.handoff.limits.values()):
                 limits.expire()
 
     async def etrn_scheduler(self) -> None:
