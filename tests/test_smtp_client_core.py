@@ -8,6 +8,8 @@ import pytest
 
 from mailpool.protocol.smtp_client import (
     NEED_DATA,
+    PAUSED,
+    TLS_NOT_OFFERED,
     ClientConnection,
     Closed,
     EtrnDone,
@@ -15,6 +17,7 @@ from mailpool.protocol.smtp_client import (
     Ready,
     RsetDone,
     SMTPClientError,
+    StartTlsReady,
     Transaction,
     TransactionDone,
     dot_stuff,
@@ -186,6 +189,192 @@ def test_421_at_ehlo() -> None:
     conn.data_to_send()
     assert feed(conn, B_421) == [HandshakeFailed("ehlo", R_421), Closed("421")]
     assert conn.data_to_send() == b""
+
+
+# -- STARTTLS -----------------------------------------------------------------------------------
+
+EHLO_TLS = b"250-mx.example.org\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+# After the handshake the server may offer more (AUTH), and STARTTLS no more.
+EHLO_AFTER_TLS = b"250-mx.example.org\r\n250-PIPELINING\r\n250 AUTH PLAIN\r\n"
+TLS_GO = b"220 2.0.0 Ready to start TLS\r\n"
+R_GREETING = Reply(220, None, ("mx.example.org ESMTP",))
+R_EHLO_TLS = Reply(250, None, ("mx.example.org", "PIPELINING", "STARTTLS"))
+R_EHLO_AFTER_TLS = Reply(250, None, ("mx.example.org", "PIPELINING", "AUTH PLAIN"))
+
+
+def at_tls_stage(starttls: str = "try", go: bytes = TLS_GO) -> ClientConnection:
+    """A connection whose STARTTLS was accepted: the driver's handshake is due."""
+    conn = ClientConnection("client.example", starttls=starttls)
+    assert feed(conn, GREETING) == []
+    assert conn.data_to_send() == b"EHLO client.example\r\n"
+    assert feed(conn, EHLO_TLS) == []
+    assert conn.data_to_send() == b"STARTTLS\r\n"
+    assert conn.stage == "starttls"
+    assert feed(conn, go) == [StartTlsReady(Reply(220, "2.0.0", ("Ready to start TLS",)))]
+    assert conn.stage == "tls"
+    assert not conn.tls_active
+    return conn
+
+
+@pytest.mark.parametrize("starttls", ["try", "require"])
+def test_starttls_then_ehlo_again(starttls: str) -> None:
+    conn = at_tls_stage(starttls)
+    assert conn.next_event() is PAUSED  # until the driver reports its handshake
+    assert conn.data_to_send() == b""
+    conn.tls_established()
+    assert conn.tls_active
+    assert conn.extensions == {}  # RFC 3207 4.2: forgotten until the new EHLO reply
+    assert conn.stage == "ehlo"
+    assert conn.data_to_send() == b"EHLO client.example\r\n"
+    assert feed(conn, EHLO_AFTER_TLS) == [
+        Ready(R_GREETING, R_EHLO_AFTER_TLS, esmtp=True, tls=True)
+    ]
+    assert conn.extensions == {"PIPELINING": "", "AUTH": "PLAIN"}
+    assert conn.stage == "idle"
+    assert conn.data_to_send() == b""
+    conn.send_transaction(tx())
+    assert conn.data_to_send() == (b"MAIL FROM:<alice@example.org>\r\n"
+                                   b"RCPT TO:<bob@example.net>\r\nDATA\r\n")
+
+
+def test_starttls_is_not_said_twice() -> None:
+    conn = at_tls_stage()
+    conn.tls_established()
+    conn.data_to_send()
+    [ready] = feed(conn, EHLO_TLS)  # still offered over TLS
+    assert ready == Ready(R_GREETING, R_EHLO_TLS, esmtp=True, tls=True)
+    assert conn.data_to_send() == b""
+
+
+def test_octets_after_the_starttls_reply_are_never_replies() -> None:
+    # Injected behind the 220 in the same segment, as in the STARTTLS command injection
+    # attacks (CVE-2011-0411 the other way round): a fake EHLO reply and half a line.
+    conn = at_tls_stage(go=TLS_GO + b"250-evil.example\r\n250 SIZE 1\r\n25")
+    assert conn.next_event() is PAUSED
+    conn.receive_data(b"0 more injected\r\n")  # before the handshake: dropped as well
+    conn.receive_data(b"")
+    assert conn.next_event() is PAUSED
+    conn.tls_established()
+    assert conn.data_to_send() == b"EHLO client.example\r\n"
+    assert feed(conn, EHLO_AFTER_TLS) == [
+        Ready(R_GREETING, R_EHLO_AFTER_TLS, esmtp=True, tls=True)
+    ]
+    assert "SIZE" not in conn.extensions
+
+
+def test_starttls_failed_handshake_closes() -> None:
+    conn = at_tls_stage("require")
+    conn.tls_failed()
+    assert conn.next_event() == Closed("tls handshake failed")
+    assert conn.stage == "closed"
+    assert conn.data_to_send() == b""
+    conn.send_quit()  # no-op once closed
+    assert conn.data_to_send() == b""
+
+
+def test_starttls_none_ignores_the_offer() -> None:
+    conn = ClientConnection("client.example")
+    feed(conn, GREETING)
+    conn.data_to_send()
+    assert feed(conn, EHLO_TLS) == [Ready(R_GREETING, R_EHLO_TLS, esmtp=True, tls=False)]
+    assert conn.data_to_send() == b""
+    assert "STARTTLS" in conn.extensions
+
+
+def test_starttls_try_not_offered_goes_plaintext() -> None:
+    conn = ClientConnection("client.example", starttls="try")
+    feed(conn, GREETING)
+    conn.data_to_send()
+    [ready] = feed(conn, EHLO_PLAIN)
+    assert ready == Ready(R_GREETING, Reply(250, None, ("mx.example.org", "PIPELINING")),
+                          esmtp=True, tls=False)
+    assert conn.data_to_send() == b""
+    assert not conn.tls_active
+
+
+@pytest.mark.parametrize("ehlo", [EHLO_PLAIN, b"502 5.5.2 no EHLO\r\n"])
+def test_starttls_require_not_offered(ehlo: bytes) -> None:
+    conn = ClientConnection("client.example", starttls="require")
+    feed(conn, GREETING)
+    conn.data_to_send()
+    events = feed(conn, ehlo)
+    if ehlo.startswith(b"502"):  # HELO: no extensions at all, so no STARTTLS either
+        assert events == []
+        assert conn.data_to_send() == b"HELO client.example\r\n"
+        events = feed(conn, b"250 mx.example.org\r\n")
+    assert events == [HandshakeFailed("starttls", TLS_NOT_OFFERED)]
+    assert TLS_NOT_OFFERED == Reply(454, "4.7.0",
+                                    ("TLS is required but was not offered by the server",))
+    assert conn.stage == "quit"
+    assert conn.data_to_send() == b"QUIT\r\n"
+    assert feed(conn, b"221 2.0.0 Bye\r\n") == [Closed("quit")]
+
+
+REFUSALS = [b"454 4.7.0 TLS not available due to temporary reason\r\n",
+            b"501 5.5.4 Syntax error\r\n", b"502 5.5.1 not implemented\r\n"]
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+def test_starttls_refused_try_carries_on_in_plaintext(refusal: bytes) -> None:
+    conn = ClientConnection("client.example", starttls="try")
+    feed(conn, GREETING + EHLO_TLS)
+    assert conn.data_to_send() == b"EHLO client.example\r\nSTARTTLS\r\n"
+    assert feed(conn, refusal) == [Ready(R_GREETING, R_EHLO_TLS, esmtp=True, tls=False)]
+    assert conn.extensions == {"PIPELINING": "", "STARTTLS": ""}  # the plaintext EHLO's
+    assert conn.stage == "idle"
+    assert conn.data_to_send() == b""
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+def test_starttls_refused_require_fails(refusal: bytes) -> None:
+    conn = ClientConnection("client.example", starttls="require")
+    feed(conn, GREETING + EHLO_TLS)
+    conn.data_to_send()
+    [failed] = feed(conn, refusal)
+    assert isinstance(failed, HandshakeFailed) and failed.stage == "starttls"
+    assert failed.reply.format() == refusal
+    assert conn.data_to_send() == b"QUIT\r\n"
+
+
+@pytest.mark.parametrize("starttls", ["try", "require"])
+def test_421_to_starttls(starttls: str) -> None:
+    conn = ClientConnection("client.example", starttls=starttls)
+    feed(conn, GREETING + EHLO_TLS)
+    conn.data_to_send()
+    assert feed(conn, B_421) == [HandshakeFailed("starttls", R_421), Closed("421")]
+    assert conn.data_to_send() == b""
+
+
+def test_ehlo_refused_over_tls_falls_back_to_helo() -> None:
+    conn = at_tls_stage("require")
+    conn.tls_established()
+    conn.data_to_send()
+    assert feed(conn, b"502 5.5.1 no\r\n") == []
+    assert conn.data_to_send() == b"HELO client.example\r\n"
+    [ready] = feed(conn, b"250 mx.example.org\r\n")
+    assert ready == Ready(R_GREETING, Reply(250, None, ("mx.example.org",)), esmtp=False,
+                          tls=True)
+
+
+def test_tls_calls_outside_the_tls_stage_are_refused() -> None:
+    conn = ClientConnection("client.example", starttls="try")
+    for call in (conn.tls_established, conn.tls_failed):
+        with pytest.raises(SMTPClientError):
+            call()
+    conn = at_tls_stage()
+    for call in (lambda: conn.send_transaction(tx()), conn.send_rset, conn.send_quit,
+                 lambda: conn.send_etrn("x.test")):
+        with pytest.raises(SMTPClientError):
+            call()
+    conn.tls_established()
+    with pytest.raises(SMTPClientError):
+        conn.tls_established()
+
+
+@pytest.mark.parametrize("mode", ["", "may", "TRY", "encrypt"])
+def test_bad_starttls_mode(mode: str) -> None:
+    with pytest.raises(ValueError):
+        ClientConnection("client.example", starttls=mode)
 
 
 # -- a pipelined transaction ---------------------------------------------------------------------
@@ -571,6 +760,9 @@ def at_stage(stage: str) -> ClientConnection:
     elif stage == "helo":
         conn = ClientConnection("client.example")
         feed(conn, GREETING + b"502 no\r\n")
+    elif stage == "starttls":
+        conn = ClientConnection("client.example", starttls="try")
+        feed(conn, GREETING + EHLO_TLS)
     else:
         conn = connect(EHLO_LOCKSTEP)
         if stage in ("mail", "rcpt", "data", "dot"):
@@ -590,7 +782,8 @@ def at_stage(stage: str) -> ClientConnection:
     return conn
 
 
-STAGES = ["greeting", "ehlo", "helo", "mail", "rcpt", "data", "dot", "rset", "etrn", "quit"]
+STAGES = ["greeting", "ehlo", "helo", "starttls", "mail", "rcpt", "data", "dot", "rset", "etrn",
+          "quit"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -671,6 +864,7 @@ def test_extra_reply_after_the_last_expected_one() -> None:
         ("data", b"334 what\r\n", "protocol error: reply 334 to data"),
         ("dot", b"354 again\r\n", "protocol error: reply 354 to dot"),
         ("greeting", b"354 x\r\n", "protocol error: reply 354 to greeting"),
+        ("starttls", b"354 x\r\n", "protocol error: reply 354 to starttls"),
     ],
 )
 def test_reply_of_the_wrong_kind(stage: str, reply: bytes, reason: str) -> None:

@@ -69,7 +69,7 @@ def _directory(loaded: LoadedConfig):
 
 
 def cmd_user_add(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from mailpool.directory import validate_address
+    from mailpool.directory import PasswordHashError, validate_address
 
     local = {d.lower() for d in loaded.config.host.local_domains}
     addresses = []
@@ -85,10 +85,25 @@ def cmd_user_add(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
             raise CliError("--password-stdin: no password on standard input")
-    user = _directory(loaded).add_user(args.name, addresses, password)
+    try:
+        user = _directory(loaded).add_user(args.name, addresses, password,
+                                           password_hash=args.password_hash)
+    except PasswordHashError as exc:
+        raise CliError(f"--password-hash: {exc}") from None
     print(f"user {user.name} added: {', '.join(user.addresses)}"
-          + (" (POP password set)" if password else " (no POP password)"))
+          + (" (POP password set)" if password else
+             " (POP password hash imported)" if args.password_hash else " (no POP password)"))
     return 0
+
+
+def _password_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--password-stdin", action="store_true",
+                       help="read the POP password from the first line of standard input")
+    group.add_argument("--password-hash", metavar="HASH",
+                       help="keep a Dovecot password hash as it is, e.g. from a passwd-file: "
+                            "{ARGON2ID}, {ARGON2I}, {BLF-CRYPT}, {SHA512-CRYPT} or "
+                            "{SHA256-CRYPT} (quote it: it contains $)")
 
 
 def cmd_user_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
@@ -109,6 +124,15 @@ def cmd_user_remove(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 def cmd_user_passwd(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.directory import PasswordHashError
+
+    if args.password_hash is not None:
+        try:
+            _directory(loaded).set_password(args.name, None, password_hash=args.password_hash)
+        except PasswordHashError as exc:
+            raise CliError(f"--password-hash: {exc}") from None
+        print(f"password hash for {args.name} imported")
+        return 0
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -276,15 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _leaf(user, "add", cmd_user_add, "add a user with one or more addresses")
     p.add_argument("name")
     p.add_argument("--address", action="append", required=True, metavar="ADDR")
-    p.add_argument("--password-stdin", action="store_true",
-                   help="read the POP password from the first line of standard input")
+    _password_options(p)
     p = _leaf(user, "list", cmd_user_list, "list users")
     p.add_argument("--json", action="store_true")
     p = _leaf(user, "remove", cmd_user_remove, "remove a user (the mailbox is kept)")
     p.add_argument("name")
     p = _leaf(user, "passwd", cmd_user_passwd, "set a user's POP password")
     p.add_argument("name")
-    p.add_argument("--password-stdin", action="store_true")
+    _password_options(p)
 
     journal = sub.add_parser("journal", help="mail journal (DSPJRN, CHGJRN)").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")

@@ -20,9 +20,17 @@ import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
+import argon2
+import bcrypt
 import msgspec
+
+# SHA256-CRYPT / SHA512-CRYPT: the stdlib `crypt` module is deprecated (gone in 3.13) and
+# passlib has had no release since 2020. libpass is passlib's maintained fork (it installs
+# the same `passlib` package); its SHA-crypt is pure Python on hashlib, no libc crypt(3),
+# and it compares checksums with hmac.compare_digest.
+from passlib.hash import sha256_crypt, sha512_crypt
 
 from mailpool.fsutil import write_file_durably
 
@@ -31,6 +39,10 @@ T = TypeVar("T")
 
 class DirectoryError(Exception):
     """A bad directory entry or request; the message names the value and why."""
+
+
+class PasswordHashError(DirectoryError):
+    """A foreign password hash refused; the message names the scheme, never the hash."""
 
 
 class User(msgspec.Struct, frozen=True):
@@ -138,7 +150,12 @@ def hash_password(password: str) -> str:
 
 
 def verify_password(stored: str, password: str) -> bool:
-    """True if `password` matches `stored`; False for a wrong password or a bad hash."""
+    """True if `password` matches `stored`; False for a wrong password or a bad hash.
+
+    `stored` is the project's scrypt format or a foreign "{SCHEME}..." hash (see below).
+    """
+    if isinstance(stored, str) and stored.startswith("{"):
+        return _verify_foreign(stored, password)
     try:
         scheme, n_s, r_s, p_s, salt_s, hash_s = stored.split("$")
         n, r, p = int(n_s), int(r_s), int(p_s)
@@ -161,6 +178,155 @@ def verify_password(stored: str, password: str) -> bool:
 @functools.cache
 def _dummy_hash() -> str:
     return hash_password(secrets.token_urlsafe(16))
+
+
+# -- foreign hashes: users moved from Dovecot ----------------------------------------------
+#
+# Dovecot writes "{SCHEME}hash". Such a hash is stored as given (the marker tells the
+# verifier which check to run) and checked with the library made for it; new passwords are
+# always scrypt. A successful login does not rehash a foreign hash: logins never write the
+# directory, and `mailpool user passwd` moves a user to scrypt.
+
+_SCHEME_RE = re.compile(r"\{([A-Za-z0-9.-]{1,32})\}")
+# The same idea as the scrypt bounds: a tampered file or a careless import must not make
+# each login take gigabytes or minutes.
+_ARGON2_MAX_KIB, _ARGON2_MAX_T, _ARGON2_MAX_P = 1 << 20, 16, 16
+_BCRYPT_MAX_COST = 16  # 2**16 rounds, seconds per login; Dovecot's default is 5
+_SHA_CRYPT_MAX_ROUNDS = 1_000_000  # Dovecot's default is 5000
+_HASH_CHARS_RE = re.compile(r"[!-~]+")
+_BCRYPT_RE = re.compile(r"\$(2[aby])\$(\d\d)\$[./A-Za-z0-9]{53}")
+
+
+def _secret(password: str) -> bytes:
+    # POP decodes passwords with surrogateescape: this gives back the bytes the client sent,
+    # which are what Dovecot hashed.
+    return password.encode("utf-8", "surrogateescape")
+
+
+class _Scheme(NamedTuple):
+    """One foreign scheme: `check` raises ValueError(reason) for a hash it cannot use."""
+
+    library: str
+    check: Callable[[str], None]
+    verify: Callable[[str, bytes], bool]
+
+
+def _argon2_scheme(kind: argon2.Type) -> _Scheme:
+    prefix = f"$argon2{kind.name.lower()}$"
+
+    def check(value: str) -> None:
+        if not value.startswith(prefix):
+            raise ValueError(f"expected a {prefix}v=19$m=...,t=...,p=...$salt$hash string")
+        try:
+            p = argon2.extract_parameters(value)
+        except argon2.exceptions.InvalidHashError:
+            raise ValueError(f"not a valid {prefix} string") from None
+        if not 8 * p.parallelism <= p.memory_cost <= _ARGON2_MAX_KIB:
+            raise ValueError(f"memory m={p.memory_cost} KiB is outside 8*p..{_ARGON2_MAX_KIB}")
+        if not 1 <= p.time_cost <= _ARGON2_MAX_T:
+            raise ValueError(f"passes t={p.time_cost} is outside 1..{_ARGON2_MAX_T}")
+        if not 1 <= p.parallelism <= _ARGON2_MAX_P:
+            raise ValueError(f"lanes p={p.parallelism} is outside 1..{_ARGON2_MAX_P}")
+
+    def verify(value: str, secret: bytes) -> bool:
+        try:
+            return argon2.low_level.verify_secret(value.encode("ascii"), secret, kind)
+        except argon2.exceptions.VerifyMismatchError:
+            return False
+
+    return _Scheme("argon2-cffi", check, verify)
+
+
+def _bcrypt_check(value: str) -> None:
+    m = _BCRYPT_RE.fullmatch(value)
+    if m is None:
+        raise ValueError("expected $2y$ (or $2a$, $2b$), a two-digit cost, $ and 53 characters "
+                         "of ./A-Za-z0-9")
+    if not 4 <= int(m.group(2)) <= _BCRYPT_MAX_COST:
+        raise ValueError(f"cost {m.group(2)} is outside 04..{_BCRYPT_MAX_COST}")
+
+
+def _bcrypt_verify(value: str, secret: bytes) -> bool:
+    # $2y$ is crypt_blowfish's name (Dovecot's default) for what OpenBSD calls $2b$; the
+    # library checks $2b$. Blowfish reads at most 72 bytes: Dovecot accepted longer
+    # passwords by ignoring the rest, so do the same (the library refuses them instead).
+    if value.startswith("$2y$"):
+        value = "$2b$" + value[4:]
+    return bcrypt.checkpw(secret[:72], value.encode("ascii"))
+
+
+def _sha_crypt_scheme(handler: type) -> _Scheme:
+    def check(value: str) -> None:
+        rounds = handler.from_string(value).rounds  # ValueError naming what is malformed
+        if rounds > _SHA_CRYPT_MAX_ROUNDS:
+            raise ValueError(f"rounds={rounds} is above {_SHA_CRYPT_MAX_ROUNDS}")
+
+    def verify(value: str, secret: bytes) -> bool:
+        return bool(handler.verify(secret, value))
+
+    return _Scheme("libpass", check, verify)
+
+
+_FOREIGN: dict[str, _Scheme] = {
+    "ARGON2I": _argon2_scheme(argon2.Type.I),
+    "ARGON2ID": _argon2_scheme(argon2.Type.ID),
+    "BLF-CRYPT": _Scheme("bcrypt", _bcrypt_check, _bcrypt_verify),
+    "SHA256-CRYPT": _sha_crypt_scheme(sha256_crypt),
+    "SHA512-CRYPT": _sha_crypt_scheme(sha512_crypt),
+}
+FOREIGN_SCHEMES: tuple[str, ...] = tuple(sorted(_FOREIGN))
+
+
+def _split_foreign(value: str) -> tuple[str, _Scheme, str]:
+    """(marker as written, scheme, hash) or PasswordHashError; scheme names are
+    case-insensitive, as in Dovecot."""
+    supported = ", ".join(FOREIGN_SCHEMES)
+    m = _SCHEME_RE.match(value)
+    if m is None:
+        raise PasswordHashError(
+            f"expected a Dovecot-style {{SCHEME}}hash with SCHEME one of {supported}")
+    marker = m.group(0)
+    scheme = _FOREIGN.get(m.group(1).upper())
+    if scheme is None:
+        raise PasswordHashError(f"{marker}: scheme not supported (supported: {supported})")
+    return marker, scheme, value[m.end():]
+
+
+def validate_password_hash(value: str) -> str:
+    """Check a Dovecot-style "{SCHEME}hash" and return it unchanged, to be stored as given.
+
+    The scheme must be one of FOREIGN_SCHEMES and its library must accept the hash, within
+    cost bounds; otherwise PasswordHashError naming the scheme (never echoing the hash).
+    One trial check with a random password proves the library can use the hash, so a login
+    will not fail on something only it refuses (bcrypt's strict salt encoding, say).
+    """
+    if not isinstance(value, str) or not value:
+        raise PasswordHashError("empty; expected a Dovecot-style {SCHEME}hash")
+    marker, scheme, body = _split_foreign(value)
+    if not _HASH_CHARS_RE.fullmatch(body):
+        raise PasswordHashError(f"{marker} hash: empty, or has spaces, control or non-ASCII "
+                                "characters")
+    try:
+        scheme.check(body)
+    except ValueError as e:
+        raise PasswordHashError(f"{marker} hash: {e}") from None
+    try:
+        scheme.verify(body, secrets.token_urlsafe(16).encode())
+    except Exception as e:
+        reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise PasswordHashError(f"{marker} hash: refused by {scheme.library}: {reason}") from None
+    return value
+
+
+def _verify_foreign(stored: str, password: str) -> bool:
+    try:
+        _, scheme, body = _split_foreign(stored)
+        scheme.check(body)  # the bounds again: the file may have been edited by hand
+        return scheme.verify(body, _secret(password))
+    except Exception:
+        # Fail closed whatever a library raises for a damaged hash or an odd password
+        # (their error types differ by library and version): a login gets no, never a crash.
+        return False
 
 
 # -- the directory -----------------------------------------------------------------------
@@ -280,7 +446,12 @@ class Directory:
         return out
 
     @staticmethod
-    def _hash(name: str, password: str | None) -> str:
+    def _hash(name: str, password: str | None, password_hash: str | None) -> str:
+        if password_hash is not None:
+            if password is not None:
+                raise DirectoryError(f"password for {name!r}: give a password or a hash, "
+                                     "not both")
+            return validate_password_hash(password_hash)
         if password is None:
             return ""
         if not isinstance(password, str) or not password:
@@ -294,11 +465,17 @@ class Directory:
             if owner is not None and owner.name != name:
                 raise DirectoryError(f"address {a!r}: already belongs to user {owner.name!r}")
 
-    def add_user(self, name: str, addresses: list[str], password: str | None) -> User:
-        """Add a user; DirectoryError if the name exists or an address is taken."""
+    def add_user(self, name: str, addresses: list[str], password: str | None, *,
+                 password_hash: str | None = None) -> User:
+        """Add a user; DirectoryError if the name exists or an address is taken.
+
+        `password` is hashed with scrypt; `password_hash` instead keeps a Dovecot-style
+        "{SCHEME}hash" as given (PasswordHashError if it is unusable); neither: no POP login.
+        """
         validate_user_name(name)
         addrs = self._addresses(addresses)
-        user = User(name, addrs, self._hash(name, password))  # scrypt outside the lock
+        # scrypt (or the foreign hash's trial check) outside the lock
+        user = User(name, addrs, self._hash(name, password, password_hash))
 
         def change(snap: _Snapshot) -> tuple[list[User], User]:
             if name in snap.by_name:
@@ -324,9 +501,11 @@ class Directory:
             raise DirectoryError(f"user {name!r}: no such user")
         return user
 
-    def set_password(self, name: str, password: str | None) -> None:
-        """Set (or with None, clear: no POP login) a user's password."""
-        new_hash = self._hash(name, password)
+    def set_password(self, name: str, password: str | None, *,
+                     password_hash: str | None = None) -> None:
+        """Set (or with None, clear: no POP login) a user's password, or with
+        `password_hash` store a Dovecot-style "{SCHEME}hash" as given."""
+        new_hash = self._hash(name, password, password_hash)
 
         def change(snap: _Snapshot) -> tuple[list[User], None]:
             new = msgspec.structs.replace(self._existing(snap, name), password_hash=new_hash)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import trio
 
-from mailpool.config import cleartext_login_allowed
+from mailpool.config import IMPLICIT_TLS, cleartext_login_allowed
 from mailpool.directory import Directory, DirectoryError
 from mailpool.jobs.logins import Logins
 from mailpool.jobs.runtime import JobContext, run_job, send_within
+from mailpool.jobs.tls import handshake, server_context
 from mailpool.maildrop import DropMessage, Maildrop
 from mailpool.protocol import pop3 as core
 from mailpool.supervisor.channel import Assign
@@ -21,13 +22,27 @@ class PopServerRole:
         self.directory = Directory(ctx.loaded.directory_file)
         self.mailbox_root = ctx.loaded.mailbox_dir
         self.logins = Logins(ctx, self.directory)
-        self.limits = core.Pop3Limits(hostname=cfg.host.name,
-                                      allow_cleartext_login=cleartext_login_allowed(cfg))
+        self.tls = server_context(cfg.tls)
+        cleartext = cleartext_login_allowed(cfg)
+        self.limits = core.Pop3Limits(hostname=cfg.host.name, allow_cleartext_login=cleartext,
+                                      stls_available=self.tls is not None)
+        # pop3s (995): TLS from the first byte, so no STLS.
+        self.implicit = core.Pop3Limits(hostname=cfg.host.name,
+                                        allow_cleartext_login=cleartext, tls_active=True)
 
-    async def session(self, ctx: JobContext, stream: trio.SocketStream, assign: Assign) -> None:
-        conn = core.Pop3Connection(self.limits)
-        conn.greeting()
+    async def session(self, ctx: JobContext, raw: trio.SocketStream, assign: Assign) -> None:
         timeout = ctx.config.pop3.inactivity_timeout
+        stream: trio.abc.Stream = raw
+        if assign.listener in IMPLICIT_TLS:
+            assert self.tls is not None  # the config refuses pop3s without [tls]
+            secured = await handshake(raw, self.tls, ctx.config.tls.handshake_timeout)
+            if secured is None:
+                return
+            stream = secured
+            conn = core.Pop3Connection(self.implicit)
+        else:
+            conn = core.Pop3Connection(self.limits)
+        conn.greeting()
         peer_ip = assign.peer_ip
         failures = assign.auth_failures
         drop: Maildrop | None = None
@@ -94,6 +109,17 @@ class PopServerRole:
                     conn.auth_ok([core.MessageInfo(uid=m.uid, size=m.size) for m in messages])
                     await ctx.journal("DL", user=user, ip=peer_ip,
                                       detail=f"{len(messages)} messages")
+                elif isinstance(event, core.StartTls):
+                    # The core dropped what the client pipelined after STLS: a fresh start.
+                    if not await flush():
+                        return
+                    assert self.tls is not None
+                    secured = await handshake(stream, self.tls,
+                                              ctx.config.tls.handshake_timeout)
+                    if secured is None:
+                        return
+                    stream = secured
+                    conn.tls_established()
                 elif isinstance(event, core.Retrieve):
                     msg = listing[event.uid]
                     try:

@@ -1,5 +1,5 @@
 """Sans-IO SMTP client protocol core (RFC 5321, 1870 SIZE, 6152 8BITMIME, 2920 PIPELINING,
-3461 DSN parameters, 1985 ETRN).
+3461 DSN parameters, 1985 ETRN, 3207 STARTTLS).
 
 Shaped like the server core and h11: no sockets, no clock. The driver feeds received bytes
 with ``receive_data`` (``b""`` = EOF), pulls events with ``next_event`` until ``NEED_DATA``,
@@ -13,6 +13,9 @@ Driver loop::
         send(conn.data_to_send())
         ev = conn.next_event()
         if ev is NEED_DATA:       read with the timeout for conn.stage; conn.receive_data(chunk)
+        elif StartTlsReady:       TLS handshake on the socket, then conn.tls_established()
+                                  (or conn.tls_failed()); read and write through TLS from now
+        elif ev is PAUSED:        a driver bug: StartTlsReady was not answered
         elif Ready:               conn.send_transaction(tx) (or send_etrn / send_quit)
         elif TransactionDone:     store ev.recipient_results(); next transaction or send_quit()
         elif HandshakeFailed:     note ev.reply; the core has queued QUIT itself (unless 421)
@@ -22,6 +25,16 @@ Choices this module makes:
 
 - The handshake: any 2xx greeting, then EHLO; a non-2xx EHLO reply other than 421 falls back
   to HELO (no extensions then). A failed handshake queues QUIT (stage "quit").
+- STARTTLS (``starttls`` "try" or "require"): sent after a positive EHLO that offers it. Its
+  positive reply (220) gives ``StartTlsReady`` and stage "tls": ``next_event`` returns
+  ``PAUSED`` and received data is dropped until the driver reports the handshake. Octets the
+  server sent after that reply were sent in plaintext, where anyone on the path may have put
+  them: they are dropped too, never read as replies. After ``tls_established()`` the core
+  forgets the extensions and says EHLO again (RFC 3207 4.2), then ``Ready(tls=True)``;
+  ``tls_failed()`` closes (``Closed("tls handshake failed")``). Not offered, under "require":
+  ``HandshakeFailed("starttls", 454 4.7.0)``, a reply of the core's own, and QUIT. STARTTLS
+  refused: "try" carries on in plaintext (``Ready(tls=False)``), "require" fails the handshake
+  with the server's reply. The core never sends STARTTLS twice.
 - A transaction is MAIL, RCPT..., DATA, content. With PIPELINING they leave in one chunk and
   the replies are matched in order; without it, one command at a time, and DATA only after
   an accepted RCPT. If the server still holds a transaction (MAIL accepted, no final reply to
@@ -40,6 +53,7 @@ from dataclasses import dataclass
 from mailpool.protocol.smtp_syntax import (
     ATEXT,
     NEED_DATA,
+    PAUSED,
     Reply,
     ReplyParser,
     ReplySyntaxError,
@@ -49,6 +63,9 @@ from mailpool.protocol.smtp_syntax import (
 
 __all__ = [
     "NEED_DATA",
+    "PAUSED",
+    "STARTTLS_MODES",
+    "TLS_NOT_OFFERED",
     "ClientConnection",
     "Closed",
     "EtrnDone",
@@ -57,6 +74,7 @@ __all__ = [
     "Ready",
     "RsetDone",
     "SMTPClientError",
+    "StartTlsReady",
     "Transaction",
     "TransactionDone",
     "dot_stuff",
@@ -87,13 +105,21 @@ class Transaction:
 @dataclass(frozen=True)
 class Ready:
     greeting: Reply
-    hello: Reply
+    hello: Reply  # after STARTTLS, the reply to the EHLO said over TLS
     esmtp: bool  # EHLO accepted (False: the HELO fallback)
+    tls: bool = False  # the session runs over TLS
 
 
 @dataclass(frozen=True)
 class HandshakeFailed:
-    stage: str  # "greeting", "ehlo" (421 only) or "helo"
+    stage: str  # "greeting", "ehlo" (421 only), "helo" or "starttls"
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class StartTlsReady:
+    """The server took STARTTLS: the driver does the TLS handshake now."""
+
     reply: Reply
 
 
@@ -134,7 +160,11 @@ class Closed:
     reason: str  # "quit", "421", "eof", "eof during <stage>", "protocol error: ..."
 
 
-Event = Ready | HandshakeFailed | TransactionDone | EtrnDone | RsetDone | Closed
+Event = Ready | HandshakeFailed | StartTlsReady | TransactionDone | EtrnDone | RsetDone | Closed
+
+STARTTLS_MODES = ("none", "try", "require")
+# What HandshakeFailed carries when TLS is required and the EHLO reply does not offer it.
+TLS_NOT_OFFERED = Reply(454, "4.7.0", ("TLS is required but was not offered by the server",))
 
 
 # -- message content ------------------------------------------------------------------------
@@ -201,19 +231,26 @@ def _check_transaction(tx: Transaction) -> None:
 # What an outstanding reply answers. Stage names for the driver: the same, except that the
 # core's own RSET is "rset" and the dot after a DATA nobody should get is "dot".
 _STAGE_OF = {"auto-rset": "rset", "dot-discard": "dot"}
-_HANDSHAKE = ("greeting", "ehlo", "helo")
+_HANDSHAKE = ("greeting", "ehlo", "helo", "starttls")
 _TRANSACTION = ("mail", "rcpt", "data", "dot", "dot-discard")
 
 
 class ClientConnection:
     """One SMTP client session. See the module docstring for the driving protocol."""
 
-    def __init__(self, local_hostname: str, *, max_reply_line: int = 2048,
-                 max_reply_lines: int = 200) -> None:
+    def __init__(self, local_hostname: str, *, starttls: str = "none",
+                 max_reply_line: int = 2048, max_reply_lines: int = 200) -> None:
         if not _HOSTNAME_RE.fullmatch(local_hostname):
             raise ValueError(f"local_hostname must be printable ASCII: {local_hostname!r}")
+        if starttls not in STARTTLS_MODES:
+            raise ValueError(f"starttls must be one of {', '.join(STARTTLS_MODES)}: "
+                             f"{starttls!r}")
         self._hostname = local_hostname
+        self._starttls = starttls
+        self._limits = (max_reply_line, max_reply_lines)
         self._parser = ReplyParser(max_line=max_reply_line, max_lines=max_reply_lines)
+        self._tls = False
+        self._tls_wait = False  # StartTlsReady emitted, the driver's handshake not reported
         self._out = bytearray()
         self._events: deque[Event] = deque()
         self._closed: Closed | None = None
@@ -222,6 +259,7 @@ class ClientConnection:
         self._expect: deque[tuple[str, int]] = deque([("greeting", -1)])
         self.extensions: dict[str, str] = {}
         self._greeting: Reply | None = None
+        self._hello: Reply | None = None
         self._dirty = False  # the server holds a transaction (MAIL accepted, no final reply)
         self._op: str | None = None  # "tx" or "etrn" while one is in progress
         self._etrn_command = b""
@@ -241,13 +279,21 @@ class ClientConnection:
     def stage(self) -> str:
         if self._closed is not None:
             return "closed"
+        if self._tls_wait:
+            return "tls"
         if self._expect:
             kind = self._expect[0][0]
             return _STAGE_OF.get(kind, kind)
         return "idle"
 
+    @property
+    def tls_active(self) -> bool:
+        """The driver reported a TLS handshake done: everything since went over TLS."""
+        return self._tls
+
     def receive_data(self, data: bytes) -> None:
-        if self._closed is not None or self._eof:
+        # While the handshake is pending nothing is a reply (see the module docstring).
+        if self._closed is not None or self._eof or self._tls_wait:
             return
         if data:
             self._parser.feed(data)
@@ -263,6 +309,8 @@ class ClientConnection:
         while not self._events:
             if self._closed is not None:
                 return self._closed
+            if self._tls_wait:
+                return PAUSED
             try:
                 reply = self._parser.next_reply()
             except ReplySyntaxError as exc:
@@ -275,6 +323,20 @@ class ClientConnection:
                 continue
             self._on_reply(reply)
         return self._events.popleft()
+
+    def tls_established(self) -> None:
+        """The driver's TLS handshake succeeded: EHLO again, over TLS from now on."""
+        self._require_tls_wait("tls_established")
+        self._tls_wait = False
+        self._tls = True
+        self.extensions = {}  # RFC 3207 4.2: nothing learnt in plaintext counts
+        self._send(_command(f"EHLO {self._hostname}"), "ehlo")
+
+    def tls_failed(self) -> None:
+        """The driver's TLS handshake failed: the session is over (close the socket)."""
+        self._require_tls_wait("tls_failed")
+        self._tls_wait = False
+        self._close("tls handshake failed")
 
     def send_transaction(self, tx: Transaction) -> None:
         self._require_idle("send_transaction")
@@ -347,6 +409,10 @@ class ClientConnection:
     def _require_idle(self, what: str) -> None:
         if self.stage != "idle":
             raise SMTPClientError(f"{what}() needs the idle stage (stage is {self.stage!r})")
+
+    def _require_tls_wait(self, what: str) -> None:
+        if not self._tls_wait:
+            raise SMTPClientError(f"{what}() needs the tls stage (stage is {self.stage!r})")
 
     def _send(self, command: bytes, kind: str, index: int = -1) -> None:
         self._out += command
@@ -430,19 +496,40 @@ class ClientConnection:
             self._handshake_failed("greeting", reply)
 
     def _on_ehlo(self, index: int, reply: Reply) -> None:
-        if reply.is_positive:
-            self.extensions = _parse_extensions(reply)
-            assert self._greeting is not None
-            self._events.append(Ready(self._greeting, reply, esmtp=True))
-        else:
+        if not reply.is_positive:
             self._send(_command(f"HELO {self._hostname}"), "helo")
+            return
+        self.extensions = _parse_extensions(reply)
+        self._hello = reply
+        if not self._tls and self._starttls != "none" and "STARTTLS" in self.extensions:
+            self._send(b"STARTTLS\r\n", "starttls")  # never pipelined (RFC 3207 4.2)
+        else:
+            self._ready(reply, esmtp=True)
 
     def _on_helo(self, index: int, reply: Reply) -> None:
         if reply.is_positive:
-            assert self._greeting is not None
-            self._events.append(Ready(self._greeting, reply, esmtp=False))
+            self._ready(reply, esmtp=False)
         else:
             self._handshake_failed("helo", reply)
+
+    def _ready(self, hello: Reply, *, esmtp: bool) -> None:
+        if self._starttls == "require" and not self._tls:
+            self._handshake_failed("starttls", TLS_NOT_OFFERED)
+            return
+        assert self._greeting is not None
+        self._events.append(Ready(self._greeting, hello, esmtp=esmtp, tls=self._tls))
+
+    def _on_starttls(self, index: int, reply: Reply) -> None:
+        if reply.is_positive:
+            self._tls_wait = True
+            # Whatever came after the 220 is plaintext injected before the handshake.
+            self._parser = ReplyParser(max_line=self._limits[0], max_lines=self._limits[1])
+            self._events.append(StartTlsReady(reply))
+        elif self._starttls == "require":
+            self._handshake_failed("starttls", reply)
+        else:
+            assert self._greeting is not None and self._hello is not None
+            self._events.append(Ready(self._greeting, self._hello, esmtp=True, tls=False))
 
     def _handshake_failed(self, stage: str, reply: Reply) -> None:
         self._events.append(HandshakeFailed(stage, reply))

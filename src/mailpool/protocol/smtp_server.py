@@ -1,5 +1,5 @@
 """Sans-IO SMTP server protocol core (RFC 5321, 1870 SIZE, 6152 8BITMIME, 2920 PIPELINING,
-2034/3463 enhanced codes, 3461 DSN parameters, 1985 ETRN).
+2034/3463 enhanced codes, 3461 DSN parameters, 1985 ETRN, 3207 STARTTLS, 4954 AUTH).
 
 Shaped like h11: the driver feeds bytes with ``receive_data`` (``b""`` = EOF), pulls events
 with ``next_event`` and drains reply bytes with ``data_to_send``. Policy decisions (accept a
@@ -19,14 +19,31 @@ driver's connection restrictions refused the client; only QUIT is served) or
 with input already queued behind it with ``ImproperPipelining``. The driver owns the clock:
 ``awaiting_first_command``, ``in_command_line`` and ``data_bytes_received`` let it apply its
 deadlines, ``timeout(reason)`` ends the session with 421. Nothing the core hands the driver
-outside message content can hold a control character.
+outside message content and passwords can hold a control character.
+
+TLS lives in the driver: the core answers STARTTLS with 220, drops every byte the client
+sent behind it (plaintext injection, CVE-2011-0411) and emits ``StartTls``; the driver
+flushes ``data_to_send()``, does the handshake and calls ``tls_established(cipher_info)``
+(the session starts over: no HELO, no transaction, not authenticated) or ``tls_failed()``
+(closed silently). AUTH PLAIN/LOGIN exchanges run in the core (``mailpool.protocol.sasl``;
+their lines are never read as commands); the ``Authenticate`` decision is answered with
+``auth_ok(user)``, ``auth_failed()`` or a ``reply()`` of 454/421. An exchange the core ends
+itself (cancelled, bad base64...) is answered and reported as ``AuthAborted``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from mailpool.protocol.sasl import (
+    MAX_RESPONSE_LINE,
+    Challenge,
+    Credentials,
+    SaslError,
+    SaslServer,
+    Step,
+)
 from mailpool.protocol.smtp_syntax import (
     ATEXT,
     DOMAIN_RE,
@@ -47,6 +64,8 @@ from mailpool.protocol.smtp_syntax import (
 __all__ = [
     "NEED_DATA",
     "PAUSED",
+    "AuthAborted",
+    "Authenticate",
     "ConnectionClosed",
     "Etrn",
     "Event",
@@ -62,6 +81,7 @@ __all__ = [
     "Sentinel",
     "ServerConnection",
     "ServerLimits",
+    "StartTls",
     "Verify",
 ]
 
@@ -80,6 +100,15 @@ class ServerLimits:
     hard_error_limit: int = 20  # like Postfix smtpd_hard_error_limit
     dsn: bool = True  # RFC 3461 MAIL/RCPT parameters
     etrn: bool = True  # RFC 1985; off: ETRN is answered 502 like EXPN
+    starttls: bool = False  # RFC 3207: offer STARTTLS (while TLS is not active)
+    tls_active: bool = False  # implicit TLS: the session is encrypted from the start
+    auth: bool = False  # RFC 4954: AUTH on this listener, offered only while TLS is active...
+    auth_cleartext: bool = False  # ...unless this says it may run without TLS
+    auth_required: bool = False  # submission: MAIL (VRFY, ETRN) before AUTH gets 530
+
+    def __post_init__(self) -> None:
+        if self.auth_required and not self.auth:
+            raise ValueError("auth_required needs auth")
 
 
 # -- events -----------------------------------------------------------------------------
@@ -91,6 +120,7 @@ class MailFrom:
     params: dict[str, str | None]  # as given, keys upper case
     ret: str | None = None  # DSN RET: "FULL" or "HDRS"
     envid: str | None = None  # DSN ENVID, xtext decoded
+    auth_user: str | None = None  # the authenticated user (auth_ok) when MAIL came
 
 
 @dataclass(frozen=True)
@@ -156,15 +186,42 @@ class ImproperPipelining:
 
 
 @dataclass(frozen=True)
+class StartTls:
+    """Decision: the 220 is queued. Flush data_to_send(), hand the raw stream to TLS, then
+    tls_established(cipher_info) or tls_failed(). Bytes fed meanwhile are dropped."""
+
+    discarded: int  # octets the client pipelined behind STARTTLS, dropped unread
+
+
+@dataclass(frozen=True)
+class Authenticate:
+    """Decision: check the password -> auth_ok(user), auth_failed(), or reply(454, ...)
+    when the directory cannot answer now."""
+
+    mechanism: str  # "PLAIN" or "LOGIN"
+    authzid: str  # "" or equal to username (anything else never gets this far)
+    username: str
+    password: str = field(repr=False)  # UTF-8 with "surrogateescape": any octet but NUL
+
+
+@dataclass(frozen=True)
+class AuthAborted:
+    """An AUTH exchange the core ended itself, already answered (and counted as an error)."""
+
+    mechanism: str
+    reason: str  # "cancelled", "bad-base64", "too-long", "malformed" or "authzid"
+
+
+@dataclass(frozen=True)
 class ConnectionClosed:
     pass
 
 
 Event = (
     MailFrom | RcptTo | MessageReceived | Verify | Etrn | Hello | Reset | Quit
-    | Forbidden | ImproperPipelining | ConnectionClosed
+    | Forbidden | ImproperPipelining | StartTls | Authenticate | AuthAborted | ConnectionClosed
 )
-_DECISIONS = (MailFrom, RcptTo, MessageReceived, Verify, Etrn)
+_DECISIONS = (MailFrom, RcptTo, MessageReceived, Verify, Etrn, StartTls, Authenticate)
 
 
 # -- command syntax -------------------------------------------------------------------
@@ -273,6 +330,24 @@ _FORBIDDEN = _reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
 _IMPROPER_PIPELINING = _reply(554, "5.5.0", "Error: improper command pipelining after DATA")
 _EARLY_TALKER = _reply(554, "5.7.1", "Error: client talked before the greeting")
 _NO_SERVICE = _reply(503, "5.7.0", "Error: no SMTP service here")
+_NEED_EHLO = _reply(503, "5.5.1", "Error: send EHLO first")
+_STARTTLS_SYNTAX = _reply(501, "5.5.4", "Syntax: STARTTLS")
+_TLS_ACTIVE = _reply(503, "5.5.1", "Error: TLS already active")
+_AUTH_SYNTAX = _reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+_ENCRYPTION_REQUIRED = _reply(538, "5.7.11",
+                              "Encryption required for requested authentication mechanism")
+_ALREADY_AUTHENTICATED = _reply(503, "5.5.1", "Error: already authenticated")
+_UNKNOWN_MECHANISM = _reply(504, "5.5.4", "Unrecognized authentication type")
+_AUTH_FAILED = _reply(535, "5.7.8", "Error: authentication failed")
+_AUTH_REQUIRED = _reply(530, "5.7.0", "Authentication required")
+# RFC 4954 4 and 6 give the codes; the texts are Postfix's where it has one.
+_SASL_ERRORS = {
+    SaslError.BAD_BASE64: _reply(501, "5.5.2", "Error: invalid base64"),
+    SaslError.CANCELLED: _reply(501, "5.7.0", "Authentication aborted"),
+    SaslError.TOO_LONG: _reply(500, "5.5.6", "Authentication Exchange line is too long"),
+    SaslError.MALFORMED: _reply(501, "5.5.2", "Error: malformed authentication response"),
+    SaslError.AUTHZID: _AUTH_FAILED,  # acting as another user is never allowed here
+}
 
 
 def _bad_param(name: str) -> Reply:
@@ -283,10 +358,11 @@ def _unsupported(token: str) -> Reply:
     return _reply(555, "5.5.4", f"Unsupported option: {token}")
 
 
-def _help_lines(etrn: bool) -> tuple[str, ...]:
+def _help_lines(etrn: bool, starttls: bool, auth: bool) -> tuple[str, ...]:
+    extensions = ("STARTTLS " if starttls else "") + ("AUTH " if auth else "")
     return (
         "Commands supported:",
-        "HELO EHLO MAIL RCPT DATA",
+        f"HELO EHLO {extensions}MAIL RCPT DATA",
         "RSET VRFY ETRN NOOP QUIT HELP" if etrn else "RSET VRFY NOOP QUIT HELP",
         "End of HELP info",
     )
@@ -313,6 +389,9 @@ for _state in _COMMAND_STATES:
             (_state, "QUIT"): "_cmd_quit",
             (_state, "HELP"): "_cmd_help",
             (_state, "VRFY"): "_cmd_vrfy",
+            # Both check the state themselves: "not offered here" comes before sequencing.
+            (_state, "STARTTLS"): "_cmd_starttls",
+            (_state, "AUTH"): "_cmd_auth",
         }
     )
     for _verb in _UNIMPLEMENTED_VERBS:
@@ -354,7 +433,13 @@ class ServerConnection:
         self._out = bytearray()
         self._eof = False
         self._lines = LineReader(self._in, limits.max_command_line)
-        self._pending: MailFrom | RcptTo | MessageReceived | Verify | Etrn | None = None
+        self._pending: (MailFrom | RcptTo | MessageReceived | Verify | Etrn | StartTls
+                        | Authenticate | None) = None
+        self.tls_active: bool = limits.tls_active
+        self.cipher_info: str | None = None  # from tls_established()
+        self.authenticated_user: str | None = None  # from auth_ok()
+        self._sasl = SaslServer()
+        self._sasl_lines = LineReader(self._in, MAX_RESPONSE_LINE)  # AUTH exchange lines
         self._errors = 0
         self._opened = False  # greeting(), refuse() or early_talker() was called
         self._refused = False
@@ -410,7 +495,8 @@ class ServerConnection:
         Meaningful when next_event() has returned NEED_DATA."""
         if self.closed or self.state not in _COMMAND_STATES:
             return False
-        return (bool(self._in) and self._in[-1] != 0x0A) or self._lines.discarding
+        reader = self._sasl_lines if self._sasl.active else self._lines
+        return (bool(self._in) and self._in[-1] != 0x0A) or reader.discarding
 
     @property
     def data_bytes_received(self) -> int:
@@ -423,6 +509,8 @@ class ServerConnection:
         # Input after close or after EOF is ignored: nothing will ever read it.
         if self.closed or self._eof:
             return
+        if data and isinstance(self._pending, StartTls):
+            return  # plaintext sent before the handshake must never be read
         if data:
             self._in += data
         else:
@@ -434,6 +522,8 @@ class ServerConnection:
         while not self.closed:
             if self.state == "data":
                 result = self._step_data()
+            elif self._sasl.active:
+                result = self._step_auth()
             else:
                 result = self._step_command()
             if result is NEED_DATA:
@@ -455,6 +545,10 @@ class ServerConnection:
             raise SMTPProtocolError("reply() called with no decision event pending")
         if not (200 <= code <= 599) or 300 <= code <= 399:
             raise ValueError(f"reply code {code} is not a 2xx/4xx/5xx answer")
+        if isinstance(event, StartTls):
+            raise SMTPProtocolError("StartTls is answered by tls_established() or tls_failed()")
+        if isinstance(event, Authenticate) and code < 400:
+            raise SMTPProtocolError("a successful AUTH is answered by auth_ok()")
         lines = [text] if isinstance(text, str) else list(text)
         if not lines:
             raise ValueError("reply text must have at least one line")
@@ -478,6 +572,55 @@ class ServerConnection:
             self._end_transaction()
         if code == 421:  # RFC 5321 3.8: 421 means the server closes the channel
             self._close()
+
+    def tls_established(self, cipher_info: str) -> None:
+        """Answer StartTls: the handshake succeeded, feed decrypted bytes from now on. The
+        session starts over (RFC 3207 4.2): no HELO, no transaction, not authenticated."""
+        if self.closed:
+            return  # timed out or shut down during the handshake
+        if not isinstance(self._pending, StartTls):
+            raise SMTPProtocolError("tls_established() with no StartTls pending")
+        self._pending = None
+        self.tls_active = True
+        self.cipher_info = cipher_info
+        self.helo = None
+        self.esmtp = False
+        self.authenticated_user = None
+        self._end_transaction()
+        self._in.clear()
+        self._lines.discarding = False
+
+    def tls_failed(self) -> None:
+        """Answer StartTls: the handshake failed. Closed without a word: the stream is in
+        no state to carry one."""
+        if self.closed:
+            return
+        if not isinstance(self._pending, StartTls):
+            raise SMTPProtocolError("tls_failed() with no StartTls pending")
+        self._close()
+
+    def auth_ok(self, user: str) -> None:
+        """Answer Authenticate: the password is right; ``user`` is who the client is now
+        (the directory's name for it), given to every later MailFrom as auth_user."""
+        if self.closed:
+            return
+        if not isinstance(self._pending, Authenticate):
+            raise SMTPProtocolError("auth_ok() with no Authenticate pending")
+        if not user or _CONTROL_RE.search(user):
+            raise ValueError(f"bad user name: {user!r}")
+        self._pending = None
+        self.authenticated_user = user
+        self._send(235, ["Authentication successful"], "2.7.0")
+
+    def auth_failed(self) -> None:
+        """Answer Authenticate: wrong user or password (535, counted toward the hard error
+        limit). The delay before it is the driver's."""
+        if self.closed:
+            return
+        if not isinstance(self._pending, Authenticate):
+            raise SMTPProtocolError("auth_failed() with no Authenticate pending")
+        self._pending = None
+        self._error(_AUTH_FAILED)
 
     def timeout(self, timeout_reason: str = "Error: timeout exceeded") -> None:
         """The driver's deadline passed: 421 4.4.2 <hostname> <timeout_reason>, closed."""
@@ -601,6 +744,8 @@ class ServerConnection:
                 f"SIZE {limits.max_message_size}",
                 "8BITMIME",
                 "PIPELINING",
+                *(["STARTTLS"] if self._starttls_offered() else []),
+                *(["AUTH PLAIN LOGIN"] if self._auth_offered() else []),
                 *(["DSN"] if limits.dsn else []),
                 *(["ETRN"] if limits.etrn else []),
                 "ENHANCEDSTATUSCODES",
@@ -645,6 +790,8 @@ class ServerConnection:
         return address, tokens, params
 
     def _cmd_mail(self, verb: str, arg: str) -> Event | None:
+        if not self._auth_satisfied():
+            return None
         parsed = self._path_and_params(arg, _FROM_RE, _MAIL_SYNTAX, _BAD_SENDER,
                                        null_ok=True, postmaster_ok=False)
         if parsed is None:
@@ -673,10 +820,17 @@ class ServerConnection:
                 if envid is None:
                     self._error(_bad_param(key))
                     return None
+            elif key == "AUTH" and self._auth_offered():
+                # RFC 4954 5: the submitter's identity ("<>" unknown). Never trusted:
+                # accepted when well formed and ignored (we relay nothing on its word).
+                if not value or xtext_decode(value) is None:
+                    self._error(_bad_param(key))
+                    return None
             else:
                 self._error(_unsupported(token))
                 return None
-        return MailFrom(address, params, ret=ret, envid=envid)
+        return MailFrom(address, params, ret=ret, envid=envid,
+                        auth_user=self.authenticated_user)
 
     def _cmd_rcpt(self, verb: str, arg: str) -> Event | None:
         if len(self._recipients) >= self._limits.max_recipients:
@@ -750,9 +904,12 @@ class ServerConnection:
         return Quit()
 
     def _cmd_help(self, verb: str, arg: str) -> None:
-        self._send(214, _help_lines(self._limits.etrn), "2.0.0")
+        lines = _help_lines(self._limits.etrn, self._starttls_offered(), self._auth_offered())
+        self._send(214, lines, "2.0.0")
 
     def _cmd_vrfy(self, verb: str, arg: str) -> Event | None:
+        if not self._auth_satisfied():
+            return None
         if not arg or _CONTROL_RE.search(arg):
             self._error(_VRFY_SYNTAX)
             return None
@@ -760,10 +917,94 @@ class ServerConnection:
 
     def _cmd_etrn(self, verb: str, arg: str) -> Event | None:
         # RFC 1985: 501 for a missing or bad argument; the driver answers 250-253/458/459.
+        if not self._auth_satisfied():
+            return None
         if not _etrn_node_ok(arg):
             self._error(_ETRN_SYNTAX)
             return None
         return Etrn(arg)
+
+    # -- STARTTLS and AUTH ---------------------------------------------------------------
+
+    def _starttls_offered(self) -> bool:
+        return self._limits.starttls and not self.tls_active
+
+    def _auth_offered(self) -> bool:
+        """Whether AUTH is offered now (listed in EHLO): never over cleartext unless told."""
+        limits = self._limits
+        return limits.auth and (self.tls_active or limits.auth_cleartext)
+
+    def _auth_satisfied(self) -> bool:
+        """RFC 4954 6: where authentication is required, 530 until it is in force."""
+        if self._limits.auth_required and self.authenticated_user is None:
+            self._error(_AUTH_REQUIRED)
+            return False
+        return True
+
+    def _cmd_starttls(self, verb: str, arg: str) -> Event | None:
+        if self.tls_active:
+            self._error(_TLS_ACTIVE)
+        elif not self._limits.starttls:
+            self._error(_NOT_IMPLEMENTED)
+        elif arg:
+            self._error(_STARTTLS_SYNTAX)
+        elif not self.esmtp:  # RFC 3207: an extension, so after EHLO
+            self._error(_NEED_EHLO)
+        elif self.state != "ready":
+            self._error(_IN_TRANSACTION)
+        else:
+            self._send(220, ["Ready to start TLS"], "2.0.0")
+            # RFC 3207 6: whatever came behind the command was sent before the handshake.
+            discarded = len(self._in)
+            self._in.clear()
+            return StartTls(discarded)
+        return None
+
+    def _cmd_auth(self, verb: str, arg: str) -> Event | None:
+        args = _VERB_SPLIT_RE.split(arg) if arg else []
+        if not self._limits.auth:
+            self._error(_NOT_IMPLEMENTED)
+        elif not self._auth_offered():
+            self._error(_ENCRYPTION_REQUIRED)
+        elif not self.esmtp:
+            self._error(_NEED_EHLO)
+        elif self.state != "ready":
+            self._error(_IN_TRANSACTION)
+        elif self.authenticated_user is not None:  # RFC 4954 4: one AUTH per session
+            self._error(_ALREADY_AUTHENTICATED)
+        elif not 1 <= len(args) <= 2:
+            self._error(_AUTH_SYNTAX)
+        else:
+            mechanism = args[0].upper()
+            initial = args[1].encode("latin-1") if len(args) == 2 else None
+            result = self._sasl.start(mechanism, initial)
+            if result is SaslError.UNSUPPORTED:
+                self._error(_UNKNOWN_MECHANISM)
+                return None
+            self._sasl_lines.discarding = False
+            return self._auth_result(mechanism, result)
+        return None
+
+    def _step_auth(self) -> Event | Sentinel | None:
+        """One line of an AUTH exchange: a response, never a command."""
+        line = self._sasl_lines.read_line()
+        if line is NEED_DATA:
+            return NEED_DATA
+        mechanism = self._sasl.mechanism or ""
+        if line is TOO_LONG:
+            return self._auth_result(mechanism, self._sasl.too_long())
+        assert isinstance(line, bytes)
+        return self._auth_result(mechanism, self._sasl.step(line))
+
+    def _auth_result(self, mechanism: str, result: Step) -> Event | None:
+        if isinstance(result, Challenge):
+            # "334" SP [base64] (RFC 4954 4): the space stays even when the challenge is empty.
+            self._out += b"334 " + result.encoded() + b"\r\n"
+            return None
+        if isinstance(result, Credentials):
+            return Authenticate(mechanism, result.authzid, result.username, result.password)
+        self._error(_SASL_ERRORS[result])
+        return AuthAborted(mechanism, result.value)
 
     # -- DATA phase ---------------------------------------------------------------------
 

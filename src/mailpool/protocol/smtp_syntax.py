@@ -6,6 +6,7 @@
   and ``ReplyParser`` which turns received bytes into ``Reply`` objects, bounded.
 - ``LineReader``: cuts LF-terminated lines off a buffer without ever holding more than one
   line's limit of an unfinished line.
+- ``received_with``: the protocol a Received header names (RFC 3848).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "parse_params",
     "parse_path",
     "path_length_ok",
+    "received_with",
     "split_path",
     "xtext_decode",
     "xtext_encode",
@@ -366,3 +368,15 @@ class ReplyParser:
             lm = _ENHANCED_PREFIX_RE.match(line)
             stripped.append(line[lm.end() :] if lm else line)
         return Reply(code, m.group(1), tuple(stripped))
+
+
+# -- trace fields (RFC 5321 4.4) -----------------------------------------------------------
+
+
+def received_with(esmtp: bool, tls: bool, auth: bool) -> str:
+    """The protocol of a Received header's "with" clause (RFC 5321 4.4, RFC 3848): "SMTP"
+    after HELO; after EHLO "ESMTP", "S" added under TLS and "A" once authenticated. STARTTLS
+    and AUTH are EHLO extensions, so a HELO session has neither."""
+    if not esmtp:
+        return "SMTP"
+    return "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
