@@ -62,12 +62,12 @@ B_421 = b"421 4.3.2 mx.example.org Service shutting down\r\n"
 
 
 def feed(conn: ClientConnection, data: bytes) -> list[object]:
-    """Hand over data; return every event until NEED_DATA (or Closed, included)."""
+    """Hand over data; return every event until NEED_DATA or PAUSED (or Closed, included)."""
     conn.receive_data(data)
     events: list[object] = []
     while True:
         event = conn.next_event()
-        if event is NEED_DATA:
+        if event is NEED_DATA or event is PAUSED:
             return events
         events.append(event)
         if isinstance(event, Closed):

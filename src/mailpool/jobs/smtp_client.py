@@ -29,7 +29,13 @@ from mailpool.config import parse_router
 from mailpool.framework.notice_queue import NoticeSettings, queue_notice
 from mailpool.framework.notices import RecipientReport
 from mailpool.framework.spool import Envelope, Spool, SpoolError
-from mailpool.jobs.client_session import ConnectionCache, SessionError, open_connection
+from mailpool.jobs.client_session import (
+    ConnectionCache,
+    SessionError,
+    TlsContexts,
+    open_connection,
+    tls_policy_for,
+)
 from mailpool.jobs.runtime import JobContext, run_job
 from mailpool.outbound.mx import RouteFailure
 from mailpool.outbound.resolver import (
@@ -75,15 +81,16 @@ class Result:
     reason: str          # the remote reply, or what went wrong here
     remote_mta: str = ""
     dsn_passed: bool = True   # the next hop took DSN duties over (RFC 3461 5.2.2)
+    tls: str = ""             # the session's TLS ("TLSv1.3 <cipher>", "none", ...)
 
 
 def _reply_text(reply: Reply) -> str:
     return f"{reply.code} {enhanced_of(reply)} {reply.text}".strip()
 
 
-def _from_reply(reply: Reply, mta: str, dsn: bool) -> Result:
+def _from_reply(reply: Reply, mta: str, dsn: bool, tls: str = "") -> Result:
     status = DELIVERED if reply.is_positive else FAILED if reply.is_permanent else DEFERRED
-    return Result(status, enhanced_of(reply), _reply_text(reply), mta, dsn)
+    return Result(status, enhanced_of(reply), _reply_text(reply), mta, dsn, tls)
 
 
 def _wants(notify: str, what: str) -> bool:
@@ -109,6 +116,7 @@ class ClientRole:
         self.notices = NoticeSettings.from_config(cfg)
         self.delay_notice = cfg.notices.delay_notice
         self.cache = ConnectionCache(self.cfg)
+        self.tls = TlsContexts(self.cfg.tls.ca_file)
 
     # --- one attempt -------------------------------------------------------------------
 
@@ -216,10 +224,11 @@ class ClientRole:
             orcpt=tuple(envelope.rcpt_orcpt(i) or None for i in indexes))
         last: Result | None = None
         answered = False
+        policy = tls_policy_for(self.cfg.tls, dest)
         for host in route.hosts:
             for ip in host.addresses:
                 try:
-                    done = await self._transact(dest, host, ip, port, tx)
+                    done, tls = await self._transact(dest, host, ip, port, tx, policy)
                 except SessionError as exc:
                     if exc.stage == "dot":
                         # The message may have been delivered: try again later anyway.
@@ -230,8 +239,8 @@ class ClientRole:
                         outcomes[dest] = "failed"
                         return
                     answered = answered or exc.stage != "connect"
-                    last = Result(DEFERRED, "4.4.1" if exc.stage == "connect" else "4.4.2",
-                                  exc.reason, host.name)
+                    code = {"connect": "4.4.1", "starttls": "4.7.4"}.get(exc.stage, "4.4.2")
+                    last = Result(DEFERRED, code, exc.reason, host.name)
                     continue
                 if isinstance(done, core.HandshakeFailed):
                     answered = True
@@ -239,7 +248,7 @@ class ClientRole:
                     if last.status == DELIVERED:
                         last = Result(DEFERRED, "4.4.2", last.reason, host.name)
                     continue
-                outcome = [_from_reply(r, host.name, done.dsn)
+                outcome = [_from_reply(r, host.name, done.dsn, tls)
                            for r in done.recipient_results()]
                 for i, res in zip(indexes, outcome, strict=True):
                     results[i] = res
@@ -279,10 +288,11 @@ class ClientRole:
         return route, port, problems
 
     async def _transact(self, dest: str, host: MxHost, ip: str, port: int,
-                        tx: core.Transaction) -> core.TransactionDone | core.HandshakeFailed:
+                        tx: core.Transaction, policy: str
+                        ) -> tuple[core.TransactionDone | core.HandshakeFailed, str]:
         """One transaction on a cached connection or a new one (a cached connection found
-        dead before any reply is replaced by a fresh one, once)."""
-        conn = await self.cache.take(dest, ip)
+        dead before any reply is replaced by a fresh one, once); and the session's TLS."""
+        conn = await self.cache.take(dest, ip, tls_policy=policy)
         if conn is not None:
             try:
                 conn.core.send_transaction(tx)
@@ -295,14 +305,15 @@ class ClientRole:
             else:
                 # A 421 to MAIL on a cached connection: the server timed it out meanwhile.
                 if isinstance(event, core.TransactionDone) and event.mail.code != 421:
-                    return await self._finish(dest, ip, conn, event)
+                    return await self._finish(dest, ip, conn, event), conn.tls
                 await conn.close()
                 conn = None
-        conn, event = await open_connection(self.cfg, self.hostname, host.name, ip, port)
+        conn, event = await open_connection(self.cfg, self.hostname, host.name, ip, port,
+                                            tls_policy=policy, tls_contexts=self.tls)
         if not isinstance(event, core.Ready):
             await conn.close()
             if isinstance(event, core.HandshakeFailed):
-                return event
+                return event, conn.tls
             raise SessionError("greeting", f"{conn.peer} closed the connection: {event}")
         try:
             conn.core.send_transaction(tx)
@@ -314,7 +325,7 @@ class ClientRole:
             await conn.close()
             stage = "dot" if "dot" in getattr(event, "reason", "") else "mail"
             raise SessionError(stage, f"{conn.peer}: {getattr(event, 'reason', event)}")
-        return await self._finish(dest, ip, conn, event)
+        return await self._finish(dest, ip, conn, event), conn.tls
 
     async def _finish(self, dest: str, ip: str, conn: Any,
                       done: core.TransactionDone) -> core.TransactionDone:
@@ -343,7 +354,9 @@ class ClientRole:
             if res.status in (DELIVERED, FAILED):
                 rs.status = res.status
         if delivered:
-            mtas = sorted({results[i].remote_mta for i in delivered})
+            # The next hops and how each session was protected (TLS version and cipher).
+            mtas = sorted({f"{results[i].remote_mta} (TLS: {results[i].tls or 'none'})"
+                           for i in delivered})
             entries.append(("88", {"detail": ", ".join(mtas), **ids}))
             for i in delivered:
                 entries.append(("82", {"recipient": envelope.recipients[i],
