@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Installs the Debian tools the tests drive: swaks (SMTP client), fetchmail (POP3 client) and
+# Installs the Debian tools the tests drive: swaks (SMTP client, with Perl's SSL modules for
+# --tls), fetchmail (POP3 client) and
 # Postfix for its smtp-sink (a remote MX with failure switches for the outbound tests).
 # Quiet and best effort: tests that need a missing tool skip with the reason.
 set -u
 need=()
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
+# swaks --tls needs Perl's SSL modules.
+perl -MNet::SSLeay -e 1 >/dev/null 2>&1 || need+=(libnet-ssleay-perl libio-socket-ssl-perl)
 command -v fetchmail >/dev/null 2>&1 || need+=(fetchmail)
 command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from mailpool.protocol.pop3 import (
@@ -11,6 +13,7 @@ from mailpool.protocol.pop3 import (
     PAUSED,
     TRANSACTION,
     UPDATE,
+    AuthAborted,
     Authenticate,
     ConnectionClosed,
     Deleted,
@@ -167,10 +170,11 @@ def test_greeting_once_and_no_apop_timestamp():
 
 CAPA_FULL = (
     b"+OK Capability list follows\r\n"
-    b"TOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nUSER\r\n"
+    b"TOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nUSER\r\nSASL PLAIN\r\n"
     b"IMPLEMENTATION mailpool\r\n.\r\n"
 )
-CAPA_NO_USER = CAPA_FULL.replace(b"USER\r\n", b"")
+CAPA_NO_USER = CAPA_FULL.replace(b"USER\r\nSASL PLAIN\r\n", b"")
+NO_CLEARTEXT = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections\r\n"
 
 
 def test_capa_authorization_and_transaction():
@@ -191,7 +195,7 @@ def test_capa_takes_no_argument():
 def test_capa_advertises_stls_only_with_hook():
     assert b"STLS" not in tx(new(), b"CAPA\r\n")
     assert tx(new(stls_available=True), b"CAPA\r\n") == CAPA_FULL.replace(
-        b"USER\r\n", b"USER\r\nSTLS\r\n"
+        b"SASL PLAIN\r\n", b"SASL PLAIN\r\nSTLS\r\n"
     )
     assert b"STLS" not in tx(new(stls_available=True, tls_active=True), b"CAPA\r\n")
 
@@ -317,9 +321,8 @@ def test_sys_temp_error_on_authenticate():
 
 def test_cleartext_disabled():
     conn = new(allow_cleartext_login=False)
-    refused = b"-ERR [AUTH] cleartext login not allowed without TLS\r\n"
-    assert tx(conn, b"USER alice\r\n") == refused
-    assert tx(conn, b"PASS secret\r\n") == refused
+    assert tx(conn, b"USER alice\r\n") == NO_CLEARTEXT
+    assert tx(conn, b"PASS secret\r\n") == NO_CLEARTEXT
     assert conn.state == AUTHORIZATION
 
 
@@ -358,7 +361,7 @@ def test_authorization_commands_refused_in_transaction(cmd):
 
 @pytest.mark.parametrize(
     "line",
-    [b"APOP alice c4c9334bac560ecc979e58001b3e22fb", b"STLS", b"AUTH", b"XYZZY", b"", b" STAT",
+    [b"APOP alice c4c9334bac560ecc979e58001b3e22fb", b"STLS", b"XYZZY", b"", b" STAT",
      b"RE-TR 1", b"\xc3\xa9TAT", b"STAT\t", b"AVERYLONGKEYWORDINDEED"],
 )
 def test_unknown_commands(line):
@@ -809,9 +812,9 @@ def test_pipelined_commands_wait_behind_a_decision():
 
 def test_stls_hook():
     conn = new(stls_available=True, allow_cleartext_login=False)
-    assert tx(conn, b"USER alice\r\n") == b"-ERR [AUTH] cleartext login not allowed without TLS\r\n"
+    assert tx(conn, b"USER alice\r\n") == NO_CLEARTEXT
     out, evs = feed(conn, b"STLS\r\nUSER injected\r\n")
-    assert (out, evs) == (b"+OK begin TLS negotiation\r\n", [StartTls(), PAUSED])
+    assert (out, evs) == (b"+OK begin TLS negotiation\r\n", [StartTls(15), PAUSED])
     conn.receive_data(b"PASS injected\r\n")  # plaintext before the handshake: dropped
     conn.tls_established()
     assert conn.tls_active
@@ -823,6 +826,203 @@ def test_stls_hook():
     conn.auth_ok(INFOS)
     feed(conn)
     assert tx(conn, b"STLS\r\n") == b"-ERR STLS not allowed in TRANSACTION state\r\n"
+
+
+def test_stls_discards_pipelined_user():
+    conn = new(stls_available=True)
+    out, evs = feed(conn, b"CAPA\r\nSTLS\r\nUSER alice\r\n")
+    assert out == CAPA_FULL.replace(b"SASL PLAIN\r\n", b"SASL PLAIN\r\nSTLS\r\n") + (
+        b"+OK begin TLS negotiation\r\n")
+    assert evs == [StartTls(len(b"USER alice\r\n")), PAUSED]
+    conn.tls_established("TLSv1.3 TLS_AES_128_GCM_SHA256 128")
+    assert conn.cipher_info == "TLSv1.3 TLS_AES_128_GCM_SHA256 128"
+    assert feed(conn) == (b"", [NEED_DATA])  # the USER is never answered...
+    assert tx(conn, b"PASS secret\r\n") == b"-ERR send USER first\r\n"  # ...nor remembered
+
+
+def test_stls_discards_a_partial_line_too():
+    conn = new(stls_available=True)
+    feed(conn, b"STLS\r\nQUI")
+    conn.tls_established()
+    assert tx(conn, b"T\r\n") == b"-ERR unknown command\r\n"
+
+
+def test_stls_refused_forms():
+    conn = new(stls_available=True)
+    assert tx(conn, b"STLS now\r\n") == b"-ERR too many arguments\r\n"
+    assert tx(new(stls_available=True, tls_active=True), b"STLS\r\n") == (
+        b"-ERR TLS already active\r\n")
+
+
+def test_tls_failed_closes_silently():
+    conn = new(stls_available=True)
+    feed(conn, b"STLS\r\n")
+    conn.tls_failed()
+    assert feed(conn) == (b"", [ConnectionClosed("tls")])
+    assert not conn.tls_active
+    with pytest.raises(RuntimeError):
+        conn.tls_failed()
+
+
+# ---------------------------------------------------------------- AUTH (RFC 5034)
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+PLAIN_ALICE = b64(b"\0alice\0secret")
+
+
+def test_auth_lists_mechanisms():
+    assert tx(new(), b"AUTH\r\n") == b"+OK\r\nPLAIN\r\n.\r\n"
+
+
+def test_auth_plain_with_initial_response():
+    conn = new()
+    out, evs = feed(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\nSTAT\r\n")
+    assert (out, evs) == (b"", [Authenticate("alice", "secret"), PAUSED])
+    conn.auth_ok(INFOS)
+    assert feed(conn) == (b"+OK maildrop has 3 messages (130 octets)\r\n+OK 3 130\r\n",
+                          [NEED_DATA])
+    assert conn.state == TRANSACTION and conn.user == "alice"
+
+
+def test_auth_plain_after_empty_continuation():
+    conn = new()
+    assert tx(conn, b"auth plain\r\n") == b"+ \r\n"
+    out, evs = feed(conn, b64(b"alice\0alice\0p\xffw") + b"\r\n")
+    assert out == b""
+    assert evs == [Authenticate("alice", "p\udcffw"), PAUSED]
+    assert evs[0].password.encode("utf-8", "surrogateescape") == b"p\xffw"
+
+
+def test_auth_plain_failure_is_the_pass_failure():
+    conn = new()
+    feed(conn, b"AUTH PLAIN " + b64(b"\0alice\0wrong") + b"\r\n")
+    conn.auth_failed()
+    assert feed(conn) == (b"-ERR [AUTH] authentication failed\r\n", [NEED_DATA])
+    assert conn.state == AUTHORIZATION and conn.user is None
+    feed(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    conn.maildrop_busy()
+    assert feed(conn)[0] == b"-ERR [IN-USE] maildrop already locked\r\n"
+
+
+@pytest.mark.parametrize(
+    ("lines", "reply", "reason"),
+    [
+        (b"AUTH PLAIN\r\n*\r\n", b"+ \r\n-ERR [AUTH] authentication cancelled\r\n",
+         "cancelled"),
+        (b"AUTH PLAIN\r\nnot base64\r\n", b"+ \r\n-ERR invalid base64 data\r\n",
+         "bad-base64"),
+        (b"AUTH PLAIN *\r\n", b"-ERR invalid base64 data\r\n", "bad-base64"),
+        # "QUIT" is valid base64: as a response it is decoded, never run.
+        (b"AUTH PLAIN\r\nQUIT\r\n", b"+ \r\n-ERR malformed authentication response\r\n",
+         "malformed"),
+        (b"AUTH PLAIN =\r\n", b"-ERR malformed authentication response\r\n", "malformed"),
+        (b"AUTH PLAIN " + b64(b"bob\0alice\0secret") + b"\r\n",
+         b"-ERR [AUTH] authentication failed\r\n", "authzid"),
+    ],
+)
+def test_auth_exchange_ended_by_the_core(lines, reply, reason):
+    conn = new(hard_error_limit=2)
+    out, evs = feed(conn, lines + b"NOOP\r\n")
+    assert out == reply + b"-ERR too many errors\r\n"  # counted: the NOOP is the 2nd error
+    assert evs == [AuthAborted("PLAIN", reason), ConnectionClosed("errors")]
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (b"AUTH LOGIN", b"-ERR unrecognized authentication mechanism\r\n"),
+        (b"AUTH CRAM-MD5", b"-ERR unrecognized authentication mechanism\r\n"),
+        (b"AUTH \xff\xfe", b"-ERR unrecognized authentication mechanism\r\n"),
+        (b"AUTH PLAIN a b", b"-ERR too many arguments\r\n"),
+        (b"AUTH  PLAIN", b"-ERR syntax error: arguments are separated by single spaces\r\n"),
+    ],
+)
+def test_auth_refused_forms(line, reply):
+    assert tx(new(), line + b"\r\n") == reply
+
+
+def test_auth_in_transaction():
+    assert tx(login(), b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n") == (
+        b"-ERR AUTH not allowed in TRANSACTION state\r\n")
+
+
+def test_auth_uses_up_a_given_user():
+    conn = new()
+    out, evs = feed(conn, b"USER alice\r\nAUTH PLAIN\r\n*\r\nPASS secret\r\n")
+    assert out == (
+        b"+OK send PASS\r\n+ \r\n-ERR [AUTH] authentication cancelled\r\n"
+        b"-ERR send USER first\r\n"
+    )
+    assert evs == [AuthAborted("PLAIN", "cancelled"), NEED_DATA]
+
+
+def test_logins_refused_without_tls():
+    conn = new(allow_cleartext_login=False)
+    for line in (b"AUTH", b"AUTH PLAIN", b"AUTH PLAIN " + PLAIN_ALICE, b"USER alice"):
+        assert tx(conn, line + b"\r\n") == NO_CLEARTEXT
+    assert tx(conn, b"CAPA\r\n") == CAPA_NO_USER
+    conn = new(allow_cleartext_login=False, tls_active=True)
+    assert tx(conn, b"CAPA\r\n") == CAPA_FULL
+    _, evs = feed(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    assert evs == [Authenticate("alice", "secret"), PAUSED]
+
+
+def test_logins_open_after_stls():
+    conn = new(stls_available=True, allow_cleartext_login=False)
+    assert tx(conn, b"CAPA\r\n") == CAPA_NO_USER.replace(
+        b"PIPELINING\r\n", b"PIPELINING\r\nSTLS\r\n")
+    assert tx(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n") == NO_CLEARTEXT
+    feed(conn, b"STLS\r\n")
+    conn.tls_established()
+    assert tx(conn, b"CAPA\r\n") == CAPA_FULL
+    _, evs = feed(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    assert evs == [Authenticate("alice", "secret"), PAUSED]
+
+
+def test_auth_response_line_limit():
+    conn = new()
+    longest = b64(b"\0alice\0" + b"p" * 9206)  # 12284 octets + CRLF: within 12288
+    assert tx(conn, b"AUTH PLAIN\r\n") == b"+ \r\n"
+    _, evs = feed(conn, longest + b"\r\n")
+    assert evs == [Authenticate("alice", "p" * 9206), PAUSED]
+    conn.auth_failed()
+    feed(conn)
+    assert tx(conn, b"AUTH PLAIN\r\n") == b"+ \r\n"
+    for _ in range(10):  # 12290 octets in pieces: never held whole
+        assert feed(conn, b"A" * 1229) == (b"", [NEED_DATA])
+        assert len(conn._in) < 12288
+    out, evs = feed(conn, b"\r\nNOOP\r\n")
+    assert out == b"-ERR line too long\r\n-ERR NOOP not allowed in AUTHORIZATION state\r\n"
+    assert evs == [AuthAborted("PLAIN", "too-long"), NEED_DATA]
+
+
+def test_auth_response_limit_respects_a_small_buffer():
+    conn = new(max_buffer=1024)
+    assert tx(conn, b"AUTH PLAIN\r\n") == b"+ \r\n"
+    out, evs = feed(conn, b"A" * 1024)  # cannot end within the buffer: dropped, not raised
+    assert (out, evs) == (b"", [NEED_DATA])
+    out, evs = feed(conn, b"\r\n")
+    assert out == b"-ERR line too long\r\n"
+
+
+def test_error_limit_counts_auth_failures():
+    conn = new(hard_error_limit=2)
+    feed(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    conn.auth_failed()
+    assert feed(conn) == (b"-ERR [AUTH] authentication failed\r\n", [NEED_DATA])
+    feed(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    conn.auth_failed()  # the limit-th error is answered with the limit's words
+    assert feed(conn) == (b"-ERR too many errors\r\n", [ConnectionClosed("errors")])
+
+
+def test_eof_during_auth_exchange():
+    conn = new()
+    tx(conn, b"AUTH PLAIN\r\n")
+    assert feed(conn, b"") == (b"", [ConnectionClosed("eof")])
 
 
 # ---------------------------------------------------------------- driver contract

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import random
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from mailpool.protocol.smtp_server import (
     _TRANSITIONS,
     NEED_DATA,
     PAUSED,
+    AuthAborted,
+    Authenticate,
     ConnectionClosed,
     Etrn,
     Forbidden,
@@ -26,8 +29,10 @@ from mailpool.protocol.smtp_server import (
     ServerConnection,
     ServerLimits,
     SMTPProtocolError,
+    StartTls,
     Verify,
 )
+from mailpool.protocol.smtp_syntax import received_with
 
 HOST = "mx.example.org"
 EHLO_REPLY = (
@@ -78,8 +83,8 @@ def pump(
         events.append(event)
         if isinstance(event, MailFrom | RcptTo | MessageReceived | Verify | Etrn):
             conn.reply(*answer(event))
-        if isinstance(event, ConnectionClosed):
-            return events
+        if isinstance(event, ConnectionClosed | StartTls | Authenticate):
+            return events  # the test answers StartTls and Authenticate itself
 
 
 def ready(**limits: int) -> ServerConnection:
@@ -1672,3 +1677,531 @@ def test_data_bytes_received() -> None:
     events = pump(conn, b"hi\r\n.\r\n")
     assert events == [MessageReceived("a@b.c", ("d@e.f",), b"hi\r\n")]
     assert conn.data_bytes_received == 7
+
+
+# -- STARTTLS (RFC 3207) -------------------------------------------------------------------------
+
+EHLO_STARTTLS = EHLO_REPLY.replace(b"250-PIPELINING\r\n", b"250-PIPELINING\r\n250-STARTTLS\r\n")
+EHLO_AUTH = EHLO_REPLY.replace(b"250-PIPELINING\r\n", b"250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n")
+TLS_READY = b"220 2.0.0 Ready to start TLS\r\n"
+SUBMISSION = {"starttls": True, "auth": True, "auth_required": True}
+
+
+def opened(**limits: int | bool) -> ServerConnection:
+    conn = ServerConnection(ServerLimits(hostname=HOST, **limits))  # type: ignore[arg-type]
+    conn.greeting()
+    assert conn.data_to_send() == b"220 mx.example.org ESMTP mailpool\r\n"
+    return conn
+
+
+def starttls(conn: ServerConnection, lines: bytes = b"STARTTLS\r\n", discarded: int = 0) -> None:
+    """STARTTLS (after whatever else ``lines`` holds), then a successful handshake."""
+    events = pump(conn, lines)
+    assert events[-1] == StartTls(discarded)
+    assert conn.data_to_send().endswith(TLS_READY)
+    assert conn.next_event() is PAUSED
+    conn.tls_established("TLSv1.3 TLS_AES_256_GCM_SHA384 256")
+    assert conn.tls_active
+
+
+def under_tls(**limits: int | bool) -> ServerConnection:
+    """EHLO, STARTTLS, the handshake, EHLO again: the EHLO reply under TLS checked."""
+    conn = opened(**{"starttls": True, **limits})
+    starttls(conn, b"EHLO client.example\r\nSTARTTLS\r\n")
+    assert pump(conn, b"EHLO client.example\r\n") == [Hello("EHLO", "client.example")]
+    assert conn.data_to_send() == (EHLO_AUTH if limits.get("auth") else EHLO_REPLY)
+    return conn
+
+
+def test_ehlo_lists_starttls_until_tls_is_active() -> None:
+    conn = opened(starttls=True)
+    assert pump(conn, b"EHLO client.example\r\n") == [Hello("EHLO", "client.example")]
+    assert conn.data_to_send() == EHLO_STARTTLS
+    assert not conn.tls_active and conn.cipher_info is None
+    starttls(conn)
+    assert conn.cipher_info == "TLSv1.3 TLS_AES_256_GCM_SHA384 256"
+    pump(conn, b"EHLO client.example\r\n")
+    assert conn.data_to_send() == EHLO_REPLY  # STARTTLS no longer offered
+
+
+def test_starttls_starts_the_session_over() -> None:
+    conn = opened(starttls=True)
+    pump(conn, b"EHLO client.example\r\n")
+    conn.data_to_send()
+    assert pump(conn, b"STARTTLS\r\n") == [StartTls(0)]
+    assert conn.data_to_send() == TLS_READY
+    assert conn.next_event() is PAUSED
+    assert conn.next_event() is PAUSED
+    conn.tls_established("TLSv1.2")
+    assert (conn.state, conn.helo, conn.esmtp) == ("start", None, False)
+    assert pump(conn, b"MAIL FROM:<a@b.c>\r\nSTARTTLS\r\n") == []
+    assert conn.data_to_send() == (
+        b"503 5.5.1 Error: send HELO/EHLO first\r\n503 5.5.1 Error: TLS already active\r\n"
+    )
+
+
+def test_input_pipelined_behind_starttls_is_discarded() -> None:
+    # CVE-2011-0411: commands sent in plaintext with STARTTLS must never run under TLS.
+    conn = opened(starttls=True)
+    injected = b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n"
+    events = pump(conn, b"EHLO client.example\r\nSTARTTLS\r\n" + injected)
+    assert events == [Hello("EHLO", "client.example"), StartTls(len(injected))]
+    assert conn.data_to_send() == EHLO_STARTTLS + TLS_READY
+    conn.receive_data(b"DATA\r\n")  # still plaintext, before the handshake: dropped too
+    assert conn.next_event() is PAUSED
+    conn.tls_established("TLSv1.3")
+    assert conn.next_event() is NEED_DATA
+    assert conn.data_to_send() == b""  # the MAIL and RCPT are never answered
+    assert conn.in_command_line is False
+    pump(conn, b"EHLO client.example\r\nMAIL FROM:<x@y.z>\r\n")
+    assert conn.data_to_send() == EHLO_REPLY + b"250 2.1.0 Ok\r\n"
+
+
+def test_starttls_discards_a_partial_line_too() -> None:
+    conn = opened(starttls=True)
+    pump(conn, b"EHLO c.example\r\nSTARTTLS\r\nQUI")
+    assert conn.next_event() is PAUSED
+    conn.tls_established("TLSv1.3")
+    assert pump(conn, b"T\r\n") == []  # "T" alone: the "QUI" did not survive
+    assert conn.data_to_send().endswith(b"500 5.5.2 Error: command not recognized\r\n")
+
+
+def test_second_starttls_after_tls() -> None:
+    conn = under_tls()
+    assert pump(conn, b"STARTTLS\r\n") == []
+    assert conn.data_to_send() == b"503 5.5.1 Error: TLS already active\r\n"
+
+
+@pytest.mark.parametrize(
+    ("limits", "lines", "reply"),
+    [
+        ({}, b"EHLO c\r\nSTARTTLS\r\n", b"502 5.5.1 Error: command not implemented\r\n"),
+        ({"starttls": True}, b"STARTTLS\r\n", b"503 5.5.1 Error: send EHLO first\r\n"),
+        ({"starttls": True}, b"HELO c\r\nSTARTTLS\r\n", b"503 5.5.1 Error: send EHLO first\r\n"),
+        ({"starttls": True}, b"EHLO c\r\nSTARTTLS now\r\n", b"501 5.5.4 Syntax: STARTTLS\r\n"),
+        ({"starttls": True}, b"EHLO c\r\nMAIL FROM:<>\r\nSTARTTLS\r\n",
+         b"503 5.5.1 Error: MAIL transaction in progress\r\n"),
+        ({"tls_active": True}, b"EHLO c\r\nSTARTTLS\r\n",
+         b"503 5.5.1 Error: TLS already active\r\n"),
+    ],
+)
+def test_starttls_refused(limits: dict[str, bool], lines: bytes, reply: bytes) -> None:
+    conn = opened(**limits)
+    assert not any(isinstance(e, StartTls) for e in pump(conn, lines))
+    assert conn.data_to_send().endswith(reply)
+    assert not conn.closed
+
+
+def test_tls_failed_closes_silently() -> None:
+    conn = opened(starttls=True)
+    pump(conn, b"EHLO c\r\nSTARTTLS\r\n")
+    conn.data_to_send()
+    conn.tls_failed()
+    assert conn.closed
+    assert conn.next_event() == ConnectionClosed()
+    assert conn.data_to_send() == b""
+    conn.tls_established("late")  # after the close: ignored like a late reply()
+    assert not conn.tls_active
+
+
+def test_starttls_answers_are_checked() -> None:
+    conn = opened(starttls=True)
+    with pytest.raises(SMTPProtocolError):
+        conn.tls_established("x")
+    with pytest.raises(SMTPProtocolError):
+        conn.tls_failed()
+    pump(conn, b"EHLO c\r\nSTARTTLS\r\n")
+    with pytest.raises(SMTPProtocolError):
+        conn.reply(250, "Ok")
+    with pytest.raises(SMTPProtocolError):
+        conn.auth_ok("alice")
+    conn.tls_established("x")
+    assert conn.next_event() is NEED_DATA
+
+
+def test_implicit_tls_listener() -> None:
+    conn = opened(tls_active=True, auth=True)
+    assert conn.tls_active
+    pump(conn, b"EHLO client.example\r\n")
+    assert conn.data_to_send() == EHLO_AUTH
+
+
+def test_help_lists_starttls_and_auth_when_offered() -> None:
+    help_reply = (
+        b"214-2.0.0 Commands supported:\r\n"
+        b"214-2.0.0 HELO EHLO %sMAIL RCPT DATA\r\n"
+        b"214-2.0.0 RSET VRFY ETRN NOOP QUIT HELP\r\n"
+        b"214 2.0.0 End of HELP info\r\n"
+    )
+    conn = opened(starttls=True, auth=True)
+    pump(conn, b"HELP\r\n")
+    assert conn.data_to_send() == help_reply % b"STARTTLS "
+    starttls(conn, b"EHLO c\r\nSTARTTLS\r\n")
+    pump(conn, b"HELP\r\n")
+    assert conn.data_to_send() == help_reply % b"AUTH "
+    conn = opened(auth=True, auth_cleartext=True, starttls=True)
+    pump(conn, b"HELP\r\n")
+    assert conn.data_to_send() == help_reply % b"STARTTLS AUTH "
+
+
+# -- AUTH (RFC 4954) ------------------------------------------------------------------------------
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+PLAIN_ALICE = b64(b"\0alice\0secret")
+AUTH_OK = b"235 2.7.0 Authentication successful\r\n"
+AUTH_FAILED = b"535 5.7.8 Error: authentication failed\r\n"
+
+
+def test_auth_not_offered_before_tls() -> None:
+    conn = opened(**SUBMISSION)
+    pump(conn, b"EHLO client.example\r\n")
+    assert conn.data_to_send() == EHLO_STARTTLS  # no AUTH line
+    assert pump(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\nAUTH LOGIN\r\n") == []
+    assert conn.data_to_send() == (
+        b"538 5.7.11 Encryption required for requested authentication mechanism\r\n" * 2
+    )
+    assert conn.authenticated_user is None
+
+
+def test_auth_off_on_this_listener() -> None:
+    conn = under_tls()
+    assert pump(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n") == []
+    assert conn.data_to_send() == b"502 5.5.1 Error: command not implemented\r\n"
+
+
+def test_auth_cleartext_when_configured() -> None:
+    conn = opened(auth=True, auth_cleartext=True)
+    pump(conn, b"EHLO client.example\r\n")
+    assert conn.data_to_send() == EHLO_AUTH
+    assert pump(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n") == [
+        Authenticate("PLAIN", "", "alice", "secret")
+    ]
+
+
+def test_auth_plain_with_initial_response() -> None:
+    conn = under_tls(auth=True)
+    events = pump(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    assert events == [Authenticate("PLAIN", "", "alice", "secret")]
+    assert conn.next_event() is PAUSED
+    assert conn.data_to_send() == b""
+    conn.auth_ok("alice")
+    assert conn.data_to_send() == AUTH_OK
+    assert conn.authenticated_user == "alice"
+    assert pump(conn, b"MAIL FROM:<alice@example.org>\r\n") == [
+        MailFrom("alice@example.org", {}, auth_user="alice")
+    ]
+
+
+def test_auth_plain_without_initial_response() -> None:
+    conn = under_tls(auth=True)
+    assert pump(conn, b"auth plain\r\n") == []
+    assert conn.data_to_send() == b"334 \r\n"  # the space stays: "334" SP [base64]
+    events = pump(conn, b64(b"alice\0alice\0secret") + b"\r\n")
+    assert events == [Authenticate("PLAIN", "alice", "alice", "secret")]
+    conn.auth_ok("Alice")
+    assert conn.data_to_send() == AUTH_OK
+    assert conn.authenticated_user == "Alice"  # the driver's name for the user
+
+
+def test_auth_login_two_steps() -> None:
+    conn = under_tls(auth=True)
+    assert pump(conn, b"AUTH LOGIN\r\n") == []
+    assert conn.data_to_send() == b"334 VXNlcm5hbWU6\r\n"
+    assert pump(conn, b"YWxpY2U=\r\n") == []
+    assert conn.data_to_send() == b"334 UGFzc3dvcmQ6\r\n"
+    assert pump(conn, b"c2VjcmV0\r\n") == [Authenticate("LOGIN", "", "alice", "secret")]
+    conn.auth_ok("alice")
+    assert conn.data_to_send() == AUTH_OK
+
+
+def test_auth_login_with_initial_user_name() -> None:
+    conn = under_tls(auth=True)
+    assert pump(conn, b"AUTH LOGIN YWxpY2U=\r\n") == []
+    assert conn.data_to_send() == b"334 UGFzc3dvcmQ6\r\n"
+    assert pump(conn, b"c2VjcmV0\r\n") == [Authenticate("LOGIN", "", "alice", "secret")]
+
+
+@pytest.mark.parametrize(
+    ("lines", "reply", "reason"),
+    [
+        (b"AUTH PLAIN\r\n*\r\n", b"501 5.7.0 Authentication aborted\r\n", "cancelled"),
+        (b"AUTH LOGIN\r\nYWxpY2U=\r\n*\r\n", b"501 5.7.0 Authentication aborted\r\n",
+         "cancelled"),
+        (b"AUTH PLAIN\r\nnot base64!\r\n", b"501 5.5.2 Error: invalid base64\r\n",
+         "bad-base64"),
+        (b"AUTH PLAIN AGFsaWNl\r\n", b"501 5.5.2 Error: malformed authentication response\r\n",
+         "malformed"),
+        (b"AUTH PLAIN " + b64(b"root\0alice\0secret") + b"\r\n", AUTH_FAILED, "authzid"),
+    ],
+)
+def test_auth_exchange_ended_by_the_core(lines: bytes, reply: bytes, reason: str) -> None:
+    conn = under_tls(auth=True)
+    events = pump(conn, lines + b"NOOP\r\n")
+    mechanism = lines.split()[1].decode()
+    assert events == [AuthAborted(mechanism, reason)]
+    assert conn.data_to_send().endswith(reply + b"250 2.0.0 Ok\r\n")
+    assert conn.authenticated_user is None
+    assert conn._errors == 1
+
+
+def test_auth_equals_sign_is_an_empty_initial_response() -> None:
+    conn = under_tls(auth=True)
+    assert pump(conn, b"AUTH LOGIN =\r\n") == [AuthAborted("LOGIN", "malformed")]
+    assert conn.data_to_send() == b"501 5.5.2 Error: malformed authentication response\r\n"
+
+
+def test_auth_exchange_lines_are_not_commands() -> None:
+    conn = under_tls(auth=True)
+    # "QUIT" is valid base64: as a response it is decoded, never run.
+    assert pump(conn, b"AUTH PLAIN\r\nQUIT\r\n") == [AuthAborted("PLAIN", "malformed")]
+    assert pump(conn, b"AUTH PLAIN\r\nGET / HTTP/1.1\r\n") == [AuthAborted("PLAIN", "bad-base64")]
+    assert pump(conn, b"AUTH LOGIN\r\nTURN\r\n") == []  # the user name "MDM"
+    assert conn.data_to_send() == (
+        b"334 \r\n501 5.5.2 Error: malformed authentication response\r\n"
+        b"334 \r\n501 5.5.2 Error: invalid base64\r\n"
+        b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n"
+    )
+    assert not conn.closed
+
+
+def test_auth_response_line_limit() -> None:
+    conn = under_tls(auth=True)
+    longest = b64(b"\0alice\0" + b"p" * 9206) + b"  "  # 12286 + CRLF = 12288: read
+    assert pump(conn, b"AUTH PLAIN\r\n" + longest + b"\r\n") == [AuthAborted("PLAIN",
+                                                                             "bad-base64")]
+    assert conn.data_to_send() == b"334 \r\n501 5.5.2 Error: invalid base64\r\n"
+    pump(conn, b"AUTH PLAIN\r\n")
+    for _ in range(10):  # 12290 octets in pieces: bounded as it comes
+        assert pump(conn, b"A" * 1229) == []
+        assert len(conn._in) < 12288
+        assert conn.in_command_line is True
+    assert pump(conn, b"\r\nNOOP\r\n") == [AuthAborted("PLAIN", "too-long")]
+    assert conn.data_to_send() == (
+        b"334 \r\n500 5.5.6 Authentication Exchange line is too long\r\n250 2.0.0 Ok\r\n"
+    )
+
+
+def test_auth_command_line_keeps_the_command_limit() -> None:
+    conn = under_tls(auth=True)
+    assert pump(conn, b"AUTH PLAIN " + b"A" * 600 + b"\r\n") == []
+    assert conn.data_to_send() == b"500 5.5.2 Error: line too long\r\n"
+
+
+@pytest.mark.parametrize(
+    ("lines", "reply"),
+    [
+        (b"AUTH\r\n", b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"),
+        (b"AUTH PLAIN a b\r\n", b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"),
+        (b"AUTH CRAM-MD5\r\n", b"504 5.5.4 Unrecognized authentication type\r\n"),
+        (b"AUTH GSSAPI " + PLAIN_ALICE + b"\r\n",
+         b"504 5.5.4 Unrecognized authentication type\r\n"),
+        (b"MAIL FROM:<>\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n",
+         b"503 5.5.1 Error: MAIL transaction in progress\r\n"),
+        (b"HELO c\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n", b"503 5.5.1 Error: send EHLO first\r\n"),
+    ],
+)
+def test_auth_refused(lines: bytes, reply: bytes) -> None:
+    conn = under_tls(auth=True)
+    assert not any(isinstance(e, Authenticate) for e in pump(conn, lines))
+    assert conn.data_to_send().endswith(reply)
+
+
+def test_auth_before_ehlo() -> None:
+    conn = opened(tls_active=True, auth=True)
+    assert pump(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n") == []
+    assert conn.data_to_send() == b"503 5.5.1 Error: send EHLO first\r\n"
+
+
+def test_second_auth() -> None:
+    conn = under_tls(auth=True)
+    pump(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    conn.auth_ok("alice")
+    assert pump(conn, b"AUTH LOGIN\r\n") == []
+    assert conn.data_to_send() == AUTH_OK + b"503 5.5.1 Error: already authenticated\r\n"
+    pump(conn, b"EHLO again\r\nRSET\r\n")
+    assert conn.authenticated_user == "alice"  # EHLO and RSET keep the login
+
+
+def test_auth_failed_then_success() -> None:
+    conn = under_tls(auth=True)
+    assert pump(conn, b"AUTH PLAIN " + b64(b"\0alice\0wrong") + b"\r\n") == [
+        Authenticate("PLAIN", "", "alice", "wrong")
+    ]
+    conn.auth_failed()
+    assert conn.data_to_send() == AUTH_FAILED
+    assert conn.authenticated_user is None
+    pump(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    conn.auth_ok("alice")
+    assert conn.data_to_send() == AUTH_OK
+
+
+def test_hard_error_limit_counts_failed_logins() -> None:
+    conn = under_tls(auth=True, hard_error_limit=3)
+    for _ in range(2):
+        pump(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+        conn.auth_failed()
+    assert pump(conn, b"FOO\r\n") == [ConnectionClosed()]
+    assert conn.data_to_send() == (
+        AUTH_FAILED * 2 + b"500 5.5.2 Error: command not recognized\r\n"
+        b"421 4.7.0 mx.example.org Error: too many errors\r\n"
+    )
+    conn = under_tls(auth=True, hard_error_limit=2)
+    pump(conn, b"AUTH PLAIN\r\n*\r\n")
+    pump(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    conn.auth_failed()
+    assert conn.closed
+    assert conn.data_to_send() == (
+        b"334 \r\n501 5.7.0 Authentication aborted\r\n" + AUTH_FAILED
+        + b"421 4.7.0 mx.example.org Error: too many errors\r\n"
+    )
+
+
+def test_temporary_authentication_failure() -> None:
+    conn = under_tls(auth=True, hard_error_limit=1)
+    pump(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\nNOOP\r\n")
+    with pytest.raises(SMTPProtocolError):
+        conn.reply(235, "Authentication successful", "2.7.0")  # that is auth_ok()'s
+    conn.reply(454, "Temporary authentication failure", "4.7.0")
+    assert pump(conn, b"") == [ConnectionClosed()]
+    assert conn.data_to_send() == (
+        b"454 4.7.0 Temporary authentication failure\r\n250 2.0.0 Ok\r\n"
+    )  # the driver's answer is not counted: the limit of 1 was not reached
+    assert conn.authenticated_user is None
+
+
+def test_auth_answers_are_checked() -> None:
+    conn = under_tls(auth=True)
+    with pytest.raises(SMTPProtocolError):
+        conn.auth_ok("alice")
+    with pytest.raises(SMTPProtocolError):
+        conn.auth_failed()
+    pump(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    with pytest.raises(SMTPProtocolError):
+        conn.tls_established("x")
+    for bad in ("", "a\r\nb", "a\x00"):
+        with pytest.raises(ValueError):
+            conn.auth_ok(bad)
+    conn.auth_ok("alice")
+    assert conn.data_to_send() == AUTH_OK
+
+
+def test_pipelined_mail_waits_for_the_login() -> None:
+    conn = under_tls(**SUBMISSION)
+    conn.receive_data(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\nMAIL FROM:<alice@example.org>\r\n")
+    assert conn.next_event() == Authenticate("PLAIN", "", "alice", "secret")
+    assert conn.next_event() is PAUSED
+    conn.auth_ok("alice")
+    assert conn.next_event() == MailFrom("alice@example.org", {}, auth_user="alice")
+    conn.reply(553, "Sender address rejected: not owned by user alice", "5.7.1")
+    assert conn.data_to_send() == (
+        AUTH_OK + b"553 5.7.1 Sender address rejected: not owned by user alice\r\n"
+    )
+
+
+def test_submission_requires_auth() -> None:
+    conn = under_tls(**SUBMISSION)
+    assert pump(conn, b"MAIL FROM:<a@b.c>\r\nVRFY bob\r\nETRN x.test\r\nRCPT TO:<d@e.f>\r\n") == []
+    assert conn.data_to_send() == (
+        b"530 5.7.0 Authentication required\r\n" * 3 + b"503 5.5.1 Error: need MAIL command\r\n"
+    )
+    pump(conn, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    conn.auth_ok("alice")
+    conn.data_to_send()
+    assert pump(conn, b"MAIL FROM:<a@b.c>\r\n") == [MailFrom("a@b.c", {}, auth_user="alice")]
+    assert conn.data_to_send() == b"250 2.1.0 Ok\r\n"
+
+
+def test_mail_without_login_has_no_auth_user() -> None:
+    conn = under_tls(auth=True)
+    assert pump(conn, b"MAIL FROM:<a@b.c>\r\n") == [MailFrom("a@b.c", {}, auth_user=None)]
+
+
+def test_auth_required_needs_auth() -> None:
+    with pytest.raises(ValueError):
+        ServerLimits(hostname=HOST, auth_required=True)
+
+
+@pytest.mark.parametrize(
+    ("param", "reply"),
+    [
+        (b"AUTH=<>", b"250 2.1.0 Ok\r\n"),
+        (b"AUTH=alice+40example.org", b"250 2.1.0 Ok\r\n"),
+        (b"auth=<>", b"250 2.1.0 Ok\r\n"),
+        (b"AUTH=", b"555 5.5.4 Unsupported option: AUTH=\r\n"),  # no esmtp-value at all
+        (b"AUTH=a+4", b"501 5.5.4 Bad AUTH parameter syntax\r\n"),
+    ],
+)
+def test_mail_auth_parameter(param: bytes, reply: bytes) -> None:
+    conn = under_tls(auth=True)
+    events = pump(conn, b"MAIL FROM:<a@b.c> " + param + b"\r\n")
+    assert conn.data_to_send() == reply
+    if reply.startswith(b"250"):
+        key, value = param.decode().split("=")
+        assert events == [MailFrom("a@b.c", {key.upper(): value})]
+
+
+@pytest.mark.parametrize("limits", [{}, {"starttls": True, "auth": True}])
+def test_mail_auth_parameter_refused_when_auth_is_not_offered(limits: dict[str, bool]) -> None:
+    conn = opened(**limits)
+    pump(conn, b"EHLO c\r\nMAIL FROM:<a@b.c> AUTH=<>\r\n")
+    assert conn.data_to_send().endswith(b"555 5.5.4 Unsupported option: AUTH=<>\r\n")
+
+
+def test_tls_forgets_a_cleartext_login() -> None:
+    conn = opened(starttls=True, auth=True, auth_cleartext=True)
+    pump(conn, b"EHLO c\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    conn.auth_ok("alice")
+    conn.data_to_send()
+    starttls(conn)
+    assert conn.authenticated_user is None
+    pump(conn, b"EHLO c\r\nMAIL FROM:<a@b.c>\r\n")
+    assert conn.data_to_send() == EHLO_AUTH + b"250 2.1.0 Ok\r\n"
+
+
+def test_password_is_hidden_and_may_hold_any_octet() -> None:
+    conn = under_tls(auth=True)
+    [event] = pump(conn, b"AUTH PLAIN " + b64(b"\0bob\0p\xff\tw") + b"\r\n")
+    assert isinstance(event, Authenticate)
+    assert event.password.encode("utf-8", "surrogateescape") == b"p\xff\tw"
+    assert "p\udcff" not in repr(event) and "password" not in repr(event)
+
+
+def test_in_command_line_during_an_exchange() -> None:
+    conn = under_tls(auth=True)
+    pump(conn, b"AUTH LOGIN\r\nYWxp")
+    assert conn.in_command_line is True
+    pump(conn, b"Y2U=\r\n")
+    assert conn.in_command_line is False
+    assert conn.state == "ready"
+
+
+def test_eof_during_an_exchange() -> None:
+    conn = under_tls(auth=True)
+    pump(conn, b"AUTH LOGIN\r\n")
+    assert pump(conn, b"") == [ConnectionClosed()]
+
+
+@pytest.mark.parametrize(
+    ("esmtp", "tls", "auth", "protocol"),
+    [
+        (False, False, False, "SMTP"),
+        (True, False, False, "ESMTP"),
+        (True, True, False, "ESMTPS"),
+        (True, False, True, "ESMTPA"),
+        (True, True, True, "ESMTPSA"),
+    ],
+)
+def test_received_with(esmtp: bool, tls: bool, auth: bool, protocol: str) -> None:
+    assert received_with(esmtp, tls, auth) == protocol
+
+
+def test_close_with_ends_the_session_with_the_drivers_reply() -> None:
+    conn = new()
+    conn.close_with(421, "Error: too many failed authentications", "4.7.0")
+    assert conn.data_to_send() == (
+        b"421 4.7.0 mx.example.org Error: too many failed authentications\r\n")
+    assert conn.closed and isinstance(conn.next_event(), ConnectionClosed)

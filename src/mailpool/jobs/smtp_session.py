@@ -10,13 +10,16 @@ import logging
 import select
 import socket
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import trio
 
 from mailpool.directory import Directory, DirectoryError
 from mailpool.framework.spool import Envelope, Spool
+from mailpool.jobs.logins import Logins
 from mailpool.jobs.runtime import JobContext, run_job, send_within
+from mailpool.jobs.tls import describe, handshake, server_context
 from mailpool.message import find_message_id, message_id_header, received_header
 from mailpool.protocol import smtp_server as core
 from mailpool.relay import RelayRules
@@ -44,8 +47,11 @@ def connection_rules(cfg: Config) -> ConnectionRules:
                            port=cfg.dns.port)
 
 
-async def talked_first(stream: trio.SocketStream, pause: float) -> bool:
-    """Whether the client sent anything before its greeting (waiting `pause` seconds)."""
+async def talked_first(stream: trio.abc.Stream, pause: float) -> bool:
+    """Whether the client sent anything before its greeting (waiting `pause` seconds). Not
+    asked on implicit TLS, where the client speaks first by design (its ClientHello)."""
+    if not isinstance(stream, trio.SocketStream):
+        return False
     sock = stream.socket
     if pause > 0:
         with trio.move_on_after(pause):
@@ -76,7 +82,9 @@ class SmtpServerRole:
         self.postmaster = cfg.host.postmaster
         self.spool = Spool(ctx.loaded.spool_dir)
         self.directory = Directory(ctx.loaded.directory_file)
-        self.limits = core.ServerLimits(
+        self.tls = server_context(cfg.tls)
+        self.logins = Logins(ctx, self.directory)
+        base = core.ServerLimits(
             hostname=cfg.host.name,
             max_message_size=cfg.smtp.max_message_size,
             max_recipients=cfg.smtp.max_recipients,
@@ -86,6 +94,16 @@ class SmtpServerRole:
             dsn=cfg.smtp.dsn,
             etrn=bool(cfg.etrn.domains),
         )
+        tls = self.tls is not None
+        # Per listener (RFC 8314): port 25 offers STARTTLS (and AUTH only if configured);
+        # submission (587) STARTTLS and AUTH, required before MAIL; smtps (465) TLS from the
+        # first byte and AUTH required.
+        self.limits = {
+            "smtp": replace(base, starttls=tls, auth=cfg.smtp.auth),
+            "submission": replace(base, starttls=tls, auth=True, auth_required=True,
+                                  etrn=False),
+            "smtps": replace(base, tls_active=True, auth=True, auth_required=True, etrn=False),
+        }
 
     # --- policy -----------------------------------------------------------------------
 
@@ -106,6 +124,9 @@ class SmtpServerRole:
             return None
         verdict = self.relay.classify(event.address, peer_ip)
         addr = verdict.address
+        if verdict.kind == "refused" and conn.authenticated_user:
+            # An authenticated client may relay whatever the relay mode.
+            verdict = replace(verdict, kind="relay")
         if verdict.kind == "refused":
             conn.reply(550, f"<{event.address}>: Relay access denied", "5.7.1")
             return verdict.reason
@@ -152,7 +173,7 @@ class SmtpServerRole:
 
     # --- the session --------------------------------------------------------------------
 
-    async def opening(self, ctx: JobContext, stream: trio.SocketStream,
+    async def opening(self, ctx: JobContext, stream: trio.abc.Stream,
                       conn: core.ServerConnection, peer_ip: str) -> None:
         """Greet the client, or refuse it: the deny list and DNS blocklists, and a client that
         talks before the greeting (Postfix's pregreet test; with greet_pause 0 only what it
@@ -173,11 +194,22 @@ class SmtpServerRole:
             return
         conn.greeting()
 
-    async def session(self, ctx: JobContext, stream: trio.SocketStream, assign: Assign) -> None:
+    async def session(self, ctx: JobContext, raw: trio.SocketStream, assign: Assign) -> None:
         cfg = ctx.config.smtp
-        conn = core.ServerConnection(self.limits)
+        limits = self.limits.get(assign.listener, self.limits["smtp"])
+        conn = core.ServerConnection(limits)
         peer_ip = assign.peer_ip
+        stream: trio.abc.Stream = raw
+        if limits.tls_active:  # smtps: the handshake comes before anything else
+            assert self.tls is not None  # the config refuses smtps without [tls]
+            secured = await handshake(raw, self.tls, ctx.config.tls.handshake_timeout)
+            if secured is None:
+                return
+            stream = secured
+            conn.cipher_info = describe(secured)
         await self.opening(ctx, stream, conn, peer_ip)
+        auth_failures = 0
+        login_failures = assign.auth_failures
         # RCPT address as given -> the address to deliver to, where the relay rules
         # rewrote it or let it go out (for this transaction).
         rewritten: dict[str, str] = {}
@@ -198,7 +230,8 @@ class SmtpServerRole:
             if await flush():
                 with trio.move_on_after(LINGER):
                     try:
-                        await stream.send_eof()
+                        if isinstance(stream, trio.abc.HalfCloseableStream):
+                            await stream.send_eof()
                         while await stream.receive_some(65536):
                             pass
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -276,7 +309,43 @@ class SmtpServerRole:
                     rewritten = {}
                 elif isinstance(event, core.MailFrom):
                     rewritten = {}
-                    conn.reply(250, "Ok", "2.1.0")
+                    self.mail_from(conn, event)
+                elif isinstance(event, core.StartTls):
+                    # The 220 goes out, then the handshake on the raw stream; what the
+                    # client pipelined behind STARTTLS was dropped by the core, unread.
+                    if not await flush():
+                        return
+                    assert self.tls is not None
+                    secured = await handshake(stream, self.tls,
+                                              ctx.config.tls.handshake_timeout)
+                    if secured is None:
+                        conn.tls_failed()
+                        return
+                    stream = secured
+                    conn.tls_established(describe(secured))
+                    line_deadline = trio.current_time() + cfg.command_timeout
+                elif isinstance(event, core.Authenticate):
+                    try:
+                        user = await self.logins.check(event.username, event.password)
+                    except (OSError, DirectoryError):
+                        conn.reply(454, "Temporary authentication failure", "4.7.0")
+                        continue
+                    if user is not None:
+                        conn.auth_ok(user)
+                        await ctx.journal("9A", ip=peer_ip, user=user,
+                                          detail=event.mechanism)
+                        continue
+                    await ctx.journal("9F", ip=peer_ip, user=event.username,
+                                      detail=event.mechanism)
+                    login_failures = await self.logins.failed(peer_ip, login_failures)
+                    conn.auth_failed()
+                    auth_failures += 1
+                    if auth_failures >= cfg.max_auth_failures:
+                        conn.close_with(421, "Error: too many failed authentications",
+                                        "4.7.0")
+                elif isinstance(event, core.AuthAborted):
+                    await ctx.journal("9F", ip=peer_ip,
+                                      detail=f"{event.mechanism}: {event.reason}")
                 elif isinstance(event, core.ConnectionClosed):
                     await close()
                     return
@@ -292,6 +361,22 @@ class SmtpServerRole:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
             raise
+
+    def mail_from(self, conn: core.ServerConnection, event: core.MailFrom) -> None:
+        """An authenticated client sends as one of its own addresses (Postfix's
+        reject_sender_login_mismatch), unless that check is off."""
+        user = event.auth_user
+        if (user and event.address and self.ctx.config.smtp.reject_sender_login_mismatch):
+            try:
+                owner = self.directory.lookup(event.address)
+            except (OSError, DirectoryError):
+                conn.reply(451, "Temporary lookup failure", "4.3.0")
+                return
+            if owner is None or owner.name != user:
+                conn.reply(553, f"<{event.address}>: Sender address rejected: not owned by "
+                                f"user {user}", "5.7.1")
+                return
+        conn.reply(250, "Ok", "2.1.0")
 
     def verify(self, conn: core.ServerConnection, argument: str) -> None:
         addr = argument.strip().strip("<>")
@@ -327,7 +412,9 @@ class SmtpServerRole:
         relayed = any(not self.relay.is_local(r) for r in recipients)
         message_id = find_message_id(content)
         prefix = received_header(helo=conn.helo or "", peer_ip=peer_ip, hostname=self.hostname,
-                                 queue_id=queue_id, recipients=recipients, esmtp=conn.esmtp)
+                                 queue_id=queue_id, recipients=recipients, esmtp=conn.esmtp,
+                                 tls=conn.cipher_info if conn.tls_active else "",
+                                 authenticated=conn.authenticated_user is not None)
         if message_id is None:
             message_id, header = message_id_header(queue_id, self.hostname)
             prefix += header

@@ -1,9 +1,10 @@
 """POP3 server protocol core, sans-IO.
 
 RFC 1939 (POP3), RFC 2449 (CAPA, RESP-CODES, PIPELINING), RFC 3206 (AUTH and
-SYS/TEMP codes) and a switched-off hook for RFC 2595 STLS. No sockets, no
-clock, no maildrop: the driver feeds bytes with `receive_data`, pulls events
-with `next_event`, answers decision events and sends `data_to_send()`.
+SYS/TEMP codes), RFC 5034 (AUTH, mechanism PLAIN) and RFC 2595 STLS behind a
+switch. No sockets, no clock, no maildrop: the driver feeds bytes with
+`receive_data`, pulls events with `next_event`, answers decision events and
+sends `data_to_send()`.
 
 Driver loop (h11 style)::
 
@@ -18,9 +19,11 @@ Driver loop (h11 style)::
                                  maildrop_busy / sys_temp_error
         elif Retrieve:           read the message -> message_content / sys_temp_error
         elif Update:             remove ev.deleted_uids, unlock -> update_done / sys_temp_error
-        elif StartTls:           flush, TLS handshake on the raw stream -> tls_established
+        elif StartTls:           flush, TLS handshake on the raw stream -> tls_established /
+                                 tls_failed
         elif ConnectionClosed:   flush, close the socket, unlock the maildrop; done
-        else:                    information (Quit, Retrieved, Deleted, Undeleted): journal it
+        else:                    information (Quit, Retrieved, Deleted, Undeleted,
+                                 AuthAborted): journal it
 
 Choices this module makes (the rest of mailpool relies on them):
 
@@ -36,8 +39,8 @@ Choices this module makes (the rest of mailpool relies on them):
   after a whole RETR is queued (size = octets before byte-stuffing; TOP gives
   none), `Deleted(uid)` when DELE marks, `Undeleted(uids)` when RSET unmarks
   something, `ConnectionClosed(reason)` with reason "quit", "eof", "timeout"
-  or "errors". After closing, `next_event()` returns that same
-  `ConnectionClosed` on every call.
+  or "errors" ("tls" after `tls_failed()`). After closing, `next_event()`
+  returns that same `ConnectionClosed` on every call.
 - Error counting: every -ERR the client caused (unknown or misplaced command,
   bad syntax or argument, line too long, refused or failed login) counts.
   [IN-USE] and [SYS/TEMP] replies do not. The `hard_error_limit`-th counted
@@ -54,12 +57,23 @@ Choices this module makes (the rest of mailpool relies on them):
   "surrogateescape", so `password.encode("utf-8", "surrogateescape")` gives
   back the exact octets the client sent.
 - `user` is None until `auth_ok`: the name given to USER is not trusted yet.
-- STLS hook: `Pop3Limits.stls_available` (default False). While False, STLS
-  is an unknown command and is not advertised. When True (and TLS is not yet
+- Logins (USER/PASS and AUTH) are open under TLS, or without it when
+  `allow_cleartext_login`; otherwise they are refused with "-ERR [AUTH]
+  Plaintext authentication disallowed on non-secure connections" and CAPA
+  lists neither USER nor SASL.
+- AUTH (RFC 5034): PLAIN only, run by `mailpool.protocol.sasl`; its response
+  lines are never read as commands and may be up to 12288 octets. The result
+  is the same `Authenticate(user, password)` decision PASS emits, so the
+  driver has one login path. An exchange the core ends itself (cancelled,
+  bad base64, malformed, too long, an authzid naming someone else) is
+  answered -ERR, counted, and reported as `AuthAborted`.
+- STLS: `Pop3Limits.stls_available` (default False). While False, STLS is an
+  unknown command and is not advertised. When True (and TLS is not yet
   active), CAPA lists STLS; "STLS" is answered "+OK begin TLS negotiation",
   pipelined input after it is discarded (RFC 2595 section 4 / plaintext
-  injection), the `StartTls` decision is emitted and `tls_established()`
-  resumes AUTHORIZATION with TLS active (a USER given before is forgotten).
+  injection, CVE-2011-0411; `StartTls.discarded` counts it), the `StartTls`
+  decision is emitted and `tls_established()` resumes AUTHORIZATION with TLS
+  active (a USER given before is forgotten); `tls_failed()` closes silently.
 """
 
 from __future__ import annotations
@@ -69,6 +83,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
+from mailpool.protocol.sasl import (
+    MAX_RESPONSE_LINE,
+    Challenge,
+    Credentials,
+    SaslError,
+    SaslServer,
+    Step,
+)
+
 __all__ = [
     "AUTHORIZATION",
     "CLOSED",
@@ -76,6 +99,7 @@ __all__ = [
     "PAUSED",
     "TRANSACTION",
     "UPDATE",
+    "AuthAborted",
     "Authenticate",
     "ConnectionClosed",
     "Deleted",
@@ -184,7 +208,18 @@ class Update:
 
 @dataclass(frozen=True)
 class StartTls:
-    """Decision (only with stls_available): flush, handshake, then tls_established()."""
+    """Decision (only with stls_available): flush, handshake, then tls_established() or
+    tls_failed(). Bytes fed meanwhile are dropped."""
+
+    discarded: int  # octets the client pipelined behind STLS, dropped unread
+
+
+@dataclass(frozen=True)
+class AuthAborted:
+    """An AUTH exchange the core ended itself, already answered -ERR (and counted)."""
+
+    mechanism: str
+    reason: str  # "cancelled", "bad-base64", "too-long", "malformed" or "authzid"
 
 
 @dataclass(frozen=True)
@@ -230,6 +265,7 @@ Event = (
     | Retrieved
     | Deleted
     | Undeleted
+    | AuthAborted
     | ConnectionClosed
 )
 _DECISIONS = (Authenticate, Retrieve, Update, StartTls)
@@ -299,6 +335,7 @@ _TRANSITIONS: Final[dict[tuple[str, str], str]] = {
     (AUTHORIZATION, "USER"): AUTHORIZATION,
     (AUTHORIZATION, "PASS"): AUTHORIZATION,  # Authenticate pending
     (AUTHORIZATION, "STLS"): AUTHORIZATION,  # StartTls pending
+    (AUTHORIZATION, "AUTH"): AUTHORIZATION,  # an exchange, then Authenticate pending
     (AUTHORIZATION, "QUIT"): CLOSED,
     (AUTHORIZATION, "auth_ok"): TRANSACTION,
     (AUTHORIZATION, "auth_failed"): AUTHORIZATION,
@@ -327,6 +364,15 @@ _COMMANDS: Final = frozenset(t for (_, t) in _TRANSITIONS if t.isupper())
 
 _TOO_LONG: Final = _Sentinel("TOO_LONG")
 
+_NO_CLEARTEXT: Final = "[AUTH] Plaintext authentication disallowed on non-secure connections"
+_SASL_ERRORS: Final = {
+    SaslError.BAD_BASE64: "invalid base64 data",
+    SaslError.CANCELLED: "[AUTH] authentication cancelled",
+    SaslError.TOO_LONG: "line too long",
+    SaslError.MALFORMED: "malformed authentication response",
+    SaslError.AUTHZID: "[AUTH] authentication failed",  # acting as another user: never
+}
+
 
 class Pop3Connection:
     """One POP3 server session. See the module docstring for the contract."""
@@ -345,6 +391,8 @@ class Pop3Connection:
         self._errors = 0
         self._greeted = False
         self._user_given: str | None = None  # from USER, valid for the next command only
+        self._sasl = SaslServer(("PLAIN",))
+        self._cipher_info: str | None = None
         self._user: str | None = None
         self._messages: tuple[MessageInfo, ...] = ()
         self._deleted: set[int] = set()  # 0-based indexes marked by DELE
@@ -367,6 +415,11 @@ class Pop3Connection:
     @property
     def tls_active(self) -> bool:
         return self._tls_active
+
+    @property
+    def cipher_info(self) -> str | None:
+        """What tls_established() was given; None until then."""
+        return self._cipher_info
 
     @property
     def messages(self) -> tuple[MessageInfo, ...]:
@@ -418,6 +471,13 @@ class Pop3Connection:
                 if not self._eof:
                     return NEED_DATA
                 self._close("eof")  # a partial last line is dropped
+            elif self._sasl.active:
+                mechanism = self._sasl.mechanism or ""
+                if line is _TOO_LONG:
+                    self._auth_result(mechanism, self._sasl.too_long())
+                else:
+                    assert isinstance(line, bytes)
+                    self._auth_result(mechanism, self._sasl.step(line))
             elif line is _TOO_LONG:
                 self._user_given = None
                 self._err("line too long")
@@ -487,12 +547,20 @@ class Pop3Connection:
         else:
             self._err("[SYS/TEMP] some deleted messages not removed", counted=False)
 
-    def tls_established(self) -> None:
+    def tls_established(self, cipher_info: str = "") -> None:
         """Answer StartTls: the handshake succeeded; feed decrypted bytes from now on."""
         self._answer(StartTls)
         self._tls_active = True
+        self._cipher_info = cipher_info
         self._user_given = None
+        self._in.clear()
+        self._discarding = False
         self._go("tls_established")
+
+    def tls_failed(self) -> None:
+        """Answer StartTls: the handshake failed; closed without a word."""
+        self._answer(StartTls)
+        self._close("tls")
 
     def timeout(self) -> None:
         """The inactivity timer expired: close silently (RFC 1939 section 3)."""
@@ -558,7 +626,10 @@ class Pop3Connection:
             del buf[: nl + 1]
             self._discarding = False
             return _TOO_LONG
-        limit = self._limits.max_line
+        if self._sasl.active:  # RFC 5034 4: responses are not held to the command limit
+            limit = min(MAX_RESPONSE_LINE, self._limits.max_buffer)
+        else:
+            limit = self._limits.max_line
         nl = buf.find(b"\n", 0, limit)
         if nl < 0:
             if len(buf) < limit:
@@ -619,10 +690,14 @@ class Pop3Connection:
             return None
         return n - 1
 
+    def _logins_open(self) -> bool:
+        """RFC 2595 2.1 / 3206: passwords only under TLS unless configured otherwise."""
+        return self._limits.allow_cleartext_login or self._tls_active
+
     def _cleartext_ok(self) -> bool:
-        if self._limits.allow_cleartext_login or self._tls_active:
+        if self._logins_open():
             return True
-        self._err("[AUTH] cleartext login not allowed without TLS")
+        self._err(_NO_CLEARTEXT)
         return False
 
     # Command handlers; the dispatcher has checked the state.
@@ -631,8 +706,8 @@ class Pop3Connection:
         if not self._no_args(args):
             return
         caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
-        if self._limits.allow_cleartext_login or self._tls_active:
-            caps.append("USER")
+        if self._logins_open():
+            caps += ["USER", "SASL " + " ".join(self._sasl.mechanisms)]
         if self._limits.stls_available and not self._tls_active:
             caps.append("STLS")  # RFC 2449: AUTHORIZATION capabilities show in both states
         caps.append("IMPLEMENTATION mailpool")
@@ -667,9 +742,33 @@ class Pop3Connection:
         if self._tls_active:
             return self._err("TLS already active")
         self._reply("+OK begin TLS negotiation")
+        discarded = len(self._in)
         self._in.clear()  # RFC 2595 4: drop anything pipelined behind STLS
         self._discarding = False
-        self._decide(StartTls())
+        self._decide(StartTls(discarded))
+
+    def _cmd_auth(self, args: list[bytes]) -> None:
+        if not self._cleartext_ok():
+            return
+        if not args:  # RFC 1734 usage most clients still probe with
+            return self._multi("+OK", list(self._sasl.mechanisms))
+        if len(args) > 2:
+            return self._err("too many arguments")
+        mechanism = args[0].decode("latin-1").upper()  # never echoed: any octet will do
+        result = self._sasl.start(mechanism, args[1] if len(args) == 2 else None)
+        if result is SaslError.UNSUPPORTED:
+            return self._err("unrecognized authentication mechanism")
+        self._auth_result(mechanism, result)
+
+    def _auth_result(self, mechanism: str, result: Step) -> None:
+        if isinstance(result, Challenge):
+            self._out += b"+ " + result.encoded() + b"\r\n"  # "+ " even when empty
+        elif isinstance(result, Credentials):
+            # authzid is "" or the user: PASS's decision, so login has one path.
+            self._decide(Authenticate(result.username, result.password))
+        else:
+            self._err(_SASL_ERRORS[result])
+            self._events.append(AuthAborted(mechanism, result.value))
 
     def _cmd_quit(self, args: list[bytes]) -> None:
         if not self._no_args(args):

@@ -78,11 +78,14 @@ Step = Challenge | Credentials | SaslError
 
 
 def _decode_base64(text: bytes) -> bytes | None:
-    """Strict RFC 4648 base64 (alphabet and padding); None when it is not."""
+    """Canonical RFC 4648 base64 (alphabet, padding, zero pad bits); None when it is not.
+    Comparing with the re-encoding also refuses what Python's decoder lets through, such
+    as padding after a complete group ("YWJj==")."""
     try:
-        return base64.b64decode(text, validate=True)
+        data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return None
+    return data if base64.b64encode(data) == text else None
 
 
 def _identity(raw: bytes) -> str | None:

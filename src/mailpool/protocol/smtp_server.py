@@ -622,6 +622,11 @@ class ServerConnection:
         self._pending = None
         self._error(_AUTH_FAILED)
 
+    def close_with(self, code: int, text: str, enhanced: str) -> None:
+        """The driver ends the session (e.g. too many failed logins): `code enhanced host
+        text`, then closed; the same as a 421 from reply(), but with no decision pending."""
+        self._abort(f"{self._limits.hostname} {text}", enhanced, code)
+
     def timeout(self, timeout_reason: str = "Error: timeout exceeded") -> None:
         """The driver's deadline passed: 421 4.4.2 <hostname> <timeout_reason>, closed."""
         self._abort(f"{self._limits.hostname} {timeout_reason}", "4.4.2")
@@ -658,10 +663,10 @@ class ServerConnection:
         if not self.closed:  # a shutdown() may have come first: then it said all
             self._out += wire
 
-    def _abort(self, text: str, enhanced: str) -> None:
+    def _abort(self, text: str, enhanced: str, code: int = 421) -> None:
         if self.closed:
             return
-        self._send(421, [text], enhanced)
+        self._send(code, [text], enhanced)
         self._close()
 
     def _close(self) -> None:
