@@ -69,22 +69,27 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+def _key(key: str) -> str:
+    """A TOML key: bare when it can be, else quoted ("tls.example" is one key, not two)."""
+    return key if key and all(c.isalnum() or c in "_-" for c in key) else json.dumps(key)
+
+
 def _is_tables(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def _toml(table: dict[str, Any], name: str = "") -> list[str]:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in table.items()
+    lines = [f"{_key(k)} = {_toml_value(v)}" for k, v in table.items()
              if not isinstance(v, dict) and not _is_tables(v)]
     if name and lines:
         lines = ["", f"[{name}]", *lines]
     for key, value in table.items():
-        full = f"{name}.{key}" if name else key
+        full = f"{name}.{_key(key)}" if name else _key(key)
         if isinstance(value, dict):
             lines += _toml(value, full)
         elif _is_tables(value):  # an array of tables: [[full]] each
             for item in value:
-                lines += ["", f"[[{full}]]", *(f"{k} = {_toml_value(v)}"
+                lines += ["", f"[[{full}]]", *(f"{_key(k)} = {_toml_value(v)}"
                                                for k, v in item.items())]
     return lines
 

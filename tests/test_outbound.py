@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import smtplib
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -630,3 +631,111 @@ def test_a_lost_reply_after_the_dot_is_retried_and_journaled(outhost, dns, sinks
         wait_codes(h, qid, "88")
     finally:
         fine.stop()
+
+
+# --- STARTTLS towards next hops -----------------------------------------------------------------
+
+
+class BrokenTlsPeer:
+    """Offers STARTTLS, says 220, then hangs up (a broken TLS stack); a second, plaintext
+    session is served normally. Real sockets, one thread."""
+
+    def __init__(self, ip: str, port: int) -> None:
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((ip, port))
+        self.sock.listen(16)
+        self.received: list[bytes] = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                self.session(conn)
+
+    def session(self, conn: socket.socket) -> None:
+        f = conn.makefile("rb")
+        conn.sendall(b"220 broken.test ESMTP\r\n")
+        data = False
+        body = b""
+        for line in f:
+            if data:
+                if line == b".\r\n":
+                    self.received.append(body)
+                    conn.sendall(b"250 2.0.0 Ok\r\n")
+                    data = False
+                else:
+                    body += line
+                continue
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-broken.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+            elif verb == b"STAR":
+                conn.sendall(b"220 2.0.0 Ready to start TLS\r\n")
+                return  # and hang up: the handshake fails
+            elif verb == b"DATA":
+                conn.sendall(b"354 go ahead\r\n")
+                data = True
+            elif verb == b"QUIT":
+                conn.sendall(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                conn.sendall(b"250 2.0.0 Ok\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_starttls_to_next_hops_by_policy(outhost, host, dns, sinks, port,
+                                          tmp_path) -> None:
+    from tlshelp import make_certs
+
+    certs = make_certs(tmp_path / "certs", "mx.tls.example")
+    for domain in ("tls.example", "may.example"):
+        dns.add(domain, "MX", "10 mx.tls.example.")
+    dns.add("mx.tls.example", "A", "127.0.0.5")
+    dns.add("wrongname.example", "MX", "10 other.wrongname.example.")
+    dns.add("other.wrongname.example", "A", "127.0.0.5")  # the same peer, not its name
+    dns.add("plain.example", "MX", "10 mx.plain.example.")
+    dns.add("mx.plain.example", "A", "127.0.0.2")
+    dns.add("broken.example", "MX", "10 mx.broken.example.")
+    dns.add("mx.broken.example", "A", "127.0.0.6")
+    sinks("127.0.0.2")  # smtp-sink offers no STARTTLS
+    broken = BrokenTlsPeer("127.0.0.6", port)
+    peer = host(certs.config() + '[host]\nname = "mx.tls.example"\n'
+                'local_domains = ["tls.example", "may.example", "wrongname.example"]\n'
+                f'[listen]\nsmtp = "127.0.0.5:{port}"\n', name="tlspeer")
+    peer.add_user("zoe", "zoe@tls.example", "zoe@may.example", "zoe@wrongname.example")
+    try:
+        h = outhost(f'[outbound.tls]\npolicy = "may"\nca_file = "{certs.ca_file}"\n'
+                    '[outbound.tls.destinations]\n"tls.example" = "verify"\n'
+                    '"wrongname.example" = "verify"\n"plain.example" = "encrypt"\n')
+        verified = send(h, "alice@example.test", ["zoe@tls.example"])
+        opportunistic = send(h, "alice@example.test", ["zoe@may.example"])
+        mismatch = send(h, "alice@example.test", ["zoe@wrongname.example"])
+        required = send(h, "alice@example.test", ["bob@plain.example"])
+        fallback = send(h, "alice@example.test", ["bob@broken.example"])
+        peer.wait_delivered("zoe", 2)
+        for qid in (verified, opportunistic):
+            (rec,) = wait_for(lambda q=qid: h.journal("--queue-id", q, "--code", "88"), 20,
+                              what="88")
+            assert "TLS: TLSv1." in rec["detail"], rec
+        (rec,) = wait_for(lambda: h.journal("--queue-id", fallback, "--code", "88"), 20,
+                          what="88 after the plaintext retry")
+        assert "plaintext after failed handshake" in rec["detail"], rec
+        assert len(broken.received) == 1
+        for qid, words in ((mismatch, "certificate"), (required, "TLS is required")):
+            (rec, *_) = wait_for(lambda q=qid: h.journal("--queue-id", q, "--code", "8C"), 20,
+                                 what="8C")
+            assert words in rec["detail"], rec
+        assert len(peer.maildir_files("zoe")) == 2  # nothing went out unverified
+    finally:
+        broken.close()
