@@ -93,3 +93,20 @@ def test_filters_print_as_an_array_of_tables(tmp_path: Path) -> None:
     again = tmp_path / "again.toml"
     again.write_text(text)
     assert load_config(again).config.filter == loaded.config.filter
+
+
+def test_tls_files_are_checked_at_start(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[tls]\ncertificate = "{tmp_path}/nope.pem"\n'
+                           f'key = "{tmp_path}/nope.key"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: tls.certificate: '{tmp_path}/nope.pem': cannot read: "
+                              "No such file or directory")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    path.write_text(BASE + f'[tls]\ncertificate = "{garbage}"\nkey = "{garbage}"\n')
+    with pytest.raises(ConfigError, match="tls.certificate: .*not a usable certificate"):
+        load_config(path)
+    path.write_text(BASE + '[listen]\nsmtps = "127.0.0.1:4650"\n')
+    with pytest.raises(ConfigError, match=r"listen.smtps: .*needs \[tls\]"):
+        load_config(path)
