@@ -95,6 +95,10 @@ def test_starttls_on_port_25_and_the_received_header(host: Any, certs: Certs) ->
         s.ehlo("client.example.test")
         assert not s.has_extn("starttls")  # once is enough
         assert s.docmd("STARTTLS")[0] == 503
+        # TLS alone is no licence to relay: without AUTH the relay rules still refuse.
+        assert s.docmd("MAIL", "FROM:<a@remote.test>")[0] == 250
+        assert s.docmd("RCPT", "TO:<someone@far.test>")[0] == 550
+        s.docmd("RSET")
         s.sendmail("a@remote.test", ["bob@example.test"], b"Subject: tls\r\n\r\nsecret\r\n")
     header = received_header(h, "bob")
     assert b"with ESMTPS id" in header and b"(using TLSv1." in header and b"cipher" in header
