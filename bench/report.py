@@ -122,6 +122,39 @@ def pop_table(rows: list[dict[str, Any]]) -> list[str]:
                    "RETR p99", "errors"], body, right={1, 2, 3, 4, 5, 6, 7})
 
 
+def tls_table(summary: dict[str, Any]) -> list[str]:
+    """The STARTTLS section's medians (a "tls-summary" row): one line a server, then the
+    ratio mailpool/Postfix, then each server's CPU per message by process kind."""
+    body: list[list[str]] = []
+    for name in ("mailpool", "postfix"):
+        s = summary.get(name)
+        errs = ", ".join(f"{k}:{v}" for k, v in ((s or {}).get("errors") or {}).items())
+        if not s or not s.get("runs"):
+            body.append([name, "0", "-", "-", "-", "-", "-", "-", "-",
+                         (errs or "no run") if s is None else (errs or "nothing accepted")])
+            continue
+        share = s.get("client_cpu_share")
+        body.append([name, str(s["runs"]), _f(s["handshakes_per_sec"]),
+                     _f(s["accepted_per_sec"]), _f(s["delivered_per_sec"]),
+                     _f(s["handshake_p50_ms"], "{:.1f}"), _f(s["handshake_p99_ms"], "{:.1f}"),
+                     _f(s["cpu_us_per_msg"]), _f(share * 100 if share is not None else None),
+                     errs])
+    ratio = summary.get("ratio") or {}
+    body.append(["mailpool/Postfix", "", *(_f(ratio.get(k), "{:.2f}x") for k in (
+        "handshakes_per_sec", "accepted_per_sec", "delivered_per_sec")), "", "",
+        _f(ratio.get("cpu_us_per_msg"), "{:.2f}x"), "", ""])
+    out = _table(["server", "runs", "handshakes/s", "accepted/s", "delivered/s",
+                  "STARTTLS p50", "STARTTLS p99", "CPU us/msg", "client CPU %", "errors"],
+                 body, right=set(range(1, 9)))
+    for name in ("mailpool", "postfix"):
+        kinds = sorted(((summary.get(name) or {}).get("cpu_us_per_msg_by_kind") or {}).items(),
+                       key=lambda kv: -kv[1])
+        if kinds:
+            out.append(f"{name} CPU us/msg by process kind: "
+                       + ", ".join(f"{k} {v:.0f}" for k, v in kinds if v >= 1))
+    return out
+
+
 def targets(rows: list[dict[str, Any]], spj: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
@@ -203,6 +236,14 @@ def print_report(rows: list[dict[str, Any]], spj: int) -> list[dict[str, Any]]:
     if pop:
         lines += ["", "== POP3 retrieval (each session logs in as its own user, RETRs every "
                   "message, QUITs, again)", *pop]
+    tls = next((r for r in rows if r.get("kind") == "tls-summary"), None)
+    if tls:
+        lines += ["", f"== STARTTLS ({tls['label']}, every connection: EHLO, STARTTLS, "
+                  "handshake, EHLO, one message; medians of alternated runs; handshakes/s = "
+                  "completed handshakes over the run's wall time; STARTTLS p50/p99 = STARTTLS "
+                  "sent -> handshake done, ms; CPU = the server's processes from the load's "
+                  "start to the last delivery, per accepted message; client CPU = the "
+                  "generator's share of one CPU)", *tls_table(tls)]
     skipped = [r for r in rows if r.get("kind") == "skipped"]
     if skipped:
         lines += ["", "== Skipped"] + [f"{r['server']}: {r['reason']}" for r in skipped]

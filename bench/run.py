@@ -11,7 +11,8 @@ handler that fsyncs each message, and smtp-sink (no disk: the ceiling of the
 loopback and the client). Then the journal's cost (mailpool with journaling on
 and off, alternated), POP3 retrieval against Dovecot, and the outbound side
 (bench.outbound: mailpool's SMTP client against Postfix's smtp(8), from a full
-queue to smtp-sink MX hosts). It prints one table
+queue to smtp-sink MX hosts), and last the target workload over STARTTLS, mailpool
+against Postfix (`--only tls`). It prints one table
 with ratios against mailpool and each target as MET or MISSED, and saves JSON
 lines and a chart under bench/results/.
 
@@ -27,12 +28,14 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -43,8 +46,9 @@ from typing import Any
 import trio
 
 from bench import servers as S
+from bench.handoff import settle
 from bench.idle import idle_capacity
-from bench.outbound import run_outbound
+from bench.outbound import CpuPoller, mailpool_kind, postfix_kind, run_outbound
 from bench.pop_load import PopConfig, run_pop
 from bench.smtp_load import LoadConfig, LoadResult, make_body, raise_fd_limit, run_load
 
@@ -171,17 +175,22 @@ class Runner:
 
     # --- measurements -------------------------------------------------------------
 
-    def smtp_load(self, server: S.Server, wl: Workload, **extra: Any) -> dict[str, Any] | None:
-        """The project's generator as a subprocess (its CPU is not the driver's)."""
+    def smtp_load(self, server: S.Server, wl: Workload, tls: S.TlsFiles | None = None,
+                  duration: float | None = None) -> dict[str, Any] | None:
+        """The project's generator as a subprocess (its CPU is not the driver's); with tls,
+        every connection goes STARTTLS, trusting tls.ca only."""
+        duration = duration or self.opts.duration
         argv = [sys.executable, "-m", "bench.smtp_load", "--host", S.HOST,
                 "--port", str(server.port), "--sessions", str(wl.sessions),
                 "--messages", str(wl.messages), "--size", str(wl.size),
                 "--per-connection", str(wl.per_connection), "--to", server.rcpt,
-                "--from", S.SENDER, "--duration", str(self.opts.duration),
+                "--from", S.SENDER, "--duration", str(duration),
                 "--timeout", "30", "--procs", str(self.opts.client_procs), "--json"]
+        if tls is not None:
+            argv += ["--starttls", "--tls-ca", str(tls.ca), "--tls-name", tls.name]
         try:
             res = subprocess.run(argv, capture_output=True, text=True, cwd=BENCH_DIR.parent,
-                                 timeout=self.opts.duration + 90)
+                                 timeout=duration + 90)
         except subprocess.TimeoutExpired:
             return {"error": "generator did not finish in time"}
         try:
@@ -293,9 +302,10 @@ class Runner:
 
     def run_smtp(self) -> None:
         wls = workloads(self.opts.quick)
-        # Time kept back for the journal and POP phases that follow.
+        # Time kept back for the phases that follow (journal, POP, outbound, STARTTLS).
         reserve = (30.0 if self.opts.quick else 90.0) * (
-            self.wanted("journal") + self.wanted("pop") + self.wanted("outbound")) / 2
+            self.wanted("journal") + self.wanted("pop") + self.wanted("outbound")
+            + self.wanted("tls")) / 2
         for server, clients in self.smtp_servers():
             print(f"\n== {server.label}", flush=True)
             if self.over_budget(server.label, reserve):
@@ -403,6 +413,83 @@ class Runner:
         if self.wanted("outbound"):
             run_outbound(self)  # bench.outbound: the SMTP client against Postfix's smtp(8)
 
+    def run_tls(self) -> None:
+        """The target workload over STARTTLS: mailpool (default pools) and Postfix, both up
+        at once, one unmeasured pass each, then alternated measured runs; medians."""
+        if not self.wanted("tls"):
+            return
+        rounds = 1 if self.opts.quick else 2
+        print(f"\n== STARTTLS: {TARGET.label} (durable), every connection STARTTLS, "
+              f"mailpool vs Postfix, {rounds} run(s) each", flush=True)
+        if self.over_budget("tls", 20.0):
+            return
+        try:
+            tls = S.make_tls_files(self.work / "tls")
+        except (S.ServerError, OSError) as exc:
+            self.skip("tls", f"no certificate: {exc}")
+            return
+        mailpool = S.Mailpool("tls mailpool", self.work, tls=tls)
+        postfix = S.PostfixTls("tls postfix", self.work, tls)
+        rows: dict[str, list[dict[str, Any]]] = {"mailpool": [], "postfix": []}
+        with self.serving(mailpool) as a, self.serving(postfix) as b:
+            up = [(name, s) for name, s, u in (("mailpool", mailpool, a), ("postfix", postfix, b))
+                  if u is not None]
+            for _, server in up:  # pools grown, first Maildir directories made
+                self.smtp_load(server, TARGET, tls, duration=min(self.opts.duration, 2.0))
+            for rnd in range(1, rounds + 1):
+                for name, server in up:
+                    if self.over_budget(f"tls {name} run {rnd}"):
+                        continue
+                    row = self.measure_tls(name, server, tls, rnd)
+                    rows[name].append(row)
+                    self.record(row)
+                    print("    " + tls_line(row), flush=True)
+        summary = {name: summarise_tls(r) for name, r in rows.items()}
+        self.record({"kind": "tls-summary", "workload": asdict(TARGET), "label": TARGET.label,
+                     "certificate": f"{tls.kind}, verified by the client",
+                     **summary, "ratio": tls_ratios(summary["mailpool"], summary["postfix"])})
+
+    def measure_tls(self, name: str, server: S.Server, tls: S.TlsFiles, rnd: int,
+                    ) -> dict[str, Any]:
+        """One run: the load, the wait for its deliveries, the server's CPU over both (per
+        process kind) and the generator's (is the client the bottleneck?)."""
+        if isinstance(server, S.Mailpool):
+            assert server.proc is not None
+            kind = mailpool_kind(server.proc.pid)
+        else:
+            kind = postfix_kind
+        settle(server)
+        poller = CpuPoller(server.root_pids(), kind)
+        before = server.delivered() or 0
+        row: dict[str, Any] = {"kind": "tls", "server": name, "server_kind": server.kind,
+                               "round": rnd, "workload": asdict(TARGET), "label": TARGET.label}
+        poller.start()
+        try:
+            poller.mark()
+            t0 = time.time()
+            client = client_cpu()
+            result = row["result"] = self.smtp_load(server, TARGET, tls) or {"error": "none"}
+            client = client_cpu() - client
+            if "error" not in result and result.get("sent"):
+                got, rate = self.wait_delivered(server, before, result["sent"],
+                                                result.get("started_at") or t0)
+                row |= {"delivered": got, "delivered_per_sec": rate}
+        finally:
+            poller.stop()
+        if "error" in result:
+            row["serve_log"] = server.log_tail(10)
+            return row
+        row["client_cpu_share"] = client / result["elapsed"] if result["elapsed"] else None
+        cpu, procs, started = poller.by_kind()
+        if result["sent"]:
+            row |= {"cpu_us_per_msg": sum(cpu.values()) / result["sent"] * 1e6,
+                    "cpu_us_per_msg_by_kind": {k: v / result["sent"] * 1e6
+                                               for k, v in sorted(cpu.items())}}
+        row |= {"processes_by_kind": procs, "started_by_kind": started}
+        if result.get("errors") or row.get("delivered_per_sec") is None:
+            row["serve_log"] = server.log_tail(10)
+        return row
+
     def fill_mailpool(self, server: S.Mailpool, names: list[str], per_user: int) -> bool:
         """Deliver per_user messages to every POP user through mailpool's own SMTP."""
         before = server.delivered() or 0
@@ -431,6 +518,77 @@ class Runner:
             self.skip("mailpool pop", f"only {got}/{sent} delivered to the POP users")
             return False
         return True
+
+
+def client_cpu() -> float:
+    """CPU seconds of the driver's children waited for so far (the generator, once it ended)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def summarise_tls(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Medians over one server's runs that accepted messages, and every run's errors (None:
+    no run at all)."""
+    if not rows:
+        return None
+    ran = [r for r in rows if "error" not in r["result"]]
+    errors = dict(sorted(sum((Counter(r["result"]["errors"]) for r in ran), Counter()).items()))
+    good = [r for r in ran if r["result"].get("sent")]
+    if not good:
+        return {"runs": 0, "errors": errors}
+
+    def med(get: Callable[[dict[str, Any]], float | None]) -> float | None:
+        values = [v for v in map(get, good) if v is not None]
+        return median(values) if values else None
+
+    kinds = sorted({k for r in good for k in r.get("cpu_us_per_msg_by_kind", {})})
+    return {
+        "runs": len(good),
+        "handshakes_per_sec": med(lambda r: r["result"]["handshakes_per_sec"]),
+        "accepted_per_sec": med(lambda r: r["result"]["msgs_per_sec"]),
+        "delivered_per_sec": med(lambda r: r.get("delivered_per_sec")),
+        "handshake_p50_ms": med(lambda r: r["result"]["handshake_ms"].get("p50")),
+        "handshake_p99_ms": med(lambda r: r["result"]["handshake_ms"].get("p99")),
+        "cpu_us_per_msg": med(lambda r: r.get("cpu_us_per_msg")),
+        "cpu_us_per_msg_by_kind": {k: med(lambda r, k=k: r.get("cpu_us_per_msg_by_kind", {})
+                                          .get(k, 0.0)) for k in kinds},
+        "client_cpu_share": med(lambda r: r.get("client_cpu_share")),
+        "errors": errors,
+        "tls": sorted({k for r in good for k in r["result"].get("tls", {})}),
+    }
+
+
+def tls_ratios(mp: dict[str, Any] | None, pf: dict[str, Any] | None) -> dict[str, float | None]:
+    """mailpool / Postfix for each rate and the CPU per message."""
+    keys = ("handshakes_per_sec", "accepted_per_sec", "delivered_per_sec", "cpu_us_per_msg")
+    if mp is None or pf is None:
+        return dict.fromkeys(keys)
+    return {k: mp[k] / pf[k] if mp.get(k) is not None and pf.get(k) else None for k in keys}
+
+
+def tls_line(row: dict[str, Any]) -> str:
+    r = row["result"]
+    head = f"{row['server']} run {row['round']}: "
+    if "error" in r:
+        return head + f"ERROR {r['error']}; server log: {row.get('serve_log', '')}"
+    text = (head + f"{r['handshakes']} handshakes {r['handshakes_per_sec']:.1f}/s, "
+            f"{r['sent']} accepted {r['msgs_per_sec']:.1f}/s")
+    if row.get("delivered_per_sec"):
+        text += f", delivered {row['delivered_per_sec']:.1f}/s"
+    elif "delivered" in row:
+        text += f", delivered {row['delivered']}/{r['sent']} (timed out)"
+    hs = r.get("handshake_ms", {})
+    if hs.get("n"):
+        text += f"; STARTTLS-to-secure p50 {hs['p50']:.1f} p99 {hs['p99']:.1f} ms"
+    if row.get("cpu_us_per_msg") is not None:
+        kinds = sorted(row["cpu_us_per_msg_by_kind"].items(), key=lambda kv: -kv[1])
+        text += (f"; CPU {row['cpu_us_per_msg']:.0f} us/msg ("
+                 + ", ".join(f"{k} {v:.0f}" for k, v in kinds if v >= 1) + ")")
+    if row.get("client_cpu_share") is not None:
+        text += f"; client CPU {row['client_cpu_share'] * 100:.0f}%"
+    if r.get("errors"):
+        text += f"; errors {r['errors']}; server log: {row.get('serve_log', '')}"
+    return text
 
 
 def stop_quietly(server: S.Server) -> None:
@@ -523,7 +681,7 @@ def parse_args(argv: list[str] | None) -> Options:
                    help="generator processes (default 1; raise it on machines with many cores)")
     p.add_argument("--only", action="append", default=[],
                    choices=["mailpool", "postfix", "aiosmtpd", "smtp-sink", "journal", "pop",
-                            "outbound"],
+                            "outbound", "tls"],
                    help="run only these parts (repeatable)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole run (default 540, --quick 90); parts that "
@@ -602,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     if info["load"][0] > 0.5:
         print("  note: the machine is busy; figures will be noisy (compare ratios, rerun)")
     phases: list[Callable[[], None]] = [runner.run_smtp, runner.run_journal, runner.run_pop,
-                                        runner.run_outbound]
+                                        runner.run_outbound, runner.run_tls]
     interrupted = False
     try:
         for phase in phases:

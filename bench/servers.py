@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -222,6 +223,37 @@ class Server:
             logf.close()
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """One server certificate (PEM), its key and the CA that issued it, for every server."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    name: str  # the certificate's host name: the client's SNI and the name it verifies
+    kind: str = "ECDSA P-256 (trustme)"
+
+
+def make_tls_files(directory: Path, name: str = "mailpool.bench.test") -> TlsFiles:
+    """A fresh CA (trustme: in process, no OpenSSL config) and a certificate from it for
+    name and 127.0.0.1; the key is the runner's only (a server reads it before it drops
+    privileges)."""
+    try:
+        import trustme
+    except ImportError:
+        raise ServerError("trustme not installed (pip install -e '.[test]')") from None
+    directory.mkdir(parents=True, exist_ok=True)
+    # ECDSA P-256, trustme's default, said here since the figures depend on it.
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    issued = ca.issue_cert(name, HOST, key_type=trustme.KeyType.ECDSA)
+    files = TlsFiles(directory / "cert.pem", directory / "key.pem", directory / "ca.pem", name)
+    files.key.touch(mode=0o600)
+    issued.private_key_pem.write_to_path(str(files.key))
+    files.cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    ca.cert_pem.write_to_path(str(files.ca))
+    return files
+
+
 def mailpool_command() -> list[str]:
     exe = Path(sys.executable).parent / "mailpool"
     if exe.exists():
@@ -231,17 +263,19 @@ def mailpool_command() -> list[str]:
 
 
 class Mailpool(Server):
-    """`mailpool serve` with a generated config: pool overrides and journal on or off."""
+    """`mailpool serve` with a generated config: pool overrides, journal on or off, and with
+    tls its port 25 listener offering STARTTLS."""
 
     kind = "mailpool"
     durable = True
 
     def __init__(self, label: str, workdir: Path, pool: dict[str, int | float | bool] | None = None,
-                 journal: bool = True, pop_users: int = 0) -> None:
+                 journal: bool = True, pop_users: int = 0, tls: TlsFiles | None = None) -> None:
         super().__init__(label, workdir)
         self.pool = pool or {}
         self.journal = journal
         self.pop_users = pop_users
+        self.tls = tls
         self.pop_port = 0
         self.config = self.dir / "mailpool.toml"
         self.data = self.dir / "var"
@@ -257,6 +291,8 @@ class Mailpool(Server):
             "[paths]", 'data = "var"', "",
             "[journal]", f"enabled = {'true' if self.journal else 'false'}", "",
         ]
+        if self.tls is not None:
+            lines += ["[tls]", f'certificate = "{self.tls.cert}"', f'key = "{self.tls.key}"', ""]
         if self.pool:
             lines.append("[pool.smtp-server]")
             for key, value in self.pool.items():
@@ -504,6 +540,27 @@ class Postfix(MasterDaemon):
 
     def delivered(self) -> int | None:
         return count_maildir(self.vmail)
+
+
+class PostfixTls(Postfix):
+    """The private Postfix with smtpd offering STARTTLS (security level "may") with tls's
+    certificate, otherwise as Postfix's defaults and a stock master.cf have it: tlsmgr runs,
+    no session cache database (empty by default: set explicitly, the no-cache comparison)."""
+
+    def __init__(self, label: str, workdir: Path, tls: TlsFiles) -> None:
+        super().__init__(label, workdir)
+        self.tls = tls
+
+    def main_cf(self) -> list[str]:
+        return [*super().main_cf(),
+                "smtpd_tls_security_level = may",
+                f"smtpd_tls_cert_file = {self.tls.cert}",
+                f"smtpd_tls_key_file = {self.tls.key}",
+                "smtpd_tls_loglevel = 0",
+                "smtpd_tls_session_cache_database ="]
+
+    def master_cf(self) -> str:
+        return super().master_cf() + "tlsmgr    unix  -       -       n       1000?   1  tlsmgr\n"
 
 
 class PostfixRelay(Postfix):

@@ -2,6 +2,7 @@
 
     python -m bench.smtp_load --host 127.0.0.1 --port 2525 --sessions 20 \\
         --messages 10000 --size 1024 [--per-connection K] [--pipelining] [--json]
+        [--starttls [--tls-ca CA.pem] [--tls-name NAME]]
 
 N sessions share one budget of M messages. Each session connects, reads the
 greeting, says EHLO, sends up to K messages (MAIL, RCPT, DATA, content) and
@@ -11,6 +12,14 @@ read) and DATA-to-250 (DATA command sent -> final reply to the content read),
 and errors by reply code. Every message is attempted once: a refused message is
 counted under its reply code (or "timeout", "closed", "connect-...") and not
 retried, so a run always ends after M attempts, or at --duration.
+
+With --starttls every connection says STARTTLS after EHLO, expects 220, does the
+TLS handshake, says EHLO again and only then sends its messages. Also printed
+then: completed handshakes per second and the handshake latency (STARTTLS sent
+-> handshake done). The client trusts only --tls-ca and checks the certificate
+against --tls-name (default --host); without --tls-ca it verifies nothing, as
+an MTA's opportunistic TLS does. A session is never resumed: every handshake is
+a full one.
 """
 
 from __future__ import annotations
@@ -21,11 +30,13 @@ import json
 import math
 import multiprocessing
 import os
+import ssl
 import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol
 
 import trio
 
@@ -57,6 +68,9 @@ class LoadConfig:
     timeout: float = 30.0
     duration: float = 0.0  # 0 = no limit; else stop starting messages after this many seconds
     procs: int = 1  # client processes sharing the sessions (Python needs more than one core)
+    starttls: bool = False  # STARTTLS after EHLO, then EHLO again and the transaction
+    tls_ca: str = ""  # PEM file of the only CA trusted; "" = no certificate verification
+    tls_name: str = ""  # server_hostname: SNI, and the name verified with tls_ca; "" = host
 
 
 @dataclass
@@ -82,6 +96,11 @@ class LoadResult:
     stopped_early: bool = False
     started_at: float = 0.0  # time.time() of the first connection (for end-to-end rates)
     extra: dict[str, object] = field(default_factory=dict)
+    starttls: bool = False
+    handshakes: int = 0  # completed TLS handshakes
+    handshakes_per_sec: float = 0.0
+    handshake_ms: dict[str, float] = field(default_factory=dict)  # STARTTLS sent -> done
+    tls: dict[str, int] = field(default_factory=dict)  # "version cipher": sessions
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -104,13 +123,53 @@ def make_body(size: int) -> bytes:
     return body if not body.startswith(b".") else b"x" + body[1:]
 
 
+class Socket(Protocol):
+    """The two socket calls Conn makes."""
+
+    async def send(self, data: memoryview) -> int: ...
+
+    async def recv(self, size: int) -> bytes: ...
+
+
+class TlsSocket:
+    """Socket's calls on a trio.SSLStream, so that Conn's code serves both paths unchanged."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        self.stream = stream
+
+    async def send(self, data: memoryview) -> int:
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError:
+            raise ReplyError("closed") from None
+        return len(data)
+
+    async def recv(self, size: int) -> bytes:
+        try:
+            return await self.stream.receive_some(size)
+        except trio.BrokenResourceError:  # reset, or closed without close_notify
+            return b""
+
+
+def client_context(ca_file: str = "") -> ssl.SSLContext:
+    """Trusting only ca_file, host name checked; without one, verifying nothing."""
+    if ca_file:
+        return ssl.create_default_context(cafile=ca_file)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class Conn:
     """A raw Trio socket with a reply reader: the hot path avoids stream-layer overhead so
     that one client process can drive a fast server (smtp-sink measures what is left)."""
 
     __slots__ = ("buf", "sock")
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: trio.socket.SocketType | Socket) -> None:
         self.sock = sock
         self.buf = bytearray()
 
@@ -167,6 +226,10 @@ class Load:
         )
         self.pid = os.getpid()
         self.wall_start = self.wall_end = 0.0
+        self.handshake: list[float] = []
+        self.tls: Counter[str] = Counter()
+        self.context = client_context(cfg.tls_ca) if cfg.starttls else None
+        self.server_name = cfg.tls_name or cfg.host
 
     def take(self) -> bool:
         """Claim one message from the shared budget (False when the run is over)."""
@@ -226,6 +289,14 @@ class Load:
         code, text = await reply()
         if code != 250:
             raise ReplyError(str(code))
+        if self.context is not None:
+            conn = await self.starttls(conn, text, scope)
+            send, reply = conn.send, conn.reply
+            scope.deadline = trio.current_time() + timeout
+            await send(self.ehlo)
+            code, text = await reply()
+            if code != 250:
+                raise ReplyError(str(code))
         upper = text.upper()
         pipelining = self.cfg.pipelining and b"PIPELINING" in upper
         mail = self.mail_size if b"SIZE" in upper else self.mail
@@ -278,6 +349,33 @@ class Load:
         await send(b"QUIT\r\n")
         await reply()
 
+    async def starttls(self, conn: Conn, ehlo: bytes, scope: trio.CancelScope) -> Conn:
+        """STARTTLS and the handshake on conn's socket: a Conn over the TLS stream."""
+        assert self.context is not None
+        if b"STARTTLS" not in ehlo.upper():
+            raise ReplyError("no-starttls")
+        scope.deadline = trio.current_time() + self.cfg.timeout
+        t0 = time.perf_counter()
+        await conn.send(b"STARTTLS\r\n")
+        code, _ = await conn.reply()
+        if code != 220:
+            raise ReplyError(f"starttls-{code}")
+        if conn.buf:  # nothing may come between the 220 and the handshake
+            raise ReplyError("garbled")
+        assert isinstance(conn.sock, trio.socket.SocketType)
+        stream = trio.SSLStream(trio.SocketStream(conn.sock), self.context,
+                                server_hostname=self.server_name)
+        scope.deadline = trio.current_time() + self.cfg.timeout
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            verify = isinstance(exc.__cause__, ssl.SSLCertVerificationError)
+            raise ReplyError("tls-verify" if verify else "tls-handshake") from None
+        self.handshake.append(time.perf_counter() - t0)
+        cipher = stream.cipher()
+        self.tls[f"{stream.version()} {cipher[0] if cipher else '?'}"] += 1
+        return Conn(TlsSocket(stream))
+
     async def run(self, start_at: float = 0.0) -> LoadResult:
         """Run the load; start_at (time.time()) lines up several client processes."""
         cfg = self.cfg
@@ -301,6 +399,10 @@ class Load:
             greeting_ms=percentiles(self.greeting), data_ms=percentiles(self.data),
             errors=dict(sorted(self.errors.items())), pipelined=self.pipelined,
             stopped_early=self.stopped_early, started_at=self.wall_start,
+            starttls=cfg.starttls, handshakes=len(self.handshake),
+            handshakes_per_sec=len(self.handshake) / elapsed if elapsed > 0 else 0.0,
+            handshake_ms=percentiles(self.handshake) if cfg.starttls else {},
+            tls=dict(sorted(self.tls.items())),
         )
 
 
@@ -314,11 +416,11 @@ def _split(total: int, parts: int, i: int) -> int:
 
 
 def _worker(cfg: LoadConfig, start_at: float) -> tuple[LoadResult, list[float], list[float],
-                                                       float, float]:
+                                                       float, float, list[float]]:
     raise_fd_limit()
     load = Load(cfg)
     result = trio.run(load.run, start_at)
-    return result, load.greeting, load.data, load.wall_start, load.wall_end
+    return result, load.greeting, load.data, load.wall_start, load.wall_end, load.handshake
 
 
 def run_procs(cfg: LoadConfig) -> LoadResult:
@@ -335,10 +437,13 @@ def run_procs(cfg: LoadConfig) -> LoadResult:
         parts = list(pool.map(_worker, subs, [start_at] * procs))
     greeting = [x for p in parts for x in p[1]]
     data = [x for p in parts for x in p[2]]
+    handshake = [x for p in parts for x in p[5]]
     elapsed = max(p[4] for p in parts) - min(p[3] for p in parts)
     errors: Counter[str] = Counter()
+    tls: Counter[str] = Counter()
     for p in parts:
         errors.update(p[0].errors)
+        tls.update(p[0].tls)
     sent = sum(p[0].sent for p in parts)
     attempted = sum(p[0].attempted for p in parts)
     return LoadResult(
@@ -351,6 +456,10 @@ def run_procs(cfg: LoadConfig) -> LoadResult:
         errors=dict(sorted(errors.items())), pipelined=any(p[0].pipelined for p in parts),
         stopped_early=any(p[0].stopped_early for p in parts),
         started_at=min(p[3] for p in parts), extra={"procs": procs},
+        starttls=cfg.starttls, handshakes=len(handshake),
+        handshakes_per_sec=len(handshake) / elapsed if elapsed > 0 else 0.0,
+        handshake_ms=percentiles(handshake) if cfg.starttls else {},
+        tls=dict(sorted(tls.items())),
     )
 
 
@@ -362,15 +471,20 @@ def format_result(r: LoadResult) -> str:
 
     errs = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "none"
     early = " (stopped at --duration)" if r.stopped_early else ""
-    return "\n".join([
+    lines = [
         f"{r.host}:{r.port}  sessions={r.sessions} size={r.size} per-connection="
-        f"{r.per_connection} pipelining={'on' if r.pipelined else 'off'}",
+        f"{r.per_connection} pipelining={'on' if r.pipelined else 'off'}"
+        + (" starttls" if r.starttls else ""),
         f"sent {r.sent}/{r.attempted} in {r.elapsed:.2f} s over {r.connections} connections"
         f"{early}: {r.msgs_per_sec:.1f} msg/s",
         f"connect-to-greeting  {lat(r.greeting_ms)}",
         f"DATA-to-250          {lat(r.data_ms)}",
-        f"errors               {errs}",
-    ])
+    ]
+    if r.starttls:
+        tls = ", ".join(f"{k} ({v})" for k, v in r.tls.items()) or "none"
+        lines += [f"STARTTLS-to-secure   {lat(r.handshake_ms)}",
+                  f"handshakes           {r.handshakes}: {r.handshakes_per_sec:.1f}/s; {tls}"]
+    return "\n".join([*lines, f"errors               {errs}"])
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
@@ -394,6 +508,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
                    help="stop starting messages after this many seconds (0: no limit)")
     p.add_argument("--procs", type=int, default=1,
                    help="client processes to spread the sessions over (default 1)")
+    p.add_argument("--starttls", action="store_true",
+                   help="STARTTLS after EHLO on every connection, then EHLO again")
+    p.add_argument("--tls-ca", default="", metavar="PEM",
+                   help="the only CA to trust (default: no certificate verification)")
+    p.add_argument("--tls-name", default="", metavar="NAME",
+                   help="the server name for SNI and verification (default: --host)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     a = p.parse_args(argv)
     for name in ("sessions", "messages", "size", "per_connection", "procs"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import sys
 from functools import partial
 from pathlib import Path
@@ -18,19 +19,26 @@ if str(ROOT) not in sys.path:
 from bench.pop_load import PopConfig, run_pop  # noqa: E402
 from bench.report import targets  # noqa: E402
 from bench.smtp_load import LoadConfig, make_body, percentiles, run_load  # noqa: E402
+from tests.tlshelp import make_certs  # noqa: E402
 
 
 class TinySmtp:
-    """Just enough SMTP (with PIPELINING) to count what the generator sends."""
+    """Just enough SMTP (with PIPELINING, and STARTTLS given a context) to count what the
+    generator sends."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.messages: list[bytes] = []
         self.connections = 0
+        self.tls = tls
+        self.transcripts: list[list[bytes]] = []  # each connection's commands ("TLS:" after)
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
         buf = bytearray()
         rcpt_ok = False
+        secure = False
+        said: list[bytes] = []
+        self.transcripts.append(said)
 
         async def line() -> bytes | None:
             while b"\r\n" not in buf:
@@ -45,9 +53,20 @@ class TinySmtp:
 
         await stream.send_all(b"220 tiny ESMTP\r\n")
         while (cmd := await line()) is not None:
+            said.append(b"TLS:" + cmd if secure else cmd)
             verb = cmd[:4].upper()
             if verb == b"EHLO":
-                await stream.send_all(b"250-tiny\r\n250-PIPELINING\r\n250 SIZE 1000000\r\n")
+                offer = b"250-STARTTLS\r\n" if self.tls is not None and not secure else b""
+                await stream.send_all(b"250-tiny\r\n" + offer
+                                      + b"250-PIPELINING\r\n250 SIZE 1000000\r\n")
+            elif cmd.upper() == b"STARTTLS" and self.tls is not None and not secure:
+                await stream.send_all(b"220 go ahead\r\n")
+                stream = trio.SSLStream(stream, self.tls, server_side=True)
+                try:
+                    await stream.do_handshake()
+                except trio.BrokenResourceError:
+                    return
+                secure = True
             elif verb == b"MAIL":
                 rcpt_ok = False
                 await stream.send_all(b"250 ok\r\n")
@@ -127,6 +146,53 @@ async def test_cli_json_line(nursery: trio.Nursery) -> None:
     for key in ("msgs_per_sec", "elapsed", "greeting_ms", "data_ms"):
         assert key in out
     assert len(server.messages) == 5
+
+
+async def test_starttls_every_connection(nursery: trio.Nursery, tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "good", "mx.tiny.test")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.cert, certs.key)
+    server = TinySmtp(context)
+    port = await start(nursery, server.handle)
+    cfg = LoadConfig(port=port, sessions=2, messages=5, size=500, starttls=True,
+                     tls_ca=str(certs.ca_file), tls_name="mx.tiny.test", timeout=10)
+    res = await run_load(cfg)
+    assert (res.sent, res.failed, res.connections, res.handshakes) == (5, 0, 5, 5)
+    assert res.errors == {} and res.starttls and res.handshake_ms["n"] == 5
+    assert res.handshakes_per_sec == 5 / res.elapsed
+    assert sum(res.tls.values()) == 5 and all(k.startswith("TLSv1.") for k in res.tls)
+    # The plaintext EHLO, STARTTLS, then everything else only over TLS.
+    assert server.transcripts[0] == [
+        b"EHLO load.test", b"STARTTLS", b"TLS:EHLO load.test",
+        b"TLS:MAIL FROM:<bench@load.test> SIZE=700", b"TLS:RCPT TO:<bench@example.test>",
+        b"TLS:DATA", b"TLS:QUIT"]
+    assert len(server.messages) == 5
+    assert all(m.split(b"\r\n\r\n", 1)[1] == make_body(500) for m in server.messages)
+    # A certificate from another CA (or for another name) is refused before anything is sent.
+    other = make_certs(tmp_path / "other", "mx.tiny.test")
+    for bad in ({"tls_ca": str(other.ca_file)}, {"tls_name": "elsewhere.test"}):
+        res = await run_load(LoadConfig(**{**vars(cfg), "messages": 2, **bad}))
+        assert (res.sent, res.handshakes, res.errors) == (0, 0, {"tls-verify": 2})
+    # Without a CA nothing is verified (an opportunistic client).
+    res = await run_load(LoadConfig(**{**vars(cfg), "messages": 2, "tls_ca": "",
+                                       "tls_name": "elsewhere.test"}))
+    assert (res.sent, res.handshakes, res.errors) == (2, 2, {})
+    # A server that does not offer STARTTLS: counted, nothing sent in the clear.
+    plain = TinySmtp()
+    plain_port = await start(nursery, plain.handle)
+    res = await run_load(LoadConfig(**{**vars(cfg), "port": plain_port, "messages": 2}))
+    assert (res.sent, res.errors) == (0, {"no-starttls": 2})
+    assert plain.messages == [] and all(b"MAIL" not in b" ".join(t) for t in plain.transcripts)
+    # The CLI, over two processes: their handshakes are merged.
+    before = len(server.messages)
+    proc = await trio.run_process(
+        [sys.executable, "-m", "bench.smtp_load", "--port", str(port), "--sessions", "2",
+         "--messages", "4", "--procs", "2", "--starttls", "--tls-ca", str(certs.ca_file),
+         "--tls-name", "mx.tiny.test", "--json"], capture_stdout=True, cwd=ROOT)
+    out = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert (out["sent"], out["handshakes"], out["errors"]) == (4, 4, {})
+    assert out["starttls"] and out["handshake_ms"]["n"] == 4 and sum(out["tls"].values()) == 4
+    assert len(server.messages) == before + 4
 
 
 async def test_pop_load_retrieves_every_message(nursery: trio.Nursery) -> None:
