@@ -105,7 +105,7 @@ def test_tls_files_are_checked_at_start(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate")
     path.write_text(BASE + f'[tls]\ncertificate = "{garbage}"\nkey = "{garbage}"\n')
-    with pytest.raises(ConfigError, match="tls.certificate: .*not a usable certificate"):
+    with pytest.raises(ConfigError, match=r"tls\.certificate: .*not a usable certificate"):
         load_config(path)
     path.write_text(BASE + '[listen]\nsmtps = "127.0.0.1:4650"\n')
     with pytest.raises(ConfigError, match=r"listen.smtps: .*needs \[tls\]"):
