@@ -9,8 +9,7 @@ p50/p99) and connections per second. Servers:
 
 - a direct Trio listener that writes a 220 itself (no pool: the floor of this machine, this
   client and Trio's accept path);
-- mailpool with the default pool (4 / 2 / 2 / 20, one session per job, max_use 200);
-- mailpool with sessions_per_job raised (the pool is never the bottleneck);
+- mailpool with the default pools (4 / 2 / 2 / 20 jobs of 512 sessions each);
 - Postfix's smtpd from a private instance (bench.servers.Postfix), where installed.
 
 The cost of one hand-off is the supervisor's side: the sequential p50 through mailpool minus
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import trio
 
+from bench.cpu import cpu_seconds, settle
 from bench.servers import (
     HOST,
     Mailpool,
@@ -43,7 +43,6 @@ from bench.servers import (
     Server,
     ServerError,
     free_port,
-    proc_tree,
     wait_banner,
 )
 
@@ -52,10 +51,6 @@ PHASE_LIMIT = 12.0  # seconds per measured phase at most
 # SessionEnded bookkeeping) finish so that it does not land on the next sample.
 PAIR_GAP = 0.003
 CONNECT_TIMEOUT = 10.0
-RAISED_POOL: dict[str, int | float | bool] = {
-    "initial_jobs": 2, "threshold": 1, "additional_jobs": 1, "maximum_jobs": 4,
-    "sessions_per_job": 256, "max_use": 10_000_000,
-}
 
 
 # --- the direct listener (run as its own process, like the servers it is compared with) --------
@@ -198,34 +193,6 @@ async def run_pairs(direct_port: int, port: int, pairs: int
     return direct, pooled, diffs
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (not its children) from /proc."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu(roots: list[int]) -> float:
-    total = 0.0
-    for pid in proc_tree(roots):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            total += cpu_seconds(pid)
-    return total
-
-
-def settle(server: Server, timeout: float = 8.0) -> None:
-    """Until the server's processes are quiet (under 5% of a CPU over 0.3 s): jobs (or smtpd
-    processes) started by the warm-up have finished starting and do not skew the timings."""
-    deadline = time.monotonic() + timeout
-    last = tree_cpu(server.root_pids())
-    while time.monotonic() < deadline:
-        time.sleep(0.3)
-        now = tree_cpu(server.root_pids())
-        if now - last < 0.015:
-            return
-        last = now
-
-
 @dataclass
 class Measured:
     label: str
@@ -340,9 +307,6 @@ def main() -> None:
         with contextlib.suppress(KeyboardInterrupt):
             trio.run(serve_direct, args.serve_direct)
         return
-    if args.concurrency > 20:
-        print("note: the default pool holds at most 20 sessions; more wait in the supervisor",
-              file=sys.stderr)
     started = time.monotonic()
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
@@ -354,8 +318,7 @@ def main() -> None:
         direct = Direct("direct trio 220 (no pool)", work)
         results = [measure_direct(direct, args)]
         plan: list[tuple[Server, bool]] = [
-            (Mailpool("mailpool default pool", work), True),
-            (Mailpool("mailpool sessions_per_job=256", work, pool=RAISED_POOL), True),
+            (Mailpool("mailpool default pools", work), True),
         ]
         if not args.no_postfix:
             plan.append((Postfix("postfix smtpd", work), False))

@@ -16,8 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HOST = "127.0.0.1"
 DOMAIN = "bench.test"
@@ -104,29 +106,44 @@ def proc_cmdline(pid: int) -> list[str] | None:
     return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
 
 
-def memory_kb(roots: list[int]) -> dict[str, int]:
-    """VmRSS and Pss summed over the process tree, in KiB, with the process count.
+def memory_kb(roots: list[int], classify: Callable[[int, list[str]], str] | None = None,
+              ) -> dict[str, Any]:
+    """VmRSS and Pss summed over the process tree, in KiB, with the process count; with
+    classify, the same per process kind under "by_kind".
 
-    RSS counts pages shared between forked processes once per process; PSS
-    splits them, so the two bound the real cost of a multi-process server.
+    RSS counts pages shared between processes once per process; PSS splits them, so the
+    two bound the real cost of a multi-process server.
     """
     rss = pss = 0
     pids = proc_tree(roots)
+    by_kind: dict[str, dict[str, int]] = {}
     for pid in pids:
         try:
+            p_rss = p_pss = 0
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
-                        rss += int(line.split()[1])
+                        p_rss = int(line.split()[1])
                         break
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
                     if line.startswith("Pss:"):
-                        pss += int(line.split()[1])
+                        p_pss = int(line.split()[1])
                         break
         except (OSError, ValueError):
             continue
-    return {"rss_kb": rss, "pss_kb": pss, "processes": len(pids)}
+        rss += p_rss
+        pss += p_pss
+        if classify is not None:
+            kind = classify(pid, proc_cmdline(pid) or [])
+            k = by_kind.setdefault(kind, {"rss_kb": 0, "pss_kb": 0, "processes": 0})
+            k["rss_kb"] += p_rss
+            k["pss_kb"] += p_pss
+            k["processes"] += 1
+    out: dict[str, Any] = {"rss_kb": rss, "pss_kb": pss, "processes": len(pids)}
+    if classify is not None:
+        out["by_kind"] = dict(sorted(by_kind.items()))
+    return out
 
 
 def count_maildir(root: Path) -> int:
@@ -199,8 +216,9 @@ class Server:
     def root_pids(self) -> list[int]:
         return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
 
-    def memory(self) -> dict[str, int]:
-        return memory_kb(self.root_pids())
+    def memory(self, classify: Callable[[int, list[str]], str] | None = None,
+               ) -> dict[str, Any]:
+        return memory_kb(self.root_pids(), classify)
 
     def delivered(self) -> int | None:
         return None

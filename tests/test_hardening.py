@@ -463,7 +463,8 @@ def test_filters_keep_discard_release_and_delete(host: Any) -> None:
 
 def test_connections_waiting_for_a_job_are_bounded(host: Any) -> None:
     h = host("[pool.smtp-server]\ninitial_jobs = 1\nthreshold = 0\nadditional_jobs = 1\n"
-             "maximum_jobs = 1\nwait = true\nwait_timeout = 30.0\nmax_waiting = 2\n",
+             "maximum_jobs = 1\nwait = true\nwait_timeout = 30.0\nmax_waiting = 2\n"
+             "sessions_per_job = 1\n",
              wait_jobs={"smtp-server": 1, "framework": 1})
     busy = _connect(h)
     assert _read_reply(busy).startswith(b"220")  # the only job is taken

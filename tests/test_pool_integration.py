@@ -31,7 +31,8 @@ from mailpool.supervisor.control import ControlUnavailable, request
 SMTP = "smtp-server"
 BUSY = "421 4.3.2"
 # The numbers: 4 / 2 / 2 / 20.
-SOURCE_DEFAULTS = {"initial_jobs": 4, "threshold": 2, "additional_jobs": 2, "maximum_jobs": 20}
+SOURCE_DEFAULTS = {"initial_jobs": 4, "threshold": 2, "additional_jobs": 2, "maximum_jobs": 20,
+                   "sessions_per_job": 1}  # the source: one session per job
 # jobs.current after k open sessions (k = 0 .. 20) under those rules, one session per job:
 # jobs are added two at a time whenever fewer than 2 are left with a free slot.
 GROWTH = [4, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14, 16, 16, 18, 18, 20, 20, 20, 20]
@@ -67,6 +68,10 @@ def build_config(pools: dict[str, dict[str, Any]]) -> str:
     tables: dict[str, dict[str, Any]] = dict(base)
     merged = {"pop-server": {"initial_jobs": 1, "threshold": 0}, **pools}
     for name, table in merged.items():
+        # These tests watch the rules job by job: one session per job, as in the source,
+        # unless a test says otherwise.
+        if name in (SMTP, "pop-server"):
+            table = {"sessions_per_job": 1, **table}
         tables[f"pool.{name}"] = table
     return _dump_toml(tables)
 

@@ -525,7 +525,9 @@ def test_stats_json_shape() -> None:
     pool = started(clock)
     stats = json.loads(json.dumps(pool.stats()))
     assert set(stats) == {"parameters", "jobs", "in_use", "waiting", "accepted", "rejected",
-                          "ready", "available"}
+                          "ready", "available", "sessions"}
+    assert stats["sessions"] == {"capacity": 4 * stats["parameters"]["sessions_per_job"],
+                                 "in_use": 0}
     assert set(stats["parameters"]) == set(PoolParams.__struct_fields__)
     assert stats["parameters"]["maximum_jobs"] == 20
     for key in ("jobs", "in_use"):

@@ -29,7 +29,7 @@ def spool(tmp_path: Path) -> Spool:
 
 
 def test_layout(spool: Spool) -> None:
-    for d in ("tmp", "progress", *Spool.QUEUES):
+    for d in ("tmp", "state", *Spool.QUEUES):
         assert (spool.root / d).is_dir()
 
 
@@ -142,58 +142,25 @@ def test_move(spool: Spool) -> None:
     assert spool.find(spool.new_queue_id()) is None
 
 
-def test_remove_and_progress(spool: Spool) -> None:
+def test_remove(spool: Spool) -> None:
     env = make_env(spool)
     spool.store("incoming", env, b"data")
-    assert spool.delivered(env.queue_id) == set()
-    spool.mark_delivered(env.queue_id, 1)
-    spool.mark_delivered(env.queue_id, 0)
-    spool.mark_delivered(env.queue_id, 1)
-    assert spool.delivered(env.queue_id) == {0, 1}
     spool.remove("incoming", env.queue_id)
     assert spool.list("incoming") == []
-    assert not (spool.progress / env.queue_id).exists()
-    assert spool.delivered(env.queue_id) == set()
     spool.remove("incoming", env.queue_id)  # idempotent
 
 
-def test_remove_takes_only_its_queues_side_file(spool: Spool) -> None:
+def test_remove_takes_only_its_queues_state(spool: Spool) -> None:
     # A forwarded message keeps its queue id on the outbound queue, with the client's state.
     env = make_env(spool)
     spool.store("incoming", env, b"data")
     spool.store("outbound", env, b"data")
-    spool.mark_delivered(env.queue_id, 0)
     (spool.state / env.queue_id).write_bytes(b"state")
     spool.remove("incoming", env.queue_id)
     assert (spool.state / env.queue_id).exists()
-    assert not (spool.progress / env.queue_id).exists()
     spool.remove("outbound", env.queue_id)
     assert not (spool.state / env.queue_id).exists()
 
-
-def test_progress_survives_reopen(tmp_path: Path) -> None:
-    s1 = Spool(tmp_path / "spool")
-    env = make_env(s1, recipients=[f"r{i}@example.net" for i in range(5)])
-    s1.store("outbound", env, b"data")
-    s1.mark_delivered(env.queue_id, 3)
-    s1.mark_delivered(env.queue_id, 4)
-    s2 = Spool(tmp_path / "spool")
-    assert s2.delivered(env.queue_id) == {3, 4}
-    assert s2.load("outbound", env.queue_id) == (env, b"data")
-
-
-def test_progress_torn_record(spool: Spool) -> None:
-    qid = spool.new_queue_id()
-    spool.mark_delivered(qid, 7)
-    with open(spool.progress / qid, "ab") as f:
-        f.write(b"\x00\x00\x00")  # a crash in the middle of writing a record
-    assert spool.delivered(qid) == {7}
-    spool.mark_delivered(qid, 9)
-    assert spool.delivered(qid) == {7, 9}
-    # garbage that is a whole record long is ignored too
-    with open(spool.progress / qid, "ab") as f:
-        f.write(b"\x00\x00\x00\x05garbage!"[:8])
-    assert spool.delivered(qid) == {7, 9}
 
 
 def damage(path: Path, how: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import time
 from datetime import UTC, datetime
 
 _MSGID_HEADER = re.compile(rb"^message-id[ \t]*:(.*(?:\r?\n[ \t].*)*)",
@@ -49,8 +50,21 @@ def received_header(*, helo: str, peer_ip: str, hostname: str, queue_id: str,
         lines.append(f"\tfor <{recipients[0]}>;")
     else:
         lines[-1] += ";"
-    lines.append("\t" + email.utils.format_datetime(datetime.now(UTC)))
+    lines.append("\t" + _date_now())
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date_now() -> str:
+    """RFC 5322 date of this second (formatted once a second: every message has one)."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        stamp = datetime.fromtimestamp(second, UTC)
+        _date_cache = (second, email.utils.format_datetime(stamp))
+    return _date_cache[1]
 
 
 def message_id_header(queue_id: str, hostname: str) -> tuple[str, bytes]:

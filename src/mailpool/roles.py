@@ -29,12 +29,15 @@ SMTP_BUSY: Final = b"421 4.3.2 Service not available, closing transmission chann
 POP_BUSY: Final = b"-ERR [SYS/TEMP] service not available, try again later\r\n"
 
 ROLES: Final[tuple[Role, ...]] = (
+    # The source's CHGPJE values for QTMSSRCP (4 / 2 / 2 / 20), each job serving up to 512
+    # sessions on its Trio loop: 2,048 at start, 10,240 at the maximum.
     Role("smtp-server", "mailpool.jobs.smtp_session:run",
-         listeners=("smtp", "submission", "smtps"), busy_reply=SMTP_BUSY),
+         listeners=("smtp", "submission", "smtps"), busy_reply=SMTP_BUSY,
+         pool_defaults={"sessions_per_job": 512}),
     Role("pop-server", "mailpool.jobs.pop_session:run", listeners=("pop3", "pop3s"),
          busy_reply=POP_BUSY,
          pool_defaults={"initial_jobs": 2, "threshold": 1, "additional_jobs": 1,
-                        "maximum_jobs": 10}),
+                        "maximum_jobs": 10, "sessions_per_job": 128}),
     Role("framework", "mailpool.jobs.framework:run", queue="incoming",
          pool_defaults={"initial_jobs": 1, "threshold": 0, "additional_jobs": 1,
                         "maximum_jobs": 4, "sessions_per_job": 8, "max_use": 100000}),

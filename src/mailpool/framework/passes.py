@@ -8,8 +8,13 @@ complete): everything the pass writes (Maildir copies, the outbound queue file, 
 made durable together, and only then is the message taken off the incoming queue.
 
 A pass run again after a crash delivers nothing twice: Maildir names and notice ids derive
-from the queue id, per-recipient progress marks say which copies exist, and an outbound queue
-file already written (possibly already being delivered) is left alone.
+from the queue id and recipient index, so a copy that exists (in new/ or cur/) is found and
+not written again, and an outbound queue file already written (possibly already being
+delivered) is left alone. No separate progress record is kept: the Maildir name is the
+record. (A copy a POP client fetched and deleted before the queue file's removal was durable
+cannot be found; that needs a crash in the milliseconds between the copy's group commit and
+the next one, and the delete's own fsync commits the earlier removal first on ext4 and XFS,
+whose journals commit in order.)
 """
 
 from __future__ import annotations
@@ -119,7 +124,6 @@ class Framework:
             if match is not None:
                 self._filter(fp, match)
                 return fp
-        done = self.spool.delivered(queue_id)
         failed: list[int] = []
         confirm: list[int] = []
         for index, rcpt in enumerate(envelope.recipients):
@@ -133,9 +137,7 @@ class Framework:
                 fp.outcome.append((rcpt, tag, None))
                 continue
             box = self.mailbox_root / user
-            if index not in done:
-                self._write_copy(box, queue_id, index, envelope, content, again)
-                self.spool.mark_delivered(queue_id, index, sync=False)
+            self._write_copy(box, queue_id, index, envelope, content, again)
             fp.outcome.append((rcpt, tag, box))
             if _wants(envelope.rcpt_notify(index), "SUCCESS"):
                 confirm.append(index)

@@ -6,8 +6,6 @@ start. Layout under the root:
 
     tmp/                 files being written: <queue_id>.<writer pid>.<random>
     <queue>/<queue_id>   one file per message, for each name in Spool.QUEUES
-    progress/<queue_id>  per-recipient delivery marks, so a retry after a crash skips
-                         recipients already served
     state/<queue_id>     outbound delivery state (attempts, next attempt, each recipient's
                          outcome): mailpool.outbound.state
 
@@ -40,9 +38,6 @@ from mailpool.fsutil import fsync_dir, write_file_durably
 MAGIC = b"MPSP"
 VERSION = 1
 _HEADER = struct.Struct(">4sBBHIIQI")
-# A progress record: recipient index and a check word, so a torn or stray record is ignored.
-_MARK = struct.Struct(">II")
-_MARK_SALT = b"MPDR"
 
 _QUEUE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _B32 = "0123456789abcdefghijklmnopqrstuv"  # base32hex: keeps numeric order as string order
@@ -131,10 +126,9 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
-        self.progress = self.root / "progress"
         self.state = self.root / "state"
         created = False
-        for d in (self.root, self.tmp, self.progress, self.state,
+        for d in (self.root, self.tmp, self.state,
                   *(self.root / q for q in self.QUEUES)):
             if not d.is_dir():
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -259,61 +253,21 @@ class Spool:
             fsync_dir(a.parent)
 
     def remove(self, queue: str, queue_id: str, *, sync: bool = True) -> None:
-        """Delete a message and its side file (progress marks or outbound state). Idempotent."""
+        """Delete a message (and, off an outbound queue, its delivery state). Idempotent."""
         path = self.path(queue, queue_id)
-        # The message goes first: a crash in between leaves only an orphan progress file
-        # (harmless, ids are never reused); the other order could lose the marks of a
-        # message still queued and deliver some recipients twice.
+        # The message goes first: a crash in between leaves only an orphan state file
+        # (harmless, ids are never reused).
         path.unlink(missing_ok=True)
         if sync:
             fsync_dir(path.parent)
-        # The side file belongs to this queue's use of the id: the framework's progress marks
-        # for the incoming queue, the client's delivery state for the others. A message
-        # forwarded keeps its queue id on the outbound queue: taking it off the incoming
-        # queue must not touch the client's state.
-        side = (self.progress if queue == "incoming" else self.state) / queue_id
-        if side.exists():
-            side.unlink(missing_ok=True)
-            if sync:
-                fsync_dir(side.parent)
-
-    # -- per-recipient progress ------------------------------------------------------------
-
-    def mark_delivered(self, queue_id: str, recipient_index: int, *, sync: bool = True) -> None:
-        """Record durably that recipient `recipient_index` of `queue_id` has been served."""
-        _check_queue_id(queue_id)
-        if not 0 <= recipient_index < 2**32:
-            raise ValueError(f"recipient index out of range: {recipient_index}")
-        path = self.progress / queue_id
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            size = os.fstat(fd).st_size
-            # A crash mid-write can leave a partial record at the end: overwrite it so
-            # later records stay aligned.
-            offset = size - size % _MARK.size
-            rec = _MARK.pack(recipient_index, _mark_check(recipient_index))
-            if os.pwrite(fd, rec, offset) != len(rec):
-                raise OSError(f"{path}: short write")
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        if sync and size == 0:
-            fsync_dir(self.progress)  # the file itself is new
-
-    def delivered(self, queue_id: str) -> set[int]:
-        """Recipient indexes marked delivered for `queue_id`."""
-        _check_queue_id(queue_id)
-        try:
-            data = (self.progress / queue_id).read_bytes()
-        except FileNotFoundError:
-            return set()
-        done = set()
-        for off in range(0, len(data) - _MARK.size + 1, _MARK.size):
-            index, check = _MARK.unpack_from(data, off)
-            if check == _mark_check(index):
-                done.add(index)
-        return done
+        # A forwarded message keeps its queue id on the outbound queue: taking it off the
+        # incoming queue must not touch the client's state.
+        if queue != "incoming":
+            state = self.state / queue_id
+            if state.exists():
+                state.unlink(missing_ok=True)
+                if sync:
+                    fsync_dir(self.state)
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -342,10 +296,6 @@ class Spool:
         if removed:
             fsync_dir(self.tmp)
         return removed
-
-
-def _mark_check(index: int) -> int:
-    return zlib.crc32(_MARK_SALT + index.to_bytes(4, "big"))
 
 
 def _alive(pid: int) -> bool:

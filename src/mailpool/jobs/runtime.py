@@ -37,7 +37,6 @@ from mailpool.supervisor.channel import (
     Ready,
     SendEtrn,
     SessionEnded,
-    SessionStarted,
     Synced,
     SyncRequest,
     Work,
@@ -181,7 +180,8 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
         stream = trio.SocketStream(sock)
         ctx.active += 1
         try:
-            await channel.send(SessionStarted(conn_id=msg.conn_id, free_slots=ctx.free_slots()))
+            # No "session started" message: the slot was booked at hand-off (one control
+            # message fewer per connection).
             assert session is not None
             await session(ctx, stream, msg)
         except Exception as exc:  # one broken session must not end the job's other sessions

@@ -210,6 +210,7 @@ class SmtpServerRole:
         await self.opening(ctx, stream, conn, peer_ip)
         auth_failures = 0
         login_failures = assign.auth_failures
+        quit_seen = False
         # RCPT address as given -> the address to deliver to, where the relay rules
         # rewrote it or let it go out (for this transaction).
         rewritten: dict[str, str] = {}
@@ -224,10 +225,11 @@ class SmtpServerRole:
             return await send_within(stream, conn.data_to_send(), cfg.command_timeout)
 
         async def close() -> None:
-            """The last reply out, then a short lingering close: input the client already
-            sent is read and dropped, so the kernel does not answer it with a reset that
-            could destroy that last reply before the client reads it."""
-            if await flush():
+            """The last reply out, then (unless the client said QUIT: it sent nothing after
+            it) a short lingering close: input the client already sent is read and dropped,
+            so the kernel does not answer it with a reset that could destroy that last reply
+            before the client reads it."""
+            if await flush() and not quit_seen:
                 with trio.move_on_after(LINGER):
                     try:
                         if isinstance(stream, trio.abc.HalfCloseableStream):
@@ -346,6 +348,8 @@ class SmtpServerRole:
                 elif isinstance(event, core.AuthAborted):
                     await ctx.journal("9F", ip=peer_ip,
                                       detail=f"{event.mechanism}: {event.reason}")
+                elif isinstance(event, core.Quit):
+                    quit_seen = True  # answered by the core; the close follows
                 elif isinstance(event, core.ConnectionClosed):
                     await close()
                     return

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 WINDOW = 60.0
+KEY_CACHE = 4096
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -28,9 +29,20 @@ class ClientLimits:
         self._clock = clock
         self._open: dict[str, int] = {}
         self._recent: dict[str, deque[float]] = {}
+        self._keys: dict[str, str | None] = {}  # parsed addresses (bounded): per connection
 
     def _key(self, ip: str) -> str | None:
         """The client's address as counted (IPv4-mapped IPv6 as IPv4), or None: exempt."""
+        try:
+            return self._keys[ip]
+        except KeyError:
+            pass
+        if len(self._keys) >= KEY_CACHE:
+            self._keys.clear()
+        key = self._keys[ip] = self._parse(ip)
+        return key
+
+    def _parse(self, ip: str) -> str | None:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:

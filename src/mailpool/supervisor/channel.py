@@ -89,11 +89,6 @@ class Heartbeat(Msg):
     pass
 
 
-class SessionStarted(Msg):
-    conn_id: int
-    free_slots: int
-
-
 class SessionEnded(Msg):
     conn_id: int
     free_slots: int = 0
@@ -162,7 +157,7 @@ class AuthCount(Msg):
 
 
 ToJob = Assign | Work | Deliver | SendEtrn | Drain | Synced | AuthCount | Flushed
-ToSupervisor = (Ready | Heartbeat | SessionStarted | SessionEnded | WorkDone | Delivered
+ToSupervisor = (Ready | Heartbeat | SessionEnded | WorkDone | Delivered
                 | Journal | SyncRequest | AuthFailed | Flush)
 
 _encoder = msgspec.msgpack.Encoder()

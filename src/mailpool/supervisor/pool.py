@@ -513,4 +513,11 @@ class PoolEntry:
             # Beyond the source's display: jobs that said Ready, and jobs free to take work.
             "ready": sum(1 for j in self._jobs.values() if j.state is JobState.READY),
             "available": self.available(),
+            # Sessions (or deliveries) the ready jobs can take at once, and those taken.
+            "sessions": {
+                "capacity": sum(min(self.params.sessions_per_job,
+                                    self.params.max_use - j.served)
+                                for j in self._jobs.values() if j.state is JobState.READY),
+                "in_use": sum(j.active for j in self._jobs.values()),
+            },
         }

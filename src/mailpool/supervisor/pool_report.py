@@ -24,6 +24,8 @@ def format_pool_text(entries: dict[str, dict[str, Any]]) -> str:
             f"{waiting['average']:>10.2f}{waiting['peak']:>8}   (waiting)",
             f"  Average wait time {waiting['average_wait_s']:.3f} s   "
             f"accepted {st['accepted']}   rejected {st['rejected']}",
+            f"  Sessions: {st['sessions']['in_use']} taken of {st['sessions']['capacity']} "
+            "the ready jobs can take",
             "",
         ]
     return "\n".join(lines)

@@ -56,7 +56,6 @@ from mailpool.supervisor.channel import (
     Ready,
     SendEtrn,
     SessionEnded,
-    SessionStarted,
     SyncRequest,
     WorkDone,
 )
@@ -318,8 +317,6 @@ class Supervisor:
             self.write_entries(job, msg.entries)
         elif isinstance(msg, Heartbeat):
             entry.rules.heartbeat(job.id)
-        elif isinstance(msg, SessionStarted):
-            pass  # the slot was booked at hand-off; the job's own count is informational
         elif isinstance(msg, SessionEnded):
             self.handoff.session_ended(job, msg.conn_id)
         elif isinstance(msg, WorkDone):
