@@ -1,15 +1,30 @@
-"""The driver's printed report (one table, ratios against mailpool, targets) and its chart."""
+"""The driver's report: tables, issue 11's targets with MET or MISSED, a README block, a chart.
+
+Everything here is pure over the rows bench.run recorded (dicts, as in the JSON lines),
+except chart(), which writes a PNG. Each table is built once as cells and rendered either
+as aligned text (the terminal) or as Markdown (the README block).
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 TARGET_LABEL = "20s 1KB k=1"
-BASE = "mailpool"  # the configuration ratios are taken against
+MANY_LABEL = "20s 1KB k=100"
+HEADLINE = "smtp-source"  # the C client: the targets' figures
+SECOND = "smtp_load"  # the Trio generator: the second row, and the latencies
+PEER = "postfix"  # ratios are taken against it
+IDLE_GOAL = 10_000
+IDLE_KB = 10.0
+GREETING_IDLE = 1000
+GREETING_MS = 100.0
+CPU_GOAL_US = 2000.0
+KIND_ORDER = ("supervisor", "smtp-server", "framework", "smtp-client", "pop-server")
 
 
 def _f(value: float | None, fmt: str = "{:.0f}") -> str:
@@ -20,111 +35,188 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max([len(h), *(len(r[i]) for r in rows if r)]) for i, h in enumerate(headers)]
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]  # an empty row is a blank line in text, skipped in Markdown
+    right: set[int]  # right-aligned columns (numbers)
 
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i])
-                         for i, c in enumerate(cells)).rstrip()
+    def text(self) -> list[str]:
+        cells = [r for r in self.rows if r]
+        widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in
+                  enumerate(self.headers)]
 
-    out = [fmt(headers), fmt(["-" * w for w in widths])]
-    out += [fmt(r) if r else "" for r in rows]
-    return out
+        def fmt(row: list[str]) -> str:
+            return "  ".join(c.rjust(widths[i]) if i in self.right else c.ljust(widths[i])
+                             for i, c in enumerate(row)).rstrip()
+
+        return [fmt(self.headers), fmt(["-" * w for w in widths]),
+                *(fmt(r) if r else "" for r in self.rows)]
+
+    def markdown(self) -> list[str]:
+        align = ["---:" if i in self.right else "---" for i in range(len(self.headers))]
+        return ["| " + " | ".join(self.headers) + " |", "| " + " | ".join(align) + " |",
+                *("| " + " | ".join(c.replace("|", "/") for c in r) + " |"
+                  for r in self.rows if r)]
+
+
+# --- finding rows -------------------------------------------------------------------------
 
 
 def smtp_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("kind") == "smtp" and "error" not in r["result"]]
 
 
-def _find(rows: list[dict[str, Any]], server: str, label: str, client: str = "smtp_load",
-          ) -> dict[str, Any] | None:
+def find(rows: list[dict[str, Any]], server: str, label: str, client: str = SECOND,
+         ) -> dict[str, Any] | None:
     for r in smtp_rows(rows):
         if r["server"] == server and r["label"] == label and r["client"] == client:
             return r
     return None
 
 
-def smtp_table(rows: list[dict[str, Any]]) -> list[str]:
-    smtp = [r for r in rows if r.get("kind") == "smtp" and not r["server"].startswith(
-        "mailpool journal")]
-    labels: list[str] = []
-    for r in smtp:
-        if r["label"] not in labels:
-            labels.append(r["label"])
+def first(rows: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r.get("kind") == kind), None)
+
+
+def _order(values: list[str]) -> list[str]:
+    """Unique, in order of first appearance."""
+    return list(dict.fromkeys(values))
+
+
+def _kinds(by_kind: list[dict[str, float]]) -> list[str]:
+    """Process kinds in report order: mailpool's roles first, then the rest by name."""
+    seen = {k for d in by_kind for k in d}
+    return [k for k in KIND_ORDER if k in seen] + sorted(seen - set(KIND_ORDER))
+
+
+# --- tables -------------------------------------------------------------------------------
+
+
+def smtp_table(rows: list[dict[str, Any]]) -> Table:
+    """Per workload and server: smtp-source (the headline) first, then the generator."""
+    smtp = [r for r in rows if r.get("kind") == "smtp"]
     body: list[list[str]] = []
-    for label in labels:
+    for label in _order([r["label"] for r in smtp]):
         if body:
             body.append([])
-        base = _find(rows, BASE, label)
-        base_acc = base["result"]["msgs_per_sec"] if base else None
-        base_del = base.get("delivered_per_sec") if base else None
-        for r in (x for x in smtp if x["label"] == label):
-            res = r["result"]
-            if "error" in res:
-                body.append([label, r["server"], r["client"], "-", "-", "-", "-", "-", "-", "-",
-                             "-", "-", "ERROR: " + res["error"][:60]])
-                continue
-            g, d = res.get("greeting_ms", {}), res.get("data_ms", {})
-            errs = ", ".join(f"{k}:{v}" for k, v in res.get("errors", {}).items())
-            acc, dlv = res["msgs_per_sec"], r.get("delivered_per_sec")
-            if "delivered" in r and dlv is None:
-                dlv_text = f"{r['delivered']}/{res['sent']}!"
-            else:
-                dlv_text = _f(dlv)
-            body.append([
-                label, r["server"], r["client"], str(res["sent"]), _f(acc),
-                _f(_ratio(acc, base_acc), "{:.2f}"), dlv_text,
-                _f(_ratio(dlv, base_del), "{:.2f}"),
-                _f(g.get("p50"), "{:.1f}"), _f(g.get("p99"), "{:.1f}"),
-                _f(d.get("p50"), "{:.1f}"), _f(d.get("p99"), "{:.1f}"), errs,
-            ])
-    headers = ["workload", "server", "client", "sent", "accepted/s", "x mp", "delivered/s",
-               "x mp", "greet p50", "greet p99", "DATA p50", "DATA p99", "errors"]
-    return _table(headers, body, right=set(range(3, 12)))
+        for server in _order([r["server"] for r in smtp if r["label"] == label]):
+            for client in (HEADLINE, SECOND):
+                for r in (x for x in smtp if x["label"] == label and x["server"] == server
+                          and x["client"] == client):
+                    body.append(smtp_cells(r, find(rows, PEER, label, client)))
+    headers = ["workload", "server", "client", "sent", "accepted/s", "x pf", "delivered/s",
+               "x pf", "greet p50", "greet p99", "DATA p50", "DATA p99", "CPU us/msg",
+               "client CPU", "errors"]
+    return Table(headers, body, right=set(range(3, 14)))
 
 
-def idle_table(rows: list[dict[str, Any]]) -> list[str]:
+def smtp_cells(r: dict[str, Any], peer: dict[str, Any] | None) -> list[str]:
+    res = r["result"]
+    if "error" in res:
+        return [r["label"], r["server"], r["client"], *["-"] * 11, "ERROR: " + res["error"][:70]]
+    g, d = res.get("greeting_ms", {}), res.get("data_ms", {})
+    acc, dlv = res["msgs_per_sec"], r.get("delivered_per_sec")
+    dlv_text = f"{r['delivered']}/{res['sent']}!" if "delivered" in r and dlv is None \
+        else _f(dlv)
+    peer_acc = peer["result"]["msgs_per_sec"] if peer else None
+    peer_dlv = peer.get("delivered_per_sec") if peer else None
+    share = r.get("client_cpu_share")
+    return [r["label"], r["server"], r["client"], str(res["sent"]), _f(acc),
+            _f(_ratio(acc, peer_acc), "{:.2f}"), dlv_text, _f(_ratio(dlv, peer_dlv), "{:.2f}"),
+            _f(g.get("p50"), "{:.1f}"), _f(g.get("p99"), "{:.1f}"),
+            _f(d.get("p50"), "{:.1f}"), _f(d.get("p99"), "{:.1f}"),
+            _f(r.get("cpu_us_per_msg")), _f(share * 100 if share is not None else None,
+                                            "{:.0f}%"),
+            ", ".join(f"{k}:{v}" for k, v in res.get("errors", {}).items())]
+
+
+def cpu_table(rows: list[dict[str, Any]], server: str = "mailpool") -> Table | None:
+    """mailpool's CPU per message by process kind, per workload and client."""
+    mine = [r for r in smtp_rows(rows) if r["server"] == server and r.get("cpu_us_per_msg")]
+    if not mine:
+        return None
+    kinds = _kinds([r["cpu_us_per_msg_by_kind"] for r in mine])
+    body = []
+    for r in sorted(mine, key=lambda r: (_order([x["label"] for x in mine]).index(r["label"]),
+                                         r["client"] != HEADLINE)):
+        new = r.get("started_by_kind") or {}
+        by = r["cpu_us_per_msg_by_kind"]
+        body.append([r["label"], r["client"], _f(r["cpu_us_per_msg"]),
+                     *(_f(by.get(k)) + (f" ({new[k]} new)" if new.get(k) else "")
+                       for k in kinds)])
+    return Table(["workload", "client", "total", *kinds], body, right=set(range(2, 3 + len(kinds))))
+
+
+def idle_table(rows: list[dict[str, Any]]) -> Table | None:
     body = []
     for r in (x for x in rows if x.get("kind") == "idle"):
         b, a = r["before"], r["after"]
-        warm = r.get("warm") or {}
+        new = ", ".join(f"{n} {k}" for k, n in r.get("new_processes", {}).items()) or "none"
         body.append([r["server"], f"{r['held']}/{r['bound']}", f"{r['ramp_seconds']:.1f}",
-                     f"{b['rss_kb'] / 1024:.1f} -> {a['rss_kb'] / 1024:.1f}",
+                     f"{b['rss_kb'] / 1024:.0f} -> {a['rss_kb'] / 1024:.0f}",
+                     f"{b['pss_kb'] / 1024:.0f} -> {a['pss_kb'] / 1024:.0f}",
                      _f(r.get("rss_kb_per_session"), "{:.1f}"),
                      _f(r.get("pss_kb_per_session"), "{:.1f}"),
-                     f"{b['processes']} -> {a['processes']}",
-                     f"{warm['held']}/{warm['bound']}" if warm else "-",
-                     _f(warm.get("rss_kb_per_session"), "{:.1f}"),
-                     _f(warm.get("pss_kb_per_session"), "{:.1f}")])
+                     _f(r.get("pss_kb_per_session_sessions_only"), "{:.1f}"),
+                     f"{b['processes']} -> {a['processes']}", new])
     if not body:
-        return []
-    return _table(["server", "held", "ramp s", "RSS MiB before -> after", "KiB/sess RSS",
-                   "KiB/sess PSS", "processes", "warm held", "warm RSS", "warm PSS"], body,
-                  right={1, 2, 4, 5, 7, 8, 9})
+        return None
+    return Table(["server", "held", "ramp s", "RSS MiB", "PSS MiB", "KiB/sess RSS",
+                  "KiB/sess PSS", "KiB/sess PSS, sessions alone", "processes", "started"],
+                 body, right={1, 2, 5, 6, 7})
 
 
-def pop_table(rows: list[dict[str, Any]]) -> list[str]:
+def greeting_table(rows: list[dict[str, Any]]) -> Table | None:
+    g = first(rows, "greeting-delay")
+    if g is None:
+        return None
+
+    def cells(what: str, p: dict[str, float], errors: dict[str, int]) -> list[str]:
+        return [what, str(p.get("n", 0)), _f(p.get("p50"), "{:.1f}"),
+                _f(p.get("p99"), "{:.1f}"), _f(p.get("max"), "{:.1f}"),
+                ", ".join(f"{k}:{v}" for k, v in errors.items())]
+
+    return Table(["new clients, one at a time", "n", "p50 ms", "p99 ms", "max ms", "errors"],
+                 [cells("nothing else open", g["alone_ms"], g["alone_errors"]),
+                  cells(f"{g['held']} idle sessions open", g["with_idle_ms"],
+                        g["with_idle_errors"])], right={1, 2, 3, 4})
+
+
+def journal_table(rows: list[dict[str, Any]]) -> Table | None:
+    j = first(rows, "journal")
+    if j is None:
+        return None
+    return Table(["journal", "runs", "CPU us/msg (median)", "each run", "delivered/s (median)"],
+                 [["on", str(len(j["cpu_on"])), _f(j["median_on"]),
+                   " ".join(f"{v:.0f}" for v in j["cpu_on"]), _f(j["rate_on"])],
+                  ["off", str(len(j["cpu_off"])), _f(j["median_off"]),
+                   " ".join(f"{v:.0f}" for v in j["cpu_off"]), _f(j["rate_off"])]],
+                 right={1, 2, 4})
+
+
+def pop_table(rows: list[dict[str, Any]]) -> Table | None:
     pops = [r for r in rows if r.get("kind") == "pop"]
     body = []
     for r in pops:
         res = r["result"]
-        base = next((x for x in pops if x["server"] == BASE and x["sessions"] == r["sessions"]),
-                    None)
-        ratio = _ratio(res["retr_per_sec"], base["result"]["retr_per_sec"] if base else None)
+        peer = next((x for x in pops if x["server"] == "dovecot"
+                     and x["sessions"] == r["sessions"]), None)
+        ratio = _ratio(res["retr_per_sec"], peer["result"]["retr_per_sec"] if peer else None)
         body.append([r["server"], str(r["sessions"]), str(res["retrieved"]),
                      _f(res["retr_per_sec"]), _f(ratio, "{:.2f}"), f"{res['mb_per_sec']:.1f}",
                      _f(res["login_ms"].get("p99"), "{:.1f}"),
                      _f(res["retr_ms"].get("p99"), "{:.2f}"),
                      ", ".join(f"{k}:{v}" for k, v in res["errors"].items())])
     if not body:
-        return []
-    return _table(["server", "sessions", "RETRs", "RETR/s", "x mp", "MB/s", "login p99",
-                   "RETR p99", "errors"], body, right={1, 2, 3, 4, 5, 6, 7})
+        return None
+    return Table(["server", "sessions", "RETRs", "RETR/s", "x dovecot", "MB/s", "login p99",
+                  "RETR p99", "errors"], body, right={1, 2, 3, 4, 5, 6, 7})
 
 
-def tls_table(summary: dict[str, Any]) -> list[str]:
+def tls_table(summary: dict[str, Any]) -> Table:
     """The STARTTLS section's medians (a "tls-summary" row): one line a server, then the
-    ratio mailpool/Postfix, then each server's CPU per message by process kind."""
+    ratio mailpool/Postfix."""
     body: list[list[str]] = []
     for name in ("mailpool", "postfix"):
         s = summary.get(name)
@@ -143,9 +235,13 @@ def tls_table(summary: dict[str, Any]) -> list[str]:
     body.append(["mailpool/Postfix", "", *(_f(ratio.get(k), "{:.2f}x") for k in (
         "handshakes_per_sec", "accepted_per_sec", "delivered_per_sec")), "", "",
         _f(ratio.get("cpu_us_per_msg"), "{:.2f}x"), "", ""])
-    out = _table(["server", "runs", "handshakes/s", "accepted/s", "delivered/s",
+    return Table(["server", "runs", "handshakes/s", "accepted/s", "delivered/s",
                   "STARTTLS p50", "STARTTLS p99", "CPU us/msg", "client CPU %", "errors"],
                  body, right=set(range(1, 9)))
+
+
+def tls_kinds(summary: dict[str, Any]) -> list[str]:
+    out = []
     for name in ("mailpool", "postfix"):
         kinds = sorted(((summary.get(name) or {}).get("cpu_us_per_msg_by_kind") or {}).items(),
                        key=lambda kv: -kv[1])
@@ -155,107 +251,251 @@ def tls_table(summary: dict[str, Any]) -> list[str]:
     return out
 
 
-def targets(rows: list[dict[str, Any]], spj: int) -> list[dict[str, Any]]:
+def outbound_table(rows: list[dict[str, Any]]) -> Table | None:
+    s = first(rows, "outbound-summary")
+    if s is None:
+        return None
+    body = []
+    for name in ("mailpool", "postfix"):
+        m = s.get(name)
+        if m is None:
+            body.append([name, "0", "-", "-", "-", "no successful run"])
+            continue
+        kinds = sorted(m["cpu_us_per_msg_by_kind"].items(), key=lambda kv: -kv[1])
+        body.append([name, str(m["runs"]), str(m["messages"]), _f(m["msgs_per_sec"]),
+                     _f(m["cpu_us_per_msg"]),
+                     ", ".join(f"{k} {v:.0f}" for k, v in kinds if v >= 1)])
+    if s.get("ratio_rate") is not None:
+        body.append(["mailpool/Postfix", "", "", f"{s['ratio_rate']:.2f}x",
+                     f"{s['ratio_cpu']:.2f}x", ""])
+    return Table(["server", "runs", "messages", "msgs/s", "CPU us/msg",
+                  "CPU us/msg by process kind"], body, right={1, 2, 3, 4})
+
+
+# --- targets ------------------------------------------------------------------------------
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 11's targets, each MET, MISSED or "n/a (why)", from this run's rows only."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, goal: str, ok: Callable[[float], bool], ratio: float | None,
-            detail: str, why_missing: str = "") -> None:
-        if ratio is None:
+    def add(tid: str, name: str, goal: str, ok: Callable[[float], bool], value: float | None,
+            shown: str, detail: str, why_missing: str = "") -> None:
+        if value is None:
             status = f"n/a ({why_missing or 'not measured'})"
         else:
-            status = "MET" if ok(ratio) else "MISSED"
-        out.append({"kind": "target", "name": name, "goal": goal, "ratio": ratio,
-                    "detail": detail, "status": status})
+            status = "MET" if ok(value) else "MISSED"
+        out.append({"kind": "target", "id": tid, "name": name, "goal": goal, "value": value,
+                    "measured": shown if value is not None else "-", "detail": detail,
+                    "status": status})
 
-    aio = _find(rows, "aiosmtpd-fsync", TARGET_LABEL)
-    pf_gen = _find(rows, "postfix", TARGET_LABEL)
-    for mp_label in (BASE, f"{BASE} spj={spj}"):
-        mp = _find(rows, mp_label, TARGET_LABEL)
-        mp_acc = mp["result"]["msgs_per_sec"] if mp else None
-        missing = "mailpool not measured" if mp is None else ""
-        # End to end, like with like: each client's mailpool figure against its Postfix one.
-        for client in ("smtp_load", "smtp-source"):
-            mpc = _find(rows, mp_label, TARGET_LABEL, client)
-            pfc = _find(rows, "postfix", TARGET_LABEL, client)
-            mp_del = mpc.get("delivered_per_sec") if mpc else None
-            pf_del = pfc.get("delivered_per_sec") if pfc else None
-            if client == "smtp-source" and mpc is None and pfc is None:
-                continue
-            add(f"{mp_label}: durable end to end >= 1.5x Postfix ({TARGET_LABEL}, {client})",
-                ">= 1.5", lambda x: x >= 1.5, _ratio(mp_del, pf_del),
-                f"delivered/s {_f(mp_del)} vs Postfix {_f(pf_del)}",
-                (f"{mp_label} not measured with {client}" if mp_del is None else "")
-                or f"Postfix not measured with {client}")
-        aio_acc = aio["result"]["msgs_per_sec"] if aio else None
-        add(f"{mp_label}: accepted/s >= 2x aiosmtpd-fsync ({TARGET_LABEL})", ">= 2.0",
-            lambda x: x >= 2.0, _ratio(mp_acc, aio_acc),
-            f"accepted/s {_f(mp_acc)} vs aiosmtpd-fsync {_f(aio_acc)}",
-            missing or ("aiosmtpd-fsync not measured" if aio is None else ""))
-        mp_g = mp["result"]["greeting_ms"].get("p99") if mp else None
-        pf_g = pf_gen["result"]["greeting_ms"].get("p99") if pf_gen else None
-        add(f"{mp_label}: connect-to-greeting p99 no worse than Postfix ({TARGET_LABEL})",
-            "<= 1.0", lambda x: x <= 1.0, _ratio(mp_g, pf_g),
-            f"p99 {_f(mp_g, '{:.1f}')} ms vs Postfix {_f(pf_g, '{:.1f}')} ms",
-            missing or ("Postfix not measured" if pf_g is None else ""))
-    journal = next((r for r in rows if r.get("kind") == "journal"), None)
-    cost = journal.get("cost") if journal else None
-    add("journal on costs < 5% throughput", "< 0.05", lambda x: x < 0.05, cost,
-        (f"median accepted/s on {journal['median_on']:.0f} vs off {journal['median_off']:.0f}"
-         if journal else "-"), "journal comparison not run")
-    idle = next((r for r in rows if r.get("kind") == "idle"
-                 and r["server"] == f"{BASE} spj={spj}"), None)
-    # Cold: the fresh server, so the jobs it starts to hold the sessions count. Warm: the
-    # same test again at once, with those jobs still running: a session's own cost.
-    for phase in ("cold", "warm"):
-        stats = (idle if phase == "cold" else idle.get("warm")) if idle else None
-        per = stats.get("rss_kb_per_session") if stats else None
-        add(f"memory per idle session < 50 KB (sessions_per_job={spj}, {phase})", "< 50 KiB",
-            lambda x: x < 50, per,
-            (f"{_f(per, '{:.1f}')} KiB RSS/session over {stats['held']} sessions "
-             f"(PSS {_f(stats.get('pss_kb_per_session'), '{:.1f}')})" if stats else "-"),
-            "mailpool not measured" if idle is None else "warm pass not run (--quick)")
+    def dlv(server: str, label: str, client: str) -> float | None:
+        r = find(rows, server, label, client)
+        return r.get("delivered_per_sec") if r else None
+
+    def e2e(label: str) -> tuple[float | None, str, str]:
+        mp, pf = dlv("mailpool", label, HEADLINE), dlv(PEER, label, HEADLINE)
+        gm, gp = dlv("mailpool", label, SECOND), dlv(PEER, label, SECOND)
+        gr = _ratio(gm, gp)
+        detail = (f"delivered/s {_f(mp)} vs Postfix {_f(pf)} ({HEADLINE}); Trio generator "
+                  f"{_f(gr, '{:.2f}x')} ({_f(gm)} vs {_f(gp)})")
+        why = "mailpool" if mp is None else "Postfix"
+        return _ratio(mp, pf), detail, f"{why} not measured with {HEADLINE} at {label}"
+
+    ratio, detail, why = e2e(TARGET_LABEL)
+    for tid, goal in (("1", 1.0), ("1+", 1.5)):
+        add(tid, f"end to end >= {goal:.1f}x Postfix ({TARGET_LABEL}, durable, {HEADLINE})"
+            + (" [the goal beyond]" if tid == "1+" else ""), f">= {goal:.1f}x",
+            lambda x, goal=goal: x >= goal, ratio, _f(ratio, "{:.2f}x"), detail, why)
+
+    src = find(rows, "mailpool", TARGET_LABEL, HEADLINE)
+    cpu = src.get("cpu_us_per_msg") if src else None
+    kinds = src.get("cpu_us_per_msg_by_kind", {}) if src else {}
+    gen = find(rows, "mailpool", TARGET_LABEL, SECOND)
+    add("2", f"server CPU per delivered message <= {CPU_GOAL_US:,.0f} us, all mailpool "
+        f"processes ({TARGET_LABEL}, {HEADLINE})", f"<= {CPU_GOAL_US:,.0f} us",
+        lambda x: x <= CPU_GOAL_US, cpu, _f(cpu, "{:,.0f} us"),
+        ", ".join(f"{k} {kinds[k]:.0f}" for k in _kinds([kinds]) if kinds[k] >= 0.5)
+        + (f"; Trio generator run {gen['cpu_us_per_msg']:,.0f} us"
+           if gen and gen.get("cpu_us_per_msg") else ""),
+        f"mailpool not measured with {HEADLINE} at {TARGET_LABEL}")
+
+    ratio, detail, why = e2e(MANY_LABEL)
+    add("3", f"100 messages per connection: >= 1.5x Postfix ({MANY_LABEL}, {HEADLINE})",
+        ">= 1.5x", lambda x: x >= 1.5, ratio, _f(ratio, "{:.2f}x"), detail, why)
+
+    mp, pf = find(rows, "mailpool", TARGET_LABEL), find(rows, PEER, TARGET_LABEL)
+    mp_g = mp["result"]["greeting_ms"].get("p99") if mp else None
+    pf_g = pf["result"]["greeting_ms"].get("p99") if pf else None
+    ratio = _ratio(mp_g, pf_g)
+    add("4", f"connect-to-greeting p99 under the target load <= Postfix's ({TARGET_LABEL}, "
+        "Trio generator: the client that times it)", "<= 1.0x", lambda x: x <= 1.0, ratio,
+        _f(ratio, "{:.2f}x"), f"p99 {_f(mp_g, '{:.1f}')} ms vs Postfix {_f(pf_g, '{:.1f}')} ms",
+        f"{'mailpool' if mp_g is None else 'Postfix'} not measured")
+
+    j = first(rows, "journal")
+    cost = j.get("cost") if j else None
+    add("5", f"journal on vs off: CPU per delivered message + < 5 % ({TARGET_LABEL}, "
+        f"{HEADLINE})", "< 5 %", lambda x: x < 0.05, cost, _f(cost, "{:+.1%}"),
+        (f"median {j['median_on']:,.0f} us on vs {j['median_off']:,.0f} us off over "
+         f"{len(j['cpu_on'])}+{len(j['cpu_off'])} alternated runs" if j else "-"),
+        "journal comparison not run")
+
+    pops = {(r["server"], r["sessions"]): r["result"]["retr_per_sec"]
+            for r in rows if r.get("kind") == "pop"}
+    mp_pop, dv_pop = pops.get(("mailpool", 10)), pops.get(("dovecot", 10))
+    ratio = _ratio(mp_pop, dv_pop)
+    for tid, goal in (("6", 0.5), ("6+", 1.0)):
+        add(tid, f"POP3 at 10 sessions >= {goal:.1f}x Dovecot (RETR/s)"
+            + (" [the goal]" if tid == "6+" else ""), f">= {goal:.1f}x",
+            lambda x, goal=goal: x >= goal, ratio, _f(ratio, "{:.2f}x"),
+            f"RETR/s {_f(mp_pop)} vs Dovecot {_f(dv_pop)}",
+            f"{'mailpool' if mp_pop is None else 'Dovecot'} not measured at 10 sessions")
+
+    idle = first(rows, "idle")
+    full = idle is not None and idle["bound"] >= IDLE_GOAL
+    short = (f"only {idle['bound']:,} tried (--idle-bound); held {idle['held']:,}"
+             if idle else "idle part not run")
+    mem = (f"RSS {_f(idle.get('rss_kb_per_session'), '{:.1f}')} KiB, PSS "
+           f"{_f(idle.get('pss_kb_per_session'), '{:.1f}')} KiB, sessions alone "
+           f"{_f(idle.get('pss_kb_per_session_sessions_only'), '{:.1f}')} KiB per session; "
+           f"started {idle.get('new_processes') or 'no process'}" if idle else "-")
+    add("7a", f"default configuration holds >= {IDLE_GOAL:,} idle SMTP sessions",
+        f">= {IDLE_GOAL:,}", lambda x: x >= IDLE_GOAL, idle["held"] if full else None,
+        f"{idle['held']:,}" if idle else "-",
+        f"{idle['held']:,}/{idle['bound']:,} greeted and held, ramp "
+        f"{idle['ramp_seconds']:.0f} s" if idle else "-", short)
+    per = idle.get("pss_kb_per_session") if full else None
+    add("7b", f"memory per idle session < {IDLE_KB:.0f} KB: the server's PSS growth / "
+        "sessions (the jobs started for them included)", f"< {IDLE_KB:.0f} KiB",
+        lambda x: x < IDLE_KB, per, _f(per, "{:.1f} KiB"), mem, short)
+    alone = idle.get("pss_kb_per_session_sessions_only") if full else None
+    add("7b'", f"memory per idle session < {IDLE_KB:.0f} KB, sessions alone (the started "
+        "jobs' own start-up size taken off)", f"< {IDLE_KB:.0f} KiB", lambda x: x < IDLE_KB,
+        alone, _f(alone, "{:.1f} KiB"), mem, short)
+
+    g = first(rows, "greeting-delay")
+    worst: float | None = None
+    why = "greeting-delay part not run"
+    if g is not None:
+        if g["held"] < GREETING_IDLE:
+            why = f"only {g['held']} of {g['idle']} idle sessions held"
+        elif g["with_idle_errors"]:
+            worst = float("inf")  # a new client not greeted at all (timeout, refused)
+        else:
+            worst = g["with_idle_ms"].get("max")
+    add("7c", f"{GREETING_IDLE:,} idle sessions open never delay a new client's greeting by "
+        f"> {GREETING_MS:.0f} ms (max over the new clients)", f"<= {GREETING_MS:.0f} ms",
+        lambda x: x <= GREETING_MS, worst, _f(worst, "{:.1f} ms"),
+        (f"with idle open p99 {_f(g['with_idle_ms'].get('p99'), '{:.1f}')} max "
+         f"{_f(g['with_idle_ms'].get('max'), '{:.1f}')} ms; alone p99 "
+         f"{_f(g['alone_ms'].get('p99'), '{:.1f}')} max {_f(g['alone_ms'].get('max'), '{:.1f}')}"
+         f" ms; {g['probes']} new clients each; errors {g['with_idle_errors'] or 'none'}"
+         if g else "-"), why)
     return out
 
 
-def print_report(rows: list[dict[str, Any]], spj: int) -> list[dict[str, Any]]:
-    lines = ["", "== SMTP (accepted/s = 250 replies to DATA per second; delivered/s = messages "
-             "in the Maildir per second from the first connection; x mp = ratio to mailpool "
-             "default; latencies in ms)"]
-    lines += smtp_table(rows)
-    idle = idle_table(rows)
-    if idle:
-        lines += ["", "== Idle capacity (silent sessions held with a 220 greeting; memory "
-                  "summed over the server's process tree)", *idle]
-    journal = next((r for r in rows if r.get("kind") == "journal"), None)
+def targets_table(tg: list[dict[str, Any]]) -> Table:
+    return Table(["#", "target", "goal", "measured", "verdict", "detail"],
+                 [[t["id"], t["name"], t["goal"], t["measured"], t["status"], t["detail"]]
+                  for t in tg], right={3})
+
+
+# --- the printed report and the README block ----------------------------------------------
+
+SMTP_HEAD = ("accepted/s = 250 replies to the message's final dot per second; delivered/s "
+             "= messages in the Maildir per second from the load's start to the last one; "
+             "x pf = the ratio to Postfix with the same client; greet = connect-to-greeting, "
+             "DATA = DATA sent to the final 250, in ms (the Trio generator times them, "
+             "smtp-source does not); CPU = the server's process tree per delivered (else "
+             "accepted) message; client CPU = the client's share of one CPU")
+
+
+def sections(rows: list[dict[str, Any]], tg: list[dict[str, Any]],
+             ) -> list[tuple[str, list[Table], list[str]]]:
+    """(title, tables, notes) for every part that ran, in report order."""
+    out: list[tuple[str, list[Table], list[str]]] = []
+    if any(r.get("kind") == "smtp" for r in rows):
+        out.append((f"SMTP ({SMTP_HEAD})", [smtp_table(rows)], []))
+    cpu = cpu_table(rows)
+    if cpu:
+        out.append(("mailpool's CPU per message by process kind, us (\"exited (...)\": "
+                    "processes that ended during the run, from their parent's cutime)",
+                    [cpu], []))
+    greet, idle = greeting_table(rows), idle_table(rows)
+    if greet or idle:
+        out.append(("Idle sessions (mailpool, default configuration; memory summed over the "
+                    "process tree; \"sessions alone\": the processes started meanwhile taken "
+                    "off at their kind's size before)", [t for t in (greet, idle) if t], []))
+    journal = journal_table(rows)
     if journal:
-        lines += ["", f"== Journal cost ({journal['label']}, medians of "
-                  f"{len(journal['on'])} alternated runs)",
-                  f"journal on {journal['median_on']:.0f}/s, off {journal['median_off']:.0f}/s: "
-                  f"cost {journal['cost'] * 100:+.1f}%"]
+        out.append((f"Journal cost ({TARGET_LABEL}, {HEADLINE}, mailpool's CPU per delivered "
+                    "message, alternated runs)", [journal], []))
     pop = pop_table(rows)
     if pop:
-        lines += ["", "== POP3 retrieval (each session logs in as its own user, RETRs every "
-                  "message, QUITs, again)", *pop]
-    tls = next((r for r in rows if r.get("kind") == "tls-summary"), None)
+        out.append(("POP3 retrieval (each session logs in as its own user, RETRs every "
+                    "message, QUITs, again)", [pop], []))
+    outbound = outbound_table(rows)
+    if outbound:
+        out.append(("Outbound (bench.outbound: queue -> 20 smtp-sink MX hosts, 1 KB; medians "
+                    "of alternated runs; CPU from release to empty queue)", [outbound], []))
+    tls = first(rows, "tls-summary")
     if tls:
-        lines += ["", f"== STARTTLS ({tls['label']}, every connection: EHLO, STARTTLS, "
-                  "handshake, EHLO, one message; medians of alternated runs; handshakes/s = "
-                  "completed handshakes over the run's wall time; STARTTLS p50/p99 = STARTTLS "
-                  "sent -> handshake done, ms; CPU = the server's processes from the load's "
-                  "start to the last delivery, per accepted message; client CPU = the "
-                  "generator's share of one CPU)", *tls_table(tls)]
-    skipped = [r for r in rows if r.get("kind") == "skipped"]
+        out.append((f"STARTTLS ({tls['label']}, every connection STARTTLS with a full "
+                    "handshake, Trio generator; medians of alternated runs; CPU per accepted "
+                    "message)", [tls_table(tls)], tls_kinds(tls)))
+    skipped = [f"{r['server']}: {r['reason']}" for r in rows if r.get("kind") == "skipped"]
     if skipped:
-        lines += ["", "== Skipped"] + [f"{r['server']}: {r['reason']}" for r in skipped]
-    tg = targets(rows, spj)
-    lines += ["", "== Targets (measured on this machine in this run)"]
-    width = max(len(t["name"]) for t in tg)
-    for t in tg:
-        ratio = _f(t["ratio"], "{:.2f}")
-        lines.append(f"{t['name']:<{width}}  goal {t['goal']:<8} measured {ratio:>6}  "
-                     f"{t['status']:<7} {t['detail']}")
+        out.append(("Skipped", [], skipped))
+    out.append(("Targets (issue 11; measured on this machine in this run)",
+                [targets_table(tg)], []))
+    return out
+
+
+def print_report(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    tg = targets(rows)
+    lines: list[str] = []
+    for title, tables, notes in sections(rows, tg):
+        lines += ["", f"== {title}"]
+        for t in tables:
+            lines += t.text()
+            if len(tables) > 1:
+                lines.append("")
+        lines += notes
     print("\n".join(lines), flush=True)
     return tg
+
+
+def markdown(rows: list[dict[str, Any]], wall: float) -> str:
+    """The README's "Latest figures" and "Targets", from this run."""
+    meta = first(rows, "meta") or {}
+    m = meta.get("machine", {})
+    load = m.get("load") or [0.0]
+    tg = [r for r in rows if r.get("kind") == "target"] or targets(rows)
+    met = sum(t["status"] == "MET" for t in tg)
+    missed = sum(t["status"] == "MISSED" for t in tg)
+    lines = ["### Latest figures", "",
+             f"From `make bench` started {meta.get('started', '?')}, on {m.get('cpus', '?')} "
+             f"CPUs (Linux {m.get('kernel', '?')}), Python {m.get('python', '?')}, Postfix "
+             f"{m.get('postfix') or '-'}, Dovecot {m.get('dovecot') or '-'}; load average "
+             f"{load[0]:.1f} when it started (other work on the machine: compare ratios, "
+             f"not absolute figures). The whole run took {wall / 60:.1f} minutes. smtp-source "
+             "(Postfix's C client) is the headline client; the Trio generator is the second "
+             "row of each server."]
+    for title, tables, notes in sections(rows, tg):
+        if title.startswith("Targets"):
+            continue
+        lines += ["", f"#### {title}", ""]
+        for t in tables:
+            lines += [*t.markdown(), ""]
+        lines += [f"- {n}" for n in notes]
+    lines += ["", "### Targets", "",
+              f"{met} met, {missed} missed, {len(tg) - met - missed} not measured in this run.",
+              "", *targets_table(tg).markdown(), ""]
+    return "\n".join(lines).replace("\n\n\n", "\n\n")
+
+
+# --- the chart ----------------------------------------------------------------------------
 
 
 def _matplotlib() -> Any:
@@ -278,36 +518,33 @@ def _matplotlib() -> Any:
 
 
 def chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    smtp = [r for r in smtp_rows(rows) if not r["server"].startswith("mailpool journal")]
+    smtp = smtp_rows(rows)
     if not smtp:
         return None
     plt = _matplotlib()
     if plt is None:
         return None
-    labels: list[str] = []
-    series: list[str] = []
-    for r in smtp:
-        if r["label"] not in labels:
-            labels.append(r["label"])
-        name = r["server"] if r["client"] == "smtp_load" else f"{r['server']} ({r['client']})"
-        if name not in series:
-            series.append(name)
+    labels = _order([r["label"] for r in smtp])
 
-    def value(name: str, label: str, key: str) -> float:
+    def name(r: dict[str, Any]) -> str:
+        return f"{r['server']} ({r['client']})"
+
+    series = _order([name(r) for r in smtp])
+
+    def value(series_name: str, label: str, key: str) -> float:
         for r in smtp:
-            n = r["server"] if r["client"] == "smtp_load" else f"{r['server']} ({r['client']})"
-            if n == name and r["label"] == label:
+            if name(r) == series_name and r["label"] == label:
                 if key == "rate":
                     return r["result"]["msgs_per_sec"]
                 return r["result"].get("data_ms", {}).get("p99", 0.0)
         return 0.0
 
-    fig, axes = plt.subplots(2, 1, figsize=(max(10, len(labels) * 1.6), 9), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(max(10, len(labels) * 2.2), 9), sharex=True)
     width = 0.8 / max(1, len(series))
-    for i, name in enumerate(series):
+    for i, s in enumerate(series):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
-        axes[0].bar(xs, [value(name, lb, "rate") for lb in labels], width, label=name)
-        axes[1].bar(xs, [value(name, lb, "p99") for lb in labels], width, label=name)
+        axes[0].bar(xs, [value(s, lb, "rate") for lb in labels], width, label=s)
+        axes[1].bar(xs, [value(s, lb, "p99") for lb in labels], width, label=s)
     axes[0].set_ylabel("accepted messages / s")
     axes[0].set_yscale("log")
     axes[0].set_title("SMTP throughput (higher is better)")
@@ -316,7 +553,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
     axes[1].set_title("DATA-to-250 p99 latency (lower is better; smtp-source measures none)")
     axes[1].set_xticks(range(len(labels)))
     axes[1].set_xticklabels(labels, rotation=30, ha="right")
-    axes[0].legend(fontsize=8, ncol=2)
+    axes[0].legend(fontsize=7, ncol=2)
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -1,30 +1,42 @@
 """The benchmark driver: mailpool against the servers its users would otherwise run.
 
-    python -m bench.run [--quick]
+    python -m bench.run [--quick] [--only PART ...]
 
-In one run, on 127.0.0.1 with free ports chosen now, it starts each server,
-measures how many idle sessions it holds and what they cost in memory, drives
-it with the same SMTP workloads, stops it, and then compares: mailpool (default
-pools, and sessions_per_job raised), Postfix (end to end into a Maildir, driven
-by this project's generator and by Postfix's own smtp-source), aiosmtpd with a
-handler that fsyncs each message, and smtp-sink (no disk: the ceiling of the
-loopback and the client). Then the journal's cost (mailpool with journaling on
-and off, alternated), POP3 retrieval against Dovecot, and the outbound side
-(bench.outbound: mailpool's SMTP client against Postfix's smtp(8), from a full
-queue to smtp-sink MX hosts), and last the target workload over STARTTLS, mailpool
-against Postfix (`--only tls`). It prints one table
-with ratios against mailpool and each target as MET or MISSED, and saves JSON
-lines and a chart under bench/results/.
+In one run, on 127.0.0.1 with free ports chosen now:
 
-Every run is bounded: each workload stops starting messages after --duration
-seconds, every wait has a timeout, and every server started is stopped again,
-also on Ctrl-C and errors. Peers that cannot be installed are reported as
-skipped, with the reason.
+- SMTP: mailpool (default configuration), Postfix (end to end into a Maildir), aiosmtpd
+  with a handler that fsyncs each message, and smtp-sink (no disk: the ceiling of the
+  loopback and the clients) are started together; each workload then runs on each of them
+  in turn, so that the figures compared were taken seconds apart under the same machine
+  load. Per server and workload two clients: Postfix's smtp-source (C, the headline: it
+  leaves the servers most of the machine) and this project's Trio generator
+  (bench.smtp_load, the second row and the one that times greetings and DATA).
+  smtp-source sends as many messages as the generator did in --duration seconds (with
+  100 per connection: exactly 100 on each). Every row has the server's CPU per message:
+  utime + stime of its whole process tree, exited children included, from the load's
+  start to its last delivery; mailpool's also per process kind.
+- idle: a fresh mailpool (default configuration): new clients' connect-to-greeting alone
+  and with 1,000 idle sessions open, then how many idle sessions it holds (10,000 tried)
+  and what they cost in memory.
+- journal: mailpool with the journal on and off, alternated rounds of smtp-source: CPU per
+  delivered message (steadier than a rate).
+- POP3 retrieval against Dovecot; the outbound side (bench.outbound: mailpool's SMTP client
+  against Postfix's smtp(8)); the target workload over STARTTLS against Postfix.
+
+Then the report: the tables, each target of issue 11 with MET or MISSED (bench.report),
+and a Markdown block for the README's Performance section; JSON lines, the chart and the
+Markdown block are saved under bench/results/.
+
+Every run is bounded: each workload stops starting messages after --duration seconds,
+every wait has a timeout, a part that would start after --budget is spent is reported as
+skipped, and every server started is stopped again, also on Ctrl-C and errors. Peers that
+cannot be installed are reported as skipped, with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -46,9 +58,9 @@ from typing import Any
 import trio
 
 from bench import servers as S
-from bench.handoff import settle
-from bench.idle import idle_capacity
-from bench.outbound import CpuPoller, mailpool_kind, postfix_kind, run_outbound
+from bench.cpu import CpuPoller, mailpool_kind, server_kind, settle
+from bench.idle import greeting_delay, idle_capacity
+from bench.outbound import run_outbound
 from bench.pop_load import PopConfig, run_pop
 from bench.smtp_load import LoadConfig, LoadResult, make_body, raise_fd_limit, run_load
 
@@ -62,7 +74,7 @@ class Workload:
     sessions: int
     size: int
     per_connection: int
-    messages: int  # upper bound; --duration usually ends the run first
+    messages: int  # the generator's upper bound; --duration usually ends the run first
 
     @property
     def label(self) -> str:
@@ -70,22 +82,23 @@ class Workload:
         return f"{self.sessions}s {size} k={self.per_connection}"
 
 
-TARGET = Workload(20, KB, 1, 20000)  # durable end to end: the targets are measured here
+# Durable accept and Maildir delivery end to end; targets 1, 2 and 4 are measured here.
+TARGET = Workload(20, KB, 1, 20000)
+MANY = Workload(20, KB, 100, 20000)  # target 3: 100 messages per connection
 
 
 def workloads(quick: bool) -> list[Workload]:
-    """The target workload first, so that a run cut short by its budget still has it."""
+    """The targets' workloads first, so that a run cut short by its budget still has them."""
     if quick:
-        return [TARGET]
-    out = [TARGET]
-    for sessions in (1, 20, 100):
-        for size in (KB, 100 * KB):
-            for k in (1, 100):
-                cap = 2000 if size == KB else 500
-                wl = Workload(sessions, size, k, cap * max(1, sessions // 10))
-                if wl.label != TARGET.label:
-                    out.append(wl)
-    return out
+        return [TARGET, MANY]
+    return [TARGET, MANY, Workload(1, KB, 1, 2000), Workload(100, KB, 1, 20000),
+            Workload(20, 100 * KB, 1, 5000)]
+
+
+# Seconds each later part needs at least (quick, full): the SMTP part leaves them this much.
+PART_SECONDS: dict[str, tuple[float, float]] = {
+    "idle": (15.0, 45.0), "journal": (15.0, 45.0), "pop": (20.0, 35.0),
+    "outbound": (25.0, 70.0), "tls": (15.0, 35.0)}
 
 
 @dataclass
@@ -94,8 +107,10 @@ class Options:
     duration: float
     idle_bound: int
     idle_window: float
+    greet_idle: int
+    greet_probes: int
     journal_rounds: int
-    spj: int
+    journal_messages: int
     client_procs: int
     install: bool
     only: set[str]
@@ -130,6 +145,13 @@ class Runner:
             return False
         self.skip(what, f"time budget spent (--budget {self.opts.budget:.0f} s)")
         return True
+
+    def reserve_after(self, part: str) -> float:
+        """Seconds the wanted parts after part need at least."""
+        names = list(PART_SECONDS)
+        later = names[names.index(part) + 1:] if part in names else names
+        return sum(PART_SECONDS[n][0 if self.opts.quick else 1] for n in later
+                   if self.wanted(n))
 
     # --- bookkeeping ---------------------------------------------------------------
 
@@ -173,10 +195,10 @@ class Runner:
     def wanted(self, name: str) -> bool:
         return not self.opts.only or name in self.opts.only
 
-    # --- measurements -------------------------------------------------------------
+    # --- the clients ----------------------------------------------------------------
 
     def smtp_load(self, server: S.Server, wl: Workload, tls: S.TlsFiles | None = None,
-                  duration: float | None = None) -> dict[str, Any] | None:
+                  duration: float | None = None) -> dict[str, Any]:
         """The project's generator as a subprocess (its CPU is not the driver's); with tls,
         every connection goes STARTTLS, trusting tls.ca only."""
         duration = duration or self.opts.duration
@@ -198,11 +220,13 @@ class Runner:
         except (IndexError, json.JSONDecodeError):
             return {"error": f"generator failed: {res.stderr.strip()[-300:]}"}
 
-    def smtp_source(self, server: S.Server, wl: Workload, messages: int) -> dict[str, Any]:
-        """Postfix's smtp-source with the same sessions, size and message count."""
+    def smtp_source(self, server: S.Server, wl: Workload, messages: int,
+                    timeout: float = 60.0) -> dict[str, Any]:
+        """Postfix's smtp-source with the workload's sessions and size and `messages` in all;
+        with per_connection above 1 every session keeps one connection for all its own."""
         exe = S.postfix_tool("smtp-source")
         if exe is None:
-            return {"error": "smtp-source not found"}
+            return {"error": "smtp-source not found (Debian package postfix)"}
         messages = max(messages, wl.sessions)
         argv = [exe, "-s", str(wl.sessions), "-m", str(messages), "-l", str(wl.size),
                 "-f", S.SENDER, "-t", server.rcpt]
@@ -210,16 +234,17 @@ class Runner:
             argv.append("-d")  # one connection per session for all its messages
         argv.append(f"{S.HOST}:{server.port}")
         t0 = time.perf_counter()
+        started = time.time()
         try:
-            res = subprocess.run(argv, capture_output=True, text=True,
-                                 timeout=max(60.0, self.opts.duration * 20))
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {"error": "smtp-source did not finish in time"}
+            return {"error": f"smtp-source did not finish in {timeout:.0f} s"}
         elapsed = time.perf_counter() - t0
         if res.returncode != 0:
             return {"error": f"smtp-source: {(res.stderr or res.stdout).strip()[-200:]}"}
         return {"tool": "smtp-source", "sent": messages, "attempted": messages, "failed": 0,
                 "elapsed": elapsed, "msgs_per_sec": messages / elapsed, "errors": {},
+                "started_at": started,
                 "per_connection": -(-messages // wl.sessions) if wl.per_connection > 1 else 1}
 
     def wait_delivered(self, server: S.Server, before: int, expect: int, t0: float,
@@ -239,125 +264,172 @@ class Runner:
             time.sleep(0.05)
         return got, None
 
-    def drive(self, server: S.Server, client: str, wl: Workload, messages: int = 0,
-              ) -> dict[str, Any] | None:
+    def measure_load(self, server: S.Server, client: str, wl: Workload, messages: int = 0,
+                     tls: S.TlsFiles | None = None, timeout: float = 60.0) -> dict[str, Any]:
+        """One load on server, measured: the client's result, the deliveries it made (a
+        durable server), the server's CPU over both (per process kind) and the client's.
+
+        CPU per message is over the delivered messages on a durable server (what a
+        message costs end to end), over the accepted ones elsewhere."""
+        poller = CpuPoller(server.root_pids(), server_kind(server))
         before = server.delivered() if server.durable else None
-        t0 = time.time()
-        if client == "smtp_load":
-            result = self.smtp_load(server, wl)
-            t0 = (result or {}).get("started_at") or t0  # the generator's own start line
-        else:
-            result = self.smtp_source(server, wl, messages)
-        assert result is not None
-        row: dict[str, Any] = {"kind": "smtp", "server": server.label, "server_kind": server.kind,
-                               "client": client, "workload": asdict(wl), "label": wl.label,
-                               "result": result}
-        if "error" not in result and before is not None and result.get("sent"):
-            got, rate = self.wait_delivered(server, before, result["sent"], t0)
-            row["delivered"] = got
-            row["delivered_per_sec"] = rate
-        self.record(row)
-        print("    " + one_line(row), flush=True)
-        return result
+        row: dict[str, Any] = {"kind": "smtp", "server": server.label,
+                               "server_kind": server.kind, "client": client,
+                               "workload": asdict(wl), "label": wl.label}
+        poller.start()
+        try:
+            poller.mark()
+            t0 = time.time()
+            used = client_cpu()
+            if client == "smtp_load":
+                result = self.smtp_load(server, wl, tls)
+            else:
+                result = self.smtp_source(server, wl, messages, timeout)
+            used = client_cpu() - used
+            row["result"] = result
+            if "error" not in result and before is not None and result.get("sent"):
+                got, rate = self.wait_delivered(server, before, result["sent"],
+                                                result.get("started_at") or t0)
+                row |= {"delivered": got, "delivered_per_sec": rate}
+        finally:
+            poller.stop()
+        if "error" in result:
+            row["serve_log"] = server.log_tail(10)
+            return row
+        if result.get("elapsed"):
+            row["client_cpu_share"] = used / result["elapsed"]
+        cpu, procs, started = poller.by_kind()
+        count = row.get("delivered") if before is not None else result.get("sent")
+        row |= {"cpu_basis": "delivered" if before is not None else "accepted",
+                "processes_by_kind": procs, "started_by_kind": started}
+        if count:
+            row |= {"cpu_us_per_msg": sum(cpu.values()) / count * 1e6,
+                    "cpu_us_per_msg_by_kind": {k: v / count * 1e6
+                                               for k, v in sorted(cpu.items())}}
+        if result.get("errors") or (before is not None and row.get("delivered_per_sec")
+                                    is None):
+            row["serve_log"] = server.log_tail(10)
+        return row
 
-    def idle(self, server: S.Server) -> None:
-        """Idle capacity on the fresh server ("cold": workers it starts for the sessions
-        count), then, unless --quick, again at once ("warm": the workers exist already)."""
-        def run() -> dict[str, Any]:
-            return run_trio(idle_capacity, S.HOST, server.port, self.opts.idle_bound,
-                            self.opts.idle_window, server.memory)
+    # --- the parts ----------------------------------------------------------------
 
-        row: dict[str, Any] = {"kind": "idle", "server": server.label,
-                               "server_kind": server.kind, **run()}
-        if not self.opts.quick:
-            time.sleep(1.0)  # let the server notice the closed sessions
-            row["warm"] = run()
-        self.record(row)
-        per = row.get("rss_kb_per_session")
-        warm = row.get("warm", {}).get("rss_kb_per_session")
-        print(f"    idle: held {row['held']}/{row['bound']} sessions; "
-              f"RSS {row['before']['rss_kb']} -> {row['after']['rss_kb']} KiB"
-              + (f" = {per:.1f} KiB/session" if per is not None else "")
-              + (f" (warm: {warm:.1f})" if warm is not None else "")
-              + f"; {row['after']['processes']} processes", flush=True)
-
-    # --- the phases ----------------------------------------------------------------
-
-    def smtp_servers(self) -> list[tuple[S.Server, list[str]]]:
-        w, spj = self.work, self.opts.spj
-        out: list[tuple[S.Server, list[str]]] = []
+    def smtp_servers(self) -> list[S.Server]:
+        w = self.work
+        out: list[S.Server] = []
         if self.wanted("mailpool"):
-            # smtp-source too, on the target workload only: the targets compare like with like.
-            out.append((S.Mailpool("mailpool", w), ["smtp_load", "smtp-source"]))
-            out.append((S.Mailpool(f"mailpool spj={spj}", w, {"sessions_per_job": spj}),
-                        ["smtp_load", "smtp-source"]))
+            out.append(S.Mailpool("mailpool", w))
         if self.wanted("postfix"):
-            out.append((S.Postfix("postfix", w), ["smtp_load", "smtp-source"]))
+            out.append(S.Postfix("postfix", w))
         if self.wanted("aiosmtpd"):
-            out.append((S.AiosmtpdFsync("aiosmtpd-fsync", w), ["smtp_load"]))
+            out.append(S.AiosmtpdFsync("aiosmtpd-fsync", w))
         if self.wanted("smtp-sink"):
-            out.append((S.SmtpSink("smtp-sink", w, self.opts.idle_bound + 100),
-                        ["smtp_load", "smtp-source"]))
+            out.append(S.SmtpSink("smtp-sink", w))
         return out
 
     def run_smtp(self) -> None:
-        wls = workloads(self.opts.quick)
-        # Time kept back for the phases that follow (journal, POP, outbound, STARTTLS).
-        reserve = (30.0 if self.opts.quick else 90.0) * (
-            self.wanted("journal") + self.wanted("pop") + self.wanted("outbound")
-            + self.wanted("tls")) / 2
-        for server, clients in self.smtp_servers():
-            print(f"\n== {server.label}", flush=True)
-            if self.over_budget(server.label, reserve):
-                continue
-            with self.serving(server) as up:
-                if up is None:
-                    continue
-                self.idle(server)
-                for wl in wls:
+        servers = self.smtp_servers()
+        if not servers:
+            return
+        reserve = self.reserve_after("smtp")
+        print(f"\n== SMTP: {', '.join(s.label for s in servers)}; each workload on each "
+              "server in turn, smtp-source and the Trio generator", flush=True)
+        if self.over_budget("SMTP", reserve):
+            return
+        with contextlib.ExitStack() as stack:
+            up = [s for s in servers if stack.enter_context(self.serving(s)) is not None]
+            for wl in workloads(self.opts.quick):
+                print(f"  -- {wl.label}", flush=True)
+                for server in up:
                     if self.over_budget(f"{server.label} {wl.label}", reserve):
-                        break
-                    sent = 0
-                    for client in clients:
-                        if client == "smtp-source":
-                            if not sent:  # it sends what the generator managed, in one go
-                                continue
-                            if server.kind == "mailpool" and wl != TARGET:
-                                continue
-                            if wl.per_connection > 1:  # -d: all of a session's on one link
-                                sent = min(sent, wl.sessions * wl.per_connection)
-                        res = self.drive(server, client, wl, sent)
-                        if client == "smtp_load" and res and "error" not in res:
-                            sent = res["sent"]
+                        return
+                    self.measure_workload(server, wl)
+
+    def measure_workload(self, server: S.Server, wl: Workload) -> None:
+        """The generator for --duration, then smtp-source with as many messages (k > 1:
+        exactly k per connection), each after the server has gone quiet."""
+        settle(server)
+        gen = self.measure_load(server, "smtp_load", wl)
+        self.record(gen)
+        print("    " + one_line(gen), flush=True)
+        res = gen["result"]
+        sent = res.get("sent", 0) if "error" not in res else 0
+        if wl.per_connection > 1:
+            messages = wl.sessions * wl.per_connection
+        else:
+            messages = max(sent, wl.sessions * 10)
+        rate = res.get("msgs_per_sec") or 0.0
+        # Bounded by what the generator saw of this server: four times its pace, at least 30 s.
+        timeout = max(30.0, 4 * messages / rate + 10) if rate else 60.0
+        settle(server)
+        src = self.measure_load(server, "smtp-source", wl, messages, timeout=timeout)
+        self.record(src)
+        print("    " + one_line(src), flush=True)
+
+    def run_idle(self) -> None:
+        """Target 7 on a fresh mailpool with the default configuration."""
+        if not self.wanted("idle"):
+            return
+        o = self.opts
+        print(f"\n== idle sessions: mailpool (default configuration): new clients' greeting "
+              f"alone and with {o.greet_idle} idle sessions open; then up to {o.idle_bound} "
+              "idle sessions held", flush=True)
+        if self.over_budget("idle", 10.0):
+            return
+        server = S.Mailpool("mailpool idle", self.work)
+        with self.serving(server) as up:
+            if up is None:
+                return
+            assert server.proc is not None
+            settle(server)
+            greet = run_trio(greeting_delay, S.HOST, server.port, o.greet_idle,
+                             o.greet_probes, o.idle_window)
+            self.record({"kind": "greeting-delay", "server": "mailpool", **greet})
+            print("    " + greeting_line(greet), flush=True)
+            time.sleep(1.0)  # the closed sessions' ends reach the server
+            settle(server)
+            classify = mailpool_kind(server.proc.pid)
+            cap = run_trio(idle_capacity, S.HOST, server.port, o.idle_bound, o.idle_window,
+                           lambda: server.memory(classify))
+            self.record({"kind": "idle", "server": "mailpool", **cap})
+            print("    " + idle_line(cap), flush=True)
 
     def run_journal(self) -> None:
+        """Target 5: CPU per delivered message with the journal on and off (alternated)."""
         if not self.wanted("journal"):
             return
-        spj = {"sessions_per_job": self.opts.spj}
-        print(f"\n== journal cost (mailpool, sessions_per_job={self.opts.spj}, journal on vs off)",
-              flush=True)
-        if self.over_budget("journal comparison", 15.0):
+        o = self.opts
+        print(f"\n== journal cost: mailpool journal on vs off, {TARGET.label}, smtp-source "
+              f"{o.journal_messages} messages a run, {o.journal_rounds} round(s)", flush=True)
+        if self.over_budget("journal comparison", self.reserve_after("journal") + 15.0):
             return
-        # The raised sessions_per_job keeps pool growth (job start-up) out of the comparison.
-        on = S.Mailpool("mailpool journal=on", self.work, spj)
-        off = S.Mailpool("mailpool journal=off", self.work, spj, journal=False)
+        on = S.Mailpool("mailpool journal=on", self.work)
+        off = S.Mailpool("mailpool journal=off", self.work, journal=False)
         with self.serving(on) as a, self.serving(off) as b:
             if a is None or b is None:
                 return
-            # One unmeasured pass each first (page cache, first Maildir directories).
-            for server in (on, off):
-                self.smtp_load(server, TARGET)
+            for server in (on, off):  # page cache, first Maildir directories
+                self.smtp_source(server, TARGET, min(200, o.journal_messages))
+            cpu: dict[str, list[float]] = {"on": [], "off": []}
             rates: dict[str, list[float]] = {"on": [], "off": []}
-            for _ in range(self.opts.journal_rounds):
-                for name, server in (("on", on), ("off", off)):
-                    res = self.drive(server, "smtp_load", TARGET)
-                    if res and "error" not in res:
-                        rates[name].append(res["msgs_per_sec"])
-            if rates["on"] and rates["off"]:
-                m_on, m_off = median(rates["on"]), median(rates["off"])
-                self.record({"kind": "journal", "workload": asdict(TARGET), "label": TARGET.label,
-                             "on": rates["on"], "off": rates["off"], "median_on": m_on,
-                             "median_off": m_off, "cost": 1 - m_on / m_off if m_off else None})
+            for rnd in range(1, o.journal_rounds + 1):
+                pair = [("on", on), ("off", off)]
+                for name, server in pair if rnd % 2 else pair[::-1]:
+                    settle(server)
+                    row = self.measure_load(server, "smtp-source", TARGET, o.journal_messages)
+                    row |= {"kind": "journal-run", "journal": name, "round": rnd}
+                    self.record(row)
+                    print(f"    journal {name} run {rnd}: " + one_line(row), flush=True)
+                    if row.get("cpu_us_per_msg") is not None and row.get("delivered_per_sec"):
+                        cpu[name].append(row["cpu_us_per_msg"])
+                        rates[name].append(row["delivered_per_sec"])
+            if cpu["on"] and cpu["off"]:
+                m_on, m_off = median(cpu["on"]), median(cpu["off"])
+                self.record({"kind": "journal", "workload": asdict(TARGET),
+                             "label": TARGET.label, "client": "smtp-source",
+                             "cpu_on": cpu["on"], "cpu_off": cpu["off"],
+                             "median_on": m_on, "median_off": m_off,
+                             "cost": m_on / m_off - 1 if m_off else None,
+                             "rate_on": median(rates["on"]), "rate_off": median(rates["off"])})
 
     def run_pop(self) -> None:
         if not self.wanted("pop"):
@@ -369,8 +441,9 @@ class Runner:
         body = make_body(KB)
         message = (f"From: <{S.SENDER}>\r\nTo: <pop@{S.DOMAIN}>\r\nSubject: pop\r\n\r\n"
                    ).encode() + body
-        print("\n== POP3 retrieval", flush=True)
-        if self.over_budget("POP3 retrieval", 10.0):
+        print(f"\n== POP3 retrieval: mailpool vs Dovecot, {', '.join(map(str, sessions_list))} "
+              f"session(s), {per_user} messages of 1 KB per user", flush=True)
+        if self.over_budget("POP3 retrieval", self.reserve_after("pop") + 10.0):
             return
         dovecot = S.Dovecot("dovecot", self.work)
         mailpool = S.Mailpool("mailpool pop", self.work, pop_users=users)
@@ -403,8 +476,8 @@ class Runner:
                            "sessions": sessions, "messages_per_user": per_user,
                            "size": len(message), "result": res}
                     self.record(row)
-                    print(f"    {sessions} sessions: {res['retr_per_sec']:.0f} RETR/s, "
-                          f"{res['mb_per_sec']:.1f} MB/s, login p99 "
+                    print(f"    {server.kind} {sessions} sessions: {res['retr_per_sec']:.0f} "
+                          f"RETR/s, {res['mb_per_sec']:.1f} MB/s, login p99 "
                           f"{res['login_ms'].get('p99', 0):.1f} ms, RETR p99 "
                           f"{res['retr_ms'].get('p99', 0):.2f} ms, errors {res['errors'] or 0}",
                           flush=True)
@@ -414,14 +487,14 @@ class Runner:
             run_outbound(self)  # bench.outbound: the SMTP client against Postfix's smtp(8)
 
     def run_tls(self) -> None:
-        """The target workload over STARTTLS: mailpool (default pools) and Postfix, both up
-        at once, one unmeasured pass each, then alternated measured runs; medians."""
+        """The target workload over STARTTLS: mailpool (default configuration) and Postfix,
+        both up at once, one unmeasured pass each, then alternated measured runs; medians."""
         if not self.wanted("tls"):
             return
         rounds = 1 if self.opts.quick else 2
         print(f"\n== STARTTLS: {TARGET.label} (durable), every connection STARTTLS, "
               f"mailpool vs Postfix, {rounds} run(s) each", flush=True)
-        if self.over_budget("tls", 20.0):
+        if self.over_budget("tls", 15.0):
             return
         try:
             tls = S.make_tls_files(self.work / "tls")
@@ -434,13 +507,15 @@ class Runner:
         with self.serving(mailpool) as a, self.serving(postfix) as b:
             up = [(name, s) for name, s, u in (("mailpool", mailpool, a), ("postfix", postfix, b))
                   if u is not None]
-            for _, server in up:  # pools grown, first Maildir directories made
+            for _, server in up:  # first Maildir directories made
                 self.smtp_load(server, TARGET, tls, duration=min(self.opts.duration, 2.0))
             for rnd in range(1, rounds + 1):
                 for name, server in up:
                     if self.over_budget(f"tls {name} run {rnd}"):
                         continue
-                    row = self.measure_tls(name, server, tls, rnd)
+                    settle(server)
+                    row = self.measure_load(server, "smtp_load", TARGET, tls=tls)
+                    row |= {"kind": "tls", "server": name, "round": rnd}
                     rows[name].append(row)
                     self.record(row)
                     print("    " + tls_line(row), flush=True)
@@ -448,47 +523,6 @@ class Runner:
         self.record({"kind": "tls-summary", "workload": asdict(TARGET), "label": TARGET.label,
                      "certificate": f"{tls.kind}, verified by the client",
                      **summary, "ratio": tls_ratios(summary["mailpool"], summary["postfix"])})
-
-    def measure_tls(self, name: str, server: S.Server, tls: S.TlsFiles, rnd: int,
-                    ) -> dict[str, Any]:
-        """One run: the load, the wait for its deliveries, the server's CPU over both (per
-        process kind) and the generator's (is the client the bottleneck?)."""
-        if isinstance(server, S.Mailpool):
-            assert server.proc is not None
-            kind = mailpool_kind(server.proc.pid)
-        else:
-            kind = postfix_kind
-        settle(server)
-        poller = CpuPoller(server.root_pids(), kind)
-        before = server.delivered() or 0
-        row: dict[str, Any] = {"kind": "tls", "server": name, "server_kind": server.kind,
-                               "round": rnd, "workload": asdict(TARGET), "label": TARGET.label}
-        poller.start()
-        try:
-            poller.mark()
-            t0 = time.time()
-            client = client_cpu()
-            result = row["result"] = self.smtp_load(server, TARGET, tls) or {"error": "none"}
-            client = client_cpu() - client
-            if "error" not in result and result.get("sent"):
-                got, rate = self.wait_delivered(server, before, result["sent"],
-                                                result.get("started_at") or t0)
-                row |= {"delivered": got, "delivered_per_sec": rate}
-        finally:
-            poller.stop()
-        if "error" in result:
-            row["serve_log"] = server.log_tail(10)
-            return row
-        row["client_cpu_share"] = client / result["elapsed"] if result["elapsed"] else None
-        cpu, procs, started = poller.by_kind()
-        if result["sent"]:
-            row |= {"cpu_us_per_msg": sum(cpu.values()) / result["sent"] * 1e6,
-                    "cpu_us_per_msg_by_kind": {k: v / result["sent"] * 1e6
-                                               for k, v in sorted(cpu.items())}}
-        row |= {"processes_by_kind": procs, "started_by_kind": started}
-        if result.get("errors") or row.get("delivered_per_sec") is None:
-            row["serve_log"] = server.log_tail(10)
-        return row
 
     def fill_mailpool(self, server: S.Mailpool, names: list[str], per_user: int) -> bool:
         """Deliver per_user messages to every POP user through mailpool's own SMTP."""
@@ -611,8 +645,46 @@ def one_line(row: dict[str, Any]) -> str:
     if r.get("data_ms", {}).get("n"):
         text += (f"  greet p99 {r['greeting_ms']['p99']:.1f} ms"
                  f"  DATA p99 {r['data_ms']['p99']:.1f} ms")
+    if row.get("cpu_us_per_msg") is not None:
+        text += f"  CPU {row['cpu_us_per_msg']:.0f} us/msg"
+        if row["server_kind"] == "mailpool":
+            kinds = sorted(row["cpu_us_per_msg_by_kind"].items(), key=lambda kv: -kv[1])
+            text += " (" + ", ".join(f"{k} {v:.0f}" for k, v in kinds if v >= 1) + ")"
+    if row.get("client_cpu_share") is not None:
+        text += f"  client CPU {row['client_cpu_share'] * 100:.0f}%"
     if r.get("errors"):
-        text += f"  errors {r['errors']}"
+        text += f"  errors {r['errors']}; server log: {row.get('serve_log', '')}"
+    return text
+
+
+def _ms(p: dict[str, float]) -> str:
+    if not p.get("n"):
+        return "no samples"
+    return f"p50 {p['p50']:.1f} p99 {p['p99']:.1f} max {p['max']:.1f} ms (n={p['n']})"
+
+
+def greeting_line(g: dict[str, Any]) -> str:
+    errors = {k: v for k, v in (("alone", g["alone_errors"]), ("with idle", g["with_idle_errors"]),
+                                ("idle", g["idle_errors"])) if v}
+    return (f"new clients' connect-to-greeting alone: {_ms(g['alone_ms'])}; with "
+            f"{g['held']}/{g['idle']} idle sessions open: {_ms(g['with_idle_ms'])}"
+            + (f"; errors {errors}" if errors else ""))
+
+
+def idle_line(c: dict[str, Any]) -> str:
+    b, a = c["before"], c["after"]
+    per = c.get("pss_kb_per_session")
+    alone = c.get("pss_kb_per_session_sessions_only")
+    text = (f"held {c['held']}/{c['bound']} idle sessions (ramp {c['ramp_seconds']:.1f} s); "
+            f"RSS {b['rss_kb'] / 1024:.0f} -> {a['rss_kb'] / 1024:.0f} MiB, PSS "
+            f"{b['pss_kb'] / 1024:.0f} -> {a['pss_kb'] / 1024:.0f} MiB; "
+            f"processes {b['processes']} -> {a['processes']}")
+    if per is not None:
+        text += (f"; per session {c['rss_kb_per_session']:.1f} KiB RSS, {per:.1f} KiB PSS, "
+                 f"{alone:.1f} KiB PSS without the {sum(c['new_processes'].values())} "
+                 "processes started")
+    if c.get("errors"):
+        text += f"; errors {c['errors']}"
     return text
 
 
@@ -669,22 +741,19 @@ def machine() -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="a ~1 minute subset: the target workload only, fewer idle sessions")
+                   help="a ~2 minute subset: the targets' workloads only, 2,000 idle sessions")
     p.add_argument("--duration", type=float, default=None,
-                   help="seconds each workload runs at most (default 3, --quick 2)")
+                   help="seconds the generator runs each workload at most (default 3, --quick 2)")
     p.add_argument("--idle-bound", type=int, default=None,
-                   help="idle sessions to try to hold (default 1000, --quick 300)")
-    p.add_argument("--spj", type=int, default=256,
-                   help="sessions_per_job of the second mailpool configuration (default 256: "
-                        "enough for the idle test's 1000 sessions on the 4 initial jobs)")
+                   help="idle sessions to try to hold (default 10000, --quick 2000)")
     p.add_argument("--client-procs", type=int, default=1,
                    help="generator processes (default 1; raise it on machines with many cores)")
     p.add_argument("--only", action="append", default=[],
-                   choices=["mailpool", "postfix", "aiosmtpd", "smtp-sink", "journal", "pop",
-                            "outbound", "tls"],
+                   choices=["mailpool", "postfix", "aiosmtpd", "smtp-sink", "idle", "journal",
+                            "pop", "outbound", "tls"],
                    help="run only these parts (repeatable)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole run (default 540, --quick 90); parts that "
+                   help="seconds for the whole run (default 540, --quick 150); parts that "
                         "would start later are reported as skipped")
     p.add_argument("--outbound-messages", type=int, default=0, metavar="N",
                    help="messages queued for the outbound section (default 2000, --quick 600)")
@@ -696,13 +765,15 @@ def parse_args(argv: list[str] | None) -> Options:
     return Options(
         quick=a.quick,
         duration=a.duration or (2.0 if a.quick else 3.0),
-        idle_bound=a.idle_bound or (200 if a.quick else 1000),
-        idle_window=3.0 if a.quick else 8.0,
-        journal_rounds=1 if a.quick else 5,
-        spj=a.spj, client_procs=a.client_procs, install=not a.no_install,
+        idle_bound=a.idle_bound or (2000 if a.quick else 10_000),
+        idle_window=30.0 if a.quick else 90.0,
+        greet_idle=1000, greet_probes=100 if a.quick else 300,
+        journal_rounds=1 if a.quick else 4,
+        journal_messages=300 if a.quick else 600,
+        client_procs=a.client_procs, install=not a.no_install,
         only=set(a.only), keep=a.keep,
-        budget=a.budget or (90.0 if a.quick else 540.0),
-        pop_sessions=(5,) if a.quick else (1, 10),
+        budget=a.budget or (150.0 if a.quick else 540.0),
+        pop_sessions=(10,) if a.quick else (1, 10),
         pop_per_user=20 if a.quick else 100,
         outbound_messages=a.outbound_messages,
     )
@@ -744,41 +815,46 @@ def _sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.report import chart, print_report
+    from bench.report import chart, markdown, print_report
 
     opts = parse_args(argv)
-    raise_fd_limit()
+    raise_fd_limit()  # the idle part holds 10,000 client sockets in this process
     signal.signal(signal.SIGTERM, _sigterm)
     started = time.monotonic()
     ensure_peers(opts.install)
     runner = Runner(opts)
     info = machine()
     runner.record({"kind": "meta", "machine": info, "options": asdict(opts) | {
-        "only": sorted(opts.only)}})
+        "only": sorted(opts.only)}, "started": time.strftime("%Y-%m-%d %H:%M %Z")})
     print(f"mailpool benchmark {runner.stamp}: {info['cpus']} CPUs, load average "
           f"{info['load'][0]:.2f}; results in {runner.out_path.relative_to(BENCH_DIR.parent)}")
     if info["load"][0] > 0.5:
         print("  note: the machine is busy; figures will be noisy (compare ratios, rerun)")
-    phases: list[Callable[[], None]] = [runner.run_smtp, runner.run_journal, runner.run_pop,
-                                        runner.run_outbound, runner.run_tls]
+    parts: list[Callable[[], None]] = [runner.run_smtp, runner.run_idle, runner.run_journal,
+                                       runner.run_pop, runner.run_outbound, runner.run_tls]
     interrupted = False
     try:
-        for phase in phases:
-            phase()
+        for part in parts:
+            part()
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping servers", file=sys.stderr)
     finally:
         runner.close()
-    targets = print_report(runner.rows, opts.spj)
-    for t in targets:
-        runner.rows.append(t)
+    wall = time.monotonic() - started
+    targets = print_report(runner.rows)
+    runner.rows.extend(targets)
     with open(runner.out_path, "a") as f:
-        for t in targets:
-            f.write(json.dumps({"run": runner.stamp, **t}, separators=(",", ":")) + "\n")
+        for row in [*targets, {"kind": "wall", "seconds": wall}]:
+            f.write(json.dumps({"run": runner.stamp, **row}, separators=(",", ":")) + "\n")
+    block = markdown(runner.rows, wall)
+    md = runner.out_path.with_suffix(".md")
+    md.write_text(block)
+    print(f"\n== README Performance block (Markdown, also in "
+          f"{md.relative_to(BENCH_DIR.parent)})\n\n{block}")
     png = chart(runner.rows, runner.out_path.with_suffix(".png"))
     if png:
-        print(f"\nchart: {png.relative_to(BENCH_DIR.parent)}")
+        print(f"chart: {png.relative_to(BENCH_DIR.parent)}")
     print(f"results: {runner.out_path.relative_to(BENCH_DIR.parent)} "
           f"({time.monotonic() - started:.0f} s)")
     return 130 if interrupted else 0

@@ -104,6 +104,11 @@ def deliver(path: Path, unique: str, content: bytes, *, sync: bool = True,
                 os.fsync(fd)
         finally:
             os.close(fd)
+        if not check:
+            # A name never used (a first attempt): rename is one metadata change where
+            # link-then-unlink is two, and nothing can hold the name to be replaced.
+            os.rename(tmp, final)
+            return _synced(final, sync)
         try:
             os.link(tmp, final)
         except FileExistsError:
@@ -114,8 +119,14 @@ def deliver(path: Path, unique: str, content: bytes, *, sync: bool = True,
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
                 raise
             os.rename(tmp, final)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    tmp.unlink(missing_ok=True)
+    return _synced(final, sync)
+
+
+def _synced(final: Path, sync: bool) -> Path:
     if sync:
         fsync_dir(final.parent)
     return final
