@@ -114,6 +114,13 @@ class Framework:
             return None
         ids: dict[str, Any] = {"queue_id": queue_id, "message_id": envelope.message_id}
         fp = FrameworkPass(queue_id=queue_id, ids=ids, envelope=envelope)
+        if envelope.source:
+            # Submitted by a program (sendmail, the API): the source's EH E1 E2 ET.
+            fp.journal("EH", detail=envelope.source)
+            fp.journal("E1", originator=envelope.originator)
+            for rcpt in envelope.recipients:
+                fp.journal("E2", recipient=rcpt)
+            fp.journal("ET", size=envelope.size)
         fp.journal("7A")
         fp.journal("7H")
         fp.journal("71", originator=envelope.originator)

@@ -71,6 +71,9 @@ class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
     notice: str = ""
     # Released from quarantine by the operator: the filters do not look at it again.
     filter_exempt: bool = False
+    # How it came in when not by SMTP: "sendmail" (the command) or "api" (send_mail); the
+    # framework journals EH E1 E2 ET for those, as the SMTP server journals 94 91 92 9T.
+    source: str = ""
 
     def rcpt_notify(self, index: int) -> str:
         return self.notify[index] if index < len(self.notify) else ""

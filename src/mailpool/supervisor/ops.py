@@ -8,6 +8,7 @@ and a refusal is {"error": "..."} naming the entry, key and value.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ import trio
 from mailpool.config import PoolParams
 from mailpool.framework.spool import SpoolError
 from mailpool.journal.writer import NullJournal
+
+_QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 if TYPE_CHECKING:
     from mailpool.supervisor.supervisor import Supervisor
@@ -30,6 +33,7 @@ class ControlOps:
             "pool-change": self.pool_change,
             "journal-rotate": self.journal_rotate,
             "queue-flush": self.queue_flush,
+            "queue-submitted": self.queue_submitted,
             "queue-release": self.queue_release,
             "queue-delete": self.queue_delete,
             "status": self.status,
@@ -88,6 +92,14 @@ class ControlOps:
         count = self.sup.outbound.flush(domain=req.get("domain") or None,
                                         queue_id=req.get("queue_id") or None)
         return {"flushed": count}
+
+    async def queue_submitted(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A program (sendmail, the API) put a message on the incoming queue, durably."""
+        queue_id = str(req.get("queue_id", ""))
+        if not _QUEUE_ID.fullmatch(queue_id):
+            return {"error": f"bad queue id {queue_id!r}"}
+        self.sup.work.put(queue_id)
+        return {"queued": queue_id}
 
     async def queue_release(self, req: dict[str, Any]) -> dict[str, Any]:
         """A message kept by a filter (quarantine) or on hold goes on to delivery."""
