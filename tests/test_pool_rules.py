@@ -525,7 +525,7 @@ def test_stats_json_shape() -> None:
     pool = started(clock)
     stats = json.loads(json.dumps(pool.stats()))
     assert set(stats) == {"parameters", "jobs", "in_use", "waiting", "accepted", "rejected",
-                          "ready", "available", "sessions"}
+                          "ready", "available", "sessions", "abandoned"}
     assert stats["sessions"] == {"capacity": 4 * stats["parameters"]["sessions_per_job"],
                                  "in_use": 0}
     assert set(stats["parameters"]) == set(PoolParams.__struct_fields__)

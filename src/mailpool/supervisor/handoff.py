@@ -146,16 +146,17 @@ class HandOff:
                     if await self.send_to_job(entry, listener, job_id, sock, addr):
                         return True
                     continue  # that job died meanwhile: try another
-                entry.rules.request_rejected(waited)
                 if gone:
-                    why = "client left while waiting"
-                elif waited is not None:
+                    # Not a rejection: nothing was refused and no 421 went out (a TCP probe,
+                    # a client that gave up). Counted apart, not journaled as JR.
+                    entry.rules.request_abandoned(waited)
+                    return False
+                entry.rules.request_rejected(waited)
+                if waited is not None:
                     why = f"no job free within wait_timeout ({waited:.1f}s)"
                 else:
                     why = "at the maximum, wait off"
                 self.record("JR", entry=entry.name, ip=peer_ip, detail=why)
-                if gone:
-                    return False
                 with trio.move_on_after(5):
                     try:
                         await sock.send(entry.role.busy_reply)

@@ -135,6 +135,7 @@ class PoolEntry:
         self._waiting = 0
         self._accepted = 0
         self._rejected = 0
+        self._abandoned = 0  # held requests whose client left first
         self._wait_total = 0.0
         now = clock()
         self._g_jobs = _Gauge(now)
@@ -317,6 +318,13 @@ class PoolEntry:
         """A held request got its session (after the acquire() that booked it)."""
         self._waiting = max(0, self._waiting - 1)
         self._wait_total += max(0.0, waited)
+        self._observe(self._clock())
+
+    def request_abandoned(self, waited: float | None) -> None:
+        """A held request whose client went away before a job was free: not a rejection."""
+        if waited is not None:
+            self._waiting = max(0, self._waiting - 1)
+        self._abandoned += 1
         self._observe(self._clock())
 
     def request_rejected(self, waited: float | None = None) -> None:
@@ -510,6 +518,7 @@ class PoolEntry:
             "waiting": waiting,
             "accepted": self._accepted,
             "rejected": self._rejected,
+            "abandoned": self._abandoned,
             # Beyond the source's display: jobs that said Ready, and jobs free to take work.
             "ready": sum(1 for j in self._jobs.values() if j.state is JobState.READY),
             "available": self.available(),
