@@ -13,7 +13,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from mailpool.config import DEFAULT_CONFIG, ConfigError, LoadedConfig, effective_toml, load_config
+from mailpool import __version__
+from mailpool.config import (
+    ConfigError,
+    LoadedConfig,
+    default_config_path,
+    effective_toml,
+    load_config,
+)
 
 Handler = Callable[[argparse.Namespace, LoadedConfig], int]
 
@@ -24,8 +31,9 @@ class CliError(Exception):
 
 def _parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help=f"configuration file (default {DEFAULT_CONFIG})")
+    parent.add_argument("--config", type=Path, default=None,
+                        help="configuration file (default: $MAILPOOL_CONFIG, else "
+                             "config/mailpool.toml here, else /etc/mailpool/mailpool.toml)")
     return parent
 
 
@@ -136,6 +144,9 @@ def cmd_user_passwd(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
+        if not sys.stdin.isatty():
+            raise CliError("no terminal to ask the password on: use --password-stdin or "
+                           "--password-hash")
         password = getpass.getpass(f"New POP password for {args.name}: ")
     if not password:
         raise CliError("empty password refused")
@@ -198,6 +209,19 @@ def cmd_pool_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 _CHANGE_KEYS = ("initial_jobs", "threshold", "additional_jobs", "maximum_jobs", "max_use",
                 "sessions_per_job", "deliveries_per_job", "wait_timeout", "idle_timeout")
+
+
+_CHANGE_HELP = {
+    "initial_jobs": "jobs started at start-up (and kept)",
+    "threshold": "when fewer jobs than this are available, start more",
+    "additional_jobs": "how many jobs to start each time",
+    "maximum_jobs": "never more jobs than this",
+    "max_use": "sessions a job serves before it is replaced",
+    "sessions_per_job": "sessions one job serves at once",
+    "deliveries_per_job": "smtp-client: deliveries one job runs at once",
+    "wait_timeout": "how long a request is held for a free job",
+    "idle_timeout": "a surplus idle job ends after this long",
+}
 
 
 def cmd_pool_change(args: argparse.Namespace, loaded: LoadedConfig) -> int:
@@ -277,14 +301,48 @@ def cmd_queue_release(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return 0
 
 
+def _report_change(reply: dict[str, object], what: str) -> int:
+    done, busy, errors = (list(reply.get(k) or []) for k in ("done", "busy", "errors"))
+    for qid in done:
+        print(f"{qid}: {what}")
+    for qid in busy:
+        print(f"{qid}: being delivered right now, left alone (try again)")
+    for error in errors:
+        print(f"not changed: {error}", file=sys.stderr)
+    if not done and not busy and not errors:
+        print("no messages")
+    return 0 if not errors else 1
+
+
 def cmd_queue_delete(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    reply = _queue_change(loaded, "queue-delete", args.queue_id)
-    print(f"{args.queue_id}: deleted from {reply['queue']}")
+    return _report_change(_queue_change(loaded, "queue-delete", args.queue_id), "deleted")
+
+
+def cmd_queue_hold(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    return _report_change(_queue_change(loaded, "queue-hold", args.queue_id), "on hold")
+
+
+def cmd_queue_requeue(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    return _report_change(_queue_change(loaded, "queue-requeue", args.queue_id),
+                          "back on the incoming queue")
+
+
+def cmd_queue_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.framework.spool import Spool
+    from mailpool.queue_view import show
+
+    spool = Spool(loaded.spool_dir)
+    part = "headers" if args.headers else "body" if args.body else "all"
+    try:
+        sys.stdout.write(show(spool, args.queue_id, part))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailpool", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mailpool {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _leaf(sub, "serve", cmd_serve, "start the mail host (supervisor, pools, listeners)")
@@ -298,15 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     user = sub.add_parser("user", help="system distribution directory (WRKDIRE)").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")
     p = _leaf(user, "add", cmd_user_add, "add a user with one or more addresses")
-    p.add_argument("name")
-    p.add_argument("--address", action="append", required=True, metavar="ADDR")
+    p.add_argument("name", help="user name (also the mailbox directory): [a-z0-9][a-z0-9._-]*")
+    p.add_argument("--address", action="append", required=True, metavar="ADDR",
+                   help="a mail address of the user, in one of host.local_domains "
+                        "(repeat for more)")
     _password_options(p)
     p = _leaf(user, "list", cmd_user_list, "list users")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON document for scripts")
     p = _leaf(user, "remove", cmd_user_remove, "remove a user (the mailbox is kept)")
-    p.add_argument("name")
-    p = _leaf(user, "passwd", cmd_user_passwd, "set a user's POP password")
-    p.add_argument("name")
+    p.add_argument("name", help="the user to remove")
+    p = _leaf(user, "passwd", cmd_user_passwd, "set a user's password (POP3, SMTP AUTH)")
+    p.add_argument("name", help="the user")
     _password_options(p)
 
     journal = sub.add_parser("journal", help="mail journal (DSPJRN, CHGJRN)").add_subparsers(
@@ -329,27 +389,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("queue_id", nargs="?", help="only this message")
     p.add_argument("--domain", help="only mail for this domain")
     p = _leaf(queue, "release", cmd_queue_release,
-              "deliver a message kept in quarantine (by a filter) or on hold")
+              "deliver a message kept in quarantine (by a filter) or on hold (journaled QR)")
+    p.add_argument("queue_id", help="the message's queue id")
+    p = _leaf(queue, "delete", cmd_queue_delete,
+              "delete a message (or ALL) from its queue (journaled QD)")
+    p.add_argument("queue_id", help="a queue id, or ALL")
+    p = _leaf(queue, "hold", cmd_queue_hold,
+              "keep a message (or ALL) on hold until `queue release` (journaled QH)")
+    p.add_argument("queue_id", help="a queue id, or ALL")
+    p = _leaf(queue, "requeue", cmd_queue_requeue,
+              "take a message through the framework again (journaled QQ)")
     p.add_argument("queue_id")
-    p = _leaf(queue, "delete", cmd_queue_delete, "delete a message from its queue (journaled)")
+    p = _leaf(queue, "show", cmd_queue_show,
+              "a message's envelope, each recipient's state and the message (as postcat -q); "
+              "works with the host stopped")
     p.add_argument("queue_id")
+    part = p.add_mutually_exclusive_group()
+    part.add_argument("--headers", action="store_true", help="only the message's headers")
+    part.add_argument("--body", action="store_true", help="only the message's body")
 
     pool = sub.add_parser("pool", help="prestart job entries (CHGPJE, DSPACTPJ)").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")
     p = _leaf(pool, "show", cmd_pool_show, "statistics of the prestart job entries")
-    p.add_argument("entry", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("entry", nargs="?", help="only this entry (smtp-server, pop-server, "
+                                            "framework, smtp-client)")
+    p.add_argument("--json", action="store_true", help="the stable JSON shape for scripts")
     p = _leaf(pool, "change", cmd_pool_change, "change a prestart job entry on the running host")
-    p.add_argument("entry")
+    p.add_argument("entry", help="the entry to change (smtp-server, pop-server, framework, "
+                                 "smtp-client)")
     for key in _CHANGE_KEYS:
         kind = float if key.endswith("timeout") else int
-        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, metavar="N")
-    p.add_argument("--wait", dest="wait", action="store_const", const=True, default=None)
-    p.add_argument("--no-wait", dest="wait", action="store_const", const=False)
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind,
+                       metavar="SECONDS" if kind is float else "N", help=_CHANGE_HELP[key])
+    p.add_argument("--wait", dest="wait", action="store_const", const=True, default=None,
+                   help="at the maximum, hold new requests until a job frees up")
+    p.add_argument("--no-wait", dest="wait", action="store_const", const=False,
+                   help="at the maximum, refuse new requests at once (421)")
     p.add_argument("--start-jobs", dest="start_jobs", action="store_const", const=True,
-                   default=None)
-    p.add_argument("--no-start-jobs", dest="start_jobs", action="store_const", const=False)
-    p.add_argument("--json", action="store_true")
+                   default=None, help="start the initial jobs at start-up")
+    p.add_argument("--no-start-jobs", dest="start_jobs", action="store_const", const=False,
+                   help="start jobs only on the first request")
+    p.add_argument("--json", action="store_true", help="print the entry's statistics as JSON")
     return parser
 
 
@@ -360,10 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        loaded = load_config(args.config)
+        loaded = load_config(args.config or default_config_path())
         return args.handler(args, loaded)
     except (ConfigError, CliError, DirectoryError, ControlError) as exc:
         print(f"mailpool: {exc}", file=sys.stderr)
+        return 1
+    except EOFError:
+        # e.g. `user passwd NAME </dev/null`: a prompt with nothing to read.
+        print("mailpool: no input (end of file) where a value was expected", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 0

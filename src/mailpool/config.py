@@ -7,6 +7,7 @@ can print one line and exit non-zero instead of a traceback.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -17,6 +18,20 @@ import msgspec
 from mailpool.roles import BY_NAME, ROLE_NAMES, ROLES
 
 DEFAULT_CONFIG = Path("config/mailpool.toml")
+SYSTEM_CONFIG = Path("/etc/mailpool/mailpool.toml")
+
+
+def default_config_path() -> Path:
+    """Where the configuration is when --config is not given: $MAILPOOL_CONFIG, else
+    config/mailpool.toml in the current directory, else /etc/mailpool/mailpool.toml (the
+    first that exists; the relative one when none does, so the error names it)."""
+    env = os.environ.get("MAILPOOL_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in (DEFAULT_CONFIG, SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return DEFAULT_CONFIG
 
 
 class ConfigError(Exception):

@@ -13,9 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mailpool.framework.spool import Spool, SpoolError
-from mailpool.outbound.state import PENDING, load_state
-
-OUTBOUND_QUEUES = ("outbound", "retry1", "retry2")
+from mailpool.outbound.state import OUTBOUND_QUEUES, PENDING, load_state
 
 
 def queued(spool: Spool, queues: tuple[str, ...] = Spool.QUEUES) -> Iterator[dict[str, Any]]:
@@ -52,6 +50,48 @@ def queued(spool: Spool, queues: tuple[str, ...] = Spool.QUEUES) -> Iterator[dic
                    "message_size": envelope.size, "sender": envelope.originator,
                    "recipients": recipients, "next_attempt": next_attempt,
                    "attempts": attempts, "message_id": envelope.message_id}
+
+
+def show(spool: Spool, queue_id: str, part: str = "all") -> str:
+    """What `queue show` prints: the envelope, each recipient's state, then the message
+    ("all"), only its headers ("headers") or only its body ("body")."""
+    queue = spool.find(queue_id)
+    if queue is None:
+        raise ValueError(f"{queue_id}: no such message in any queue")
+    envelope, content = spool.load(queue, queue_id)
+    head, _, body = content.partition(b"\r\n\r\n")
+    if part == "headers":
+        return (head + b"\r\n").decode("utf-8", "replace").replace("\r\n", "\n")
+    if part == "body":
+        return body.decode("utf-8", "replace").replace("\r\n", "\n")
+    lines = [f"*** ENVELOPE ({queue}) ***",
+             f"queue_id: {queue_id}",
+             f"message_id: {envelope.message_id}",
+             "arrival_time: " + time.strftime("%Y-%m-%d %H:%M:%S %z",
+                                              time.localtime(envelope.received_ns / 1e9)),
+             f"message_size: {envelope.size}",
+             f"sender: {envelope.originator or '<>'}",
+             f"client: [{envelope.peer_ip}] helo={envelope.helo}" if envelope.peer_ip else
+             "client: local"]
+    states = None
+    if queue in OUTBOUND_QUEUES:
+        state = load_state(spool, queue_id, len(envelope.recipients))
+        states = state.recipients
+        lines.append(f"attempts: {state.attempts}, next attempt: "
+                     + (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.next_attempt))
+                        if state.next_attempt else "now"))
+    for i, rcpt in enumerate(envelope.recipients):
+        line = f"recipient: {rcpt}"
+        if envelope.rcpt_notify(i):
+            line += f" NOTIFY={envelope.rcpt_notify(i)}"
+        if states is not None:
+            rs = states[i]
+            line += f" [{rs.status}" + (f": {rs.reason}" if rs.reason else "") + "]"
+        lines.append(line)
+    lines.append("*** MESSAGE CONTENTS ***")
+    lines.append(content.decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n"))
+    lines.append("*** END OF MESSAGE ***")
+    return "\n".join(lines) + "\n"
 
 
 # mailq's marks after the queue id: being delivered or due, on hold.

@@ -56,6 +56,7 @@ from mailpool.outbound.schedule import (
 from mailpool.outbound.state import (
     DELIVERED,
     FAILED,
+    OUTBOUND_QUEUES,
     OutboundState,
     destination_of,
     destinations,
@@ -68,7 +69,6 @@ from mailpool.supervisor.channel import Deliver, Delivered, OutboundItem
 
 log = logging.getLogger("mailpool.client")
 
-OUTBOUND_QUEUES = ("outbound", "retry1", "retry2")
 DEFERRED = "deferred"
 
 

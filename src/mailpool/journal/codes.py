@@ -136,6 +136,8 @@ _TABLE: Final[tuple[tuple[str, str, str] | tuple[str, str, str, bool], ...]] = (
     # Queue operator (project)
     ("QR", "message released", "Message released from quarantine or hold by the operator"),
     ("QD", "message deleted", "Message deleted from its queue by the operator"),
+    ("QH", "message held", "Message put on hold by the operator"),
+    ("QQ", "message requeued", "Message put back on the incoming queue by the operator"),
     # POP3 server (project)
     ("DL", "POP login", "POP login succeeded"),
     ("DF", "POP login failed", "POP login failed"),

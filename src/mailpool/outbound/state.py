@@ -18,6 +18,9 @@ import msgspec
 from mailpool.framework.spool import Envelope, Spool, SpoolError
 from mailpool.fsutil import write_all
 
+# The queues a message waits in for delivery to another host (first try, then the retries).
+OUTBOUND_QUEUES = ("outbound", "retry1", "retry2")
+
 PENDING = "pending"
 DELIVERED = "delivered"  # accepted by the next hop
 FAILED = "failed"        # permanently (a notice went to the originator)

@@ -36,6 +36,8 @@ class ControlOps:
             "queue-submitted": self.queue_submitted,
             "queue-release": self.queue_release,
             "queue-delete": self.queue_delete,
+            "queue-hold": self.queue_hold,
+            "queue-requeue": self.queue_requeue,
             "status": self.status,
         }
 
@@ -114,18 +116,48 @@ class ControlOps:
         return {"released": queue_id}
 
     async def queue_delete(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Remove a message from whatever queue holds it, unless a job is working on it."""
+        """Remove a message (or ALL) from whatever queue holds it."""
+        return await self._change(req, self.sup.delete, "QD", "deleted from {queue}")
+
+    async def queue_hold(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Keep a message (or ALL) on the hold queue until `queue release`."""
+        return await self._change(req, self.sup.hold, "QH", "held (was in {queue})")
+
+    async def queue_requeue(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Take a message through the framework again."""
+        result = await self._change(req, self.sup.requeue, "QQ", "requeued from {queue}")
+        for queue_id in result.get("done", []):
+            self.sup.work.put(queue_id, again=True)
+        return result
+
+    async def _change(self, req: dict[str, Any], change: Any, code: str,
+                      detail: str) -> dict[str, Any]:
+        """One operator change to queued mail, in a worker thread (files only), for one queue
+        id or ALL; a message a job is working on right now is left alone and named."""
         queue_id = str(req.get("queue_id", ""))
-        if self.sup.busy_with(queue_id):
-            return {"error": f"{queue_id} is being delivered right now: try again in a moment"}
-        try:
-            queue, envelope = await trio.to_thread.run_sync(self.sup.delete, queue_id)
-        except (ValueError, SpoolError) as exc:
-            return {"error": str(exc)}
-        self.sup.outbound.forget(queue_id)
-        self.sup.record("QD", queue_id=queue_id, message_id=envelope.message_id,
-                        detail=f"deleted from {queue} by the operator")
-        return {"deleted": queue_id, "queue": queue}
+        ids = (await trio.to_thread.run_sync(self.sup.all_queued) if queue_id == "ALL"
+               else [queue_id])
+        done: list[str] = []
+        busy: list[str] = []
+        errors: list[str] = []
+        for qid in ids:
+            if self.sup.busy_with(qid):
+                busy.append(qid)
+                continue
+            try:
+                queue, envelope = await trio.to_thread.run_sync(change, qid)
+            except (ValueError, SpoolError, OSError) as exc:
+                errors.append(str(exc))
+                continue
+            self.sup.outbound.forget(qid)
+            self.sup.record(code, queue_id=qid, message_id=envelope.message_id,
+                            detail=detail.format(queue=queue) + " by the operator")
+            done.append(qid)
+        if queue_id != "ALL" and not done:
+            why = errors[0] if errors else (f"{queue_id} is being delivered right now: "
+                                            "try again in a moment")
+            return {"error": why}
+        return {"done": done, "busy": busy, "errors": errors}
 
     async def status(self, req: dict[str, Any]) -> dict[str, Any]:
         return self.sup.status()

@@ -39,7 +39,7 @@ from mailpool.fsutil import raise_fd_limit, syncfs
 from mailpool.journal.writer import JournalWriter, NullJournal
 from mailpool.logs import setup as setup_logging
 from mailpool.outbound.destinations import DestinationLimits, Destinations
-from mailpool.outbound.state import destinations, load_state
+from mailpool.outbound.state import OUTBOUND_QUEUES, destinations, load_state
 from mailpool.roles import ROLES, for_queue
 from mailpool.storage import SpaceCheck
 from mailpool.supervisor.anvil import ClientLimits
@@ -71,7 +71,6 @@ from mailpool.supervisor.outbound import OutboundDispatcher
 from mailpool.supervisor.privileges import PrivilegeError, drop_to
 
 SUPERVISOR = "supervisor"
-OUTBOUND_QUEUES = ("outbound", "retry1", "retry2")
 # An attempt that broke off (a bug, an I/O error) is looked at again after this long.
 FAILED_RETRY_DELAY = 30.0
 log = logging.getLogger("mailpool.supervisor")
@@ -443,6 +442,29 @@ class Supervisor:
         syncfs(self.loaded.spool_dir)
         return released
 
+    def hold(self, queue_id: str) -> tuple[str, Envelope]:
+        """Any queue but hold and quarantine -> hold: kept, not delivered, until released."""
+        queue = self.spool.find(queue_id)
+        if queue in (None, "hold", "quarantine"):
+            raise ValueError(f"{queue_id}: " + (f"already in {queue}" if queue
+                                                else "no such message in any queue"))
+        envelope = self.spool.load_envelope(queue, queue_id)
+        self.spool.move(queue_id, queue, "hold")
+        return queue, envelope
+
+    def requeue(self, queue_id: str) -> tuple[str, Envelope]:
+        """Back to the incoming queue, to be taken through the framework afresh (Postfix's
+        postsuper -r); an outbound message's delivery state starts over."""
+        queue = self.spool.find(queue_id)
+        if queue is None or queue == "incoming":
+            raise ValueError(f"{queue_id}: " + ("already on the incoming queue" if queue
+                                                else "no such message in any queue"))
+        envelope, content = self.spool.load(queue, queue_id)
+        self.spool.store("incoming", envelope, content, sync=False)
+        self.spool.remove(queue, queue_id, sync=False)
+        syncfs(self.loaded.spool_dir)
+        return queue, envelope
+
     def delete(self, queue_id: str) -> tuple[str, Envelope]:
         queue = self.spool.find(queue_id)
         if queue is None:
@@ -450,6 +472,10 @@ class Supervisor:
         envelope = self.spool.load_envelope(queue, queue_id)
         self.spool.remove(queue, queue_id)
         return queue, envelope
+
+    def all_queued(self) -> list[str]:
+        """Every queued message's id (for the operator's ALL)."""
+        return [qid for queue in Spool.QUEUES for qid in self.spool.list(queue)]
 
     def busy_with(self, queue_id: str) -> bool:
         """Is a job working on this message now?"""

@@ -1,0 +1,1 @@
+"""Content checks that ship with mailpool: asyncio coroutine functions for mailpool.plugins."""
