@@ -264,6 +264,31 @@ class JournalConfig(Base):
     sync_interval: float = 1.0
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SYSLOG_FACILITIES = ("mail", "daemon", "user", *(f"local{i}" for i in range(8)))
+
+
+class LogConfig(Base):
+    # info: one line per connection, rejection, accepted message, delivery, deferral and
+    # bounce (what an administrator greps for); warning: problems only.
+    level: str = "info"
+    # The same lines also to syslog (a Unix socket path, or "host:port" for UDP).
+    syslog: bool = False
+    syslog_address: str = "/dev/log"
+    syslog_facility: str = "mail"
+
+
+class CheckConfig(Base):
+    """A content-check plug-in: an asyncio coroutine function run at the end of DATA."""
+
+    function: str                 # "package.module:function"
+    timeout: float = 10.0         # seconds; past it, on_error decides
+    on_error: str = "accept"      # accept | tempfail (451 4.3.0) on a timeout or a failure
+    # Keyword arguments for every call (checked against the function's signature).
+    options: dict[str, str | int | float | bool | list[str]] = msgspec.field(
+        default_factory=dict)
+
+
 class PoolParams(Base):
     """One prestart job entry (the source's CHGPJE parameters plus what users need)."""
 
@@ -332,6 +357,7 @@ class Config(Base):
     smtp: SmtpConfig = msgspec.field(default_factory=SmtpConfig)
     pop3: Pop3Config = msgspec.field(default_factory=Pop3Config)
     journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
     relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
     dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
     outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
@@ -342,6 +368,7 @@ class Config(Base):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     restrictions: RestrictionsConfig = msgspec.field(default_factory=RestrictionsConfig)
     filter: list[FilterRule] = msgspec.field(default_factory=list)
+    check: list[CheckConfig] = msgspec.field(default_factory=list)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     pool: dict[str, PoolParams] = msgspec.field(default_factory=_default_pools)
 
@@ -443,7 +470,13 @@ def _check(cfg: Config) -> list[tuple[str, Any, str]]:
     if cfg.journal.receiver_max_bytes < 4096:
         problems.append(("journal.receiver_max_bytes", cfg.journal.receiver_max_bytes,
                          "must be at least 4096"))
+    if cfg.log.level not in LOG_LEVELS:
+        problems.append(("log.level", cfg.log.level, f"must be one of {', '.join(LOG_LEVELS)}"))
+    if cfg.log.syslog_facility not in SYSLOG_FACILITIES:
+        problems.append(("log.syslog_facility", cfg.log.syslog_facility,
+                         f"must be one of {', '.join(SYSLOG_FACILITIES)}"))
     problems += _check_outbound(cfg)
+    problems += _check_plugins(cfg)
     problems += _check_hardening(cfg)
     problems += _check_tls(cfg)
     for name, params in cfg.pool.items():
@@ -452,6 +485,29 @@ def _check(cfg: Config) -> list[tuple[str, Any, str]]:
                              f"is not a pool entry (known: {', '.join(ROLE_NAMES)})"))
         for key, value, why in params.problems():
             problems.append((f"pool.{name}.{key}", value, why))
+    return problems
+
+
+def _check_plugins(cfg: Config) -> list[tuple[str, Any, str]]:
+    """[[check]]: each plug-in is imported here, so a typo fails `serve` at start-up rather
+    than every SMTP job as it starts."""
+    from mailpool.plugins import ON_ERROR, load_check  # only when checks are configured
+
+    problems: list[tuple[str, Any, str]] = []
+    for i, chk in enumerate(cfg.check):
+        if not chk.timeout > 0:
+            problems.append((f"check[{i}].timeout", chk.timeout, "must be above 0"))
+        if chk.on_error not in ON_ERROR:
+            problems.append((f"check[{i}].on_error", chk.on_error,
+                             f"must be one of {', '.join(ON_ERROR)}"))
+        try:
+            load_check(chk.function, chk.options)
+        except ValueError as exc:
+            problems.append((f"check[{i}].function", chk.function, str(exc)))
+    if cfg.check and sum(c.timeout for c in cfg.check) + cfg.smtp.spool_timeout >= 600:
+        problems.append(("check", [c.timeout for c in cfg.check],
+                         "timeouts plus smtp.spool_timeout must stay under the client's "
+                         "10-minute wait for the reply to the final dot (RFC 5321 4.5.3.2.6)"))
     return problems
 
 
@@ -791,11 +847,12 @@ def effective_toml(cfg: Config) -> str:
             table(sub, struct)
 
     for section in Config.__struct_fields__:
-        if section == "filter":
-            for rule in cfg.filter:
-                table("[filter]", rule)  # an array of tables: [[filter]]
+        current = getattr(cfg, section)
+        if isinstance(current, list):  # an array of tables: [[filter]], [[check]]
+            for item in current:
+                table(f"[{section}]", item)
         elif section != "pool":
-            table(section, getattr(cfg, section))
+            table(section, current)
     for name, params in cfg.pool.items():
         # A role whose capacity is set elsewhere (smtp-client) has no sessions_per_job.
         skip = ("sessions_per_job",) if BY_NAME[name].capacity_key else ()

@@ -1,17 +1,66 @@
-"""The one logger setup: every process logs through `logging` to its stderr, one line each."""
+"""The one logger setup: every process logs through `logging`, one line per event, to its
+stderr with a timestamp and optionally to syslog ([log] in the configuration).
+
+Lines look like Postfix's so the habits of administrators carry over:
+`2026-12-01T05:37:41.123+00:00 mailpool/smtp-server/3[4711]: connect from [192.0.2.1]`.
+"""
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import sys
+from datetime import datetime
+
+from mailpool.config import LogConfig
+
+# The message vocabulary shared by every process, so one grep finds an event wherever it
+# happened (the formats follow Postfix's smtpd, smtp and local).
+CONNECT = "connect from [%s]:%d on %s"
+DISCONNECT = "disconnect from [%s] messages=%d rejected=%d"
+REJECT = "%s: reject: %s from [%s]: %s; from=<%s> to=<%s> helo=<%s>"
+ACCEPTED = "%s: client=[%s], from=<%s>, nrcpt=%d, size=%d, message-id=<%s>"
+DELIVERY = "%s: to=<%s>, relay=%s, delay=%.2f, status=%s (%s)"
 
 
-def setup(prefix: str = "mailpool") -> None:
-    """Lines as `<prefix>: message` on stderr (the supervisor's goes to the terminal or the
-    service manager's journal; each job's to the same stderr it inherited)."""
+class _Formatter(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return datetime.fromtimestamp(record.created).astimezone().isoformat(
+            timespec="milliseconds")
+
+
+def _syslog_handler(cfg: LogConfig, ident: str) -> logging.Handler:
+    address: str | tuple[str, int] = cfg.syslog_address
+    host, sep, port = cfg.syslog_address.rpartition(":")
+    if sep and port.isdigit() and not cfg.syslog_address.startswith("/"):
+        address = (host, int(port))
+    facility = logging.handlers.SysLogHandler.facility_names[cfg.syslog_facility]
+    handler = logging.handlers.SysLogHandler(address=address, facility=facility)
+    handler.ident = f"{ident}[{os.getpid()}]: "
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
+def setup(name: str = "mailpool", cfg: LogConfig | None = None) -> None:
+    """Route the `mailpool` logger: stderr always (the supervisor's goes to the terminal or
+    the service manager; each job's to the same stderr it inherited), syslog when asked.
+    Called again after a configuration is loaded or reloaded."""
+    cfg = cfg or LogConfig()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
+    handler.setFormatter(_Formatter(f"%(asctime)s {name}[{os.getpid()}]: %(message)s"))
+    handlers: list[logging.Handler] = [handler]
+    problem = None
+    if cfg.syslog:
+        try:
+            handlers.append(_syslog_handler(cfg, name))
+        except OSError as exc:
+            problem = f"syslog at {cfg.syslog_address}: {exc} (logging to stderr only)"
     root = logging.getLogger("mailpool")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    for old in root.handlers:
+        old.close()
+    root.handlers[:] = handlers
+    root.setLevel(cfg.level.upper())
     root.propagate = False
+    if problem:
+        root.error("%s", problem)

@@ -281,7 +281,7 @@ class Checks:
 
         # The call runs in a task of the job's nursery, not this one, so the deadline
         # holds even against a check that swallows its cancellation: the session moves on
-        # and the check is left to the loop (which cancels it again when the job ends).
+        # at once, and only the job's end waits for such a check to finish.
         scope = await nursery.start(call)
         try:
             with trio.move_on_after(check.timeout):

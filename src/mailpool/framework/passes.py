@@ -19,6 +19,8 @@ whose journals commit in order.)
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,11 @@ from mailpool.framework.filters import FilterMatch, Filters
 from mailpool.framework.notice_queue import NoticeSettings, QueuedNotice, queue_notice
 from mailpool.framework.notices import RecipientReport, add_delivery_headers
 from mailpool.framework.spool import Envelope, Spool
+from mailpool.logs import DELIVERY
 from mailpool.outbound.state import destination_of
 from mailpool.supervisor.channel import OutboundItem
+
+log = logging.getLogger("mailpool.framework")
 
 TAG_LOCAL = "POP LclDel"
 TAG_FORWARD = "SMTP MsgFwd"
@@ -221,9 +226,11 @@ class Framework:
         if match.action == "keep":
             self.spool.move(fp.queue_id, "incoming", "quarantine", sync=False)
             fp.journal("OW", detail=f"kept in quarantine: {match.reason}")
+            log.info("%s: quarantined by filter: %s", fp.queue_id, match.reason)
         else:
             self.spool.remove("incoming", fp.queue_id, sync=False)
             fp.journal("OW", detail=f"discarded: {match.reason}")
+            log.info("%s: discarded by filter: %s", fp.queue_id, match.reason)
 
     def park(self, queue_id: str) -> tuple[str, dict[str, Any]] | None:
         """Storage threshold: move a message to the busy queue untouched; its 7L entry (None
@@ -241,11 +248,17 @@ class Framework:
         if fp.filtered:
             return  # already off the incoming queue (quarantined or discarded)
         env = fp.envelope
+        delay = time.time() - env.received_ns / 1e9
         for rcpt, tag, box in fp.outcome:
             fp.journal("P2", recipient=rcpt, tag=tag, detail=tag)
             if box is not None:
                 fp.journal("B8", mailbox=str(box), detail=str(box))
                 fp.journal("B2", recipient=rcpt)
+                log.info(DELIVERY, fp.queue_id, rcpt, "local", delay, "sent",
+                         f"delivered to mailbox {box.name}")
+            elif tag == TAG_NONDEL:
+                log.info(DELIVERY, fp.queue_id, rcpt, "none", delay, "bounced",
+                         "5.1.1 User unknown in local recipient table")
         if fp.forwarded:
             fp.journal("C6", detail="outbound")
             fp.journal("C1", originator=env.originator)

@@ -24,6 +24,7 @@ from mailpool.supervisor.channel import Channel, ToJob
 
 async def job_main(entry: str, job_id: int, fd: int, config_path: Path) -> None:
     loaded = load_snapshot(config_path.read_bytes())
+    setup_logging(f"mailpool/{entry}/{job_id}", loaded.config.log)
     sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
     ctx = JobContext(loaded, entry, job_id, Channel(sock, ToJob),
                      pool_params(loaded.config, entry))
@@ -37,7 +38,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_fd_limit()
     entry, job_id, fd, config_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    setup_logging(f"mailpool {entry}/{job_id}")
+    setup_logging(f"mailpool/{entry}/{job_id}")
     try:
         role(entry)
     except KeyError as exc:

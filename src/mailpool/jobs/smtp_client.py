@@ -37,6 +37,7 @@ from mailpool.jobs.client_session import (
     tls_policy_for,
 )
 from mailpool.jobs.runtime import JobContext, run_job
+from mailpool.logs import DELIVERY
 from mailpool.outbound.mx import RouteFailure
 from mailpool.outbound.resolver import (
     DnsProblem,
@@ -82,6 +83,10 @@ class Result:
     remote_mta: str = ""
     dsn_passed: bool = True   # the next hop took DSN duties over (RFC 3461 5.2.2)
     tls: str = ""             # the session's TLS ("TLSv1.3 <cipher>", "none", ...)
+
+
+# A recipient's outcome as Postfix logs it (status=sent, bounced, deferred).
+_LOGGED_STATUS = {DELIVERED: "sent", FAILED: "bounced"}
 
 
 def _reply_text(reply: Reply) -> str:
@@ -347,10 +352,13 @@ class ClientRole:
         now = time.time()
         delivered = [i for i, r in sorted(results.items()) if r.status == DELIVERED]
         failed = [i for i, r in sorted(results.items()) if r.status == FAILED]
+        delay = now - envelope.received_ns / 1e9
         for i, res in results.items():
             rs = state.recipients[i]
             rs.code, rs.reason, rs.remote_mta, rs.last_attempt = (
                 res.code, res.reason, res.remote_mta, now)
+            log.info(DELIVERY, qid, envelope.recipients[i], res.remote_mta or "none", delay,
+                     _LOGGED_STATUS.get(res.status, res.status), res.reason)
             if res.status in (DELIVERED, FAILED):
                 rs.status = res.status
         if delivered:
@@ -376,6 +384,8 @@ class ClientRole:
                     rs.reason = f"delivery time expired; last problem: {rs.reason}"
                     rs.code = rs.code if rs.code.startswith("4.") else "4.4.7"
                     failed.append(i)
+                    log.info(DELIVERY, qid, envelope.recipients[i], rs.remote_mta or "none",
+                             delay, "expired", rs.reason)
                     entries.append(("83", {"recipient": envelope.recipients[i],
                                            "detail": rs.reason, **ids}))
             else:

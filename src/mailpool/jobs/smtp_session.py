@@ -10,7 +10,7 @@ import logging
 import select
 import socket
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import trio
@@ -20,7 +20,9 @@ from mailpool.framework.spool import Envelope, Spool
 from mailpool.jobs.logins import Logins
 from mailpool.jobs.runtime import JobContext, run_job, send_within
 from mailpool.jobs.tls import describe, handshake, server_context
+from mailpool.logs import ACCEPTED, CONNECT, DISCONNECT, REJECT
 from mailpool.message import find_message_id, message_id_header, received_header
+from mailpool.plugins import CheckEnvelope, Checks, Quarantine, Reject
 from mailpool.protocol import smtp_server as core
 from mailpool.relay import RelayRules
 from mailpool.storage import REPLY as STORAGE_LOW
@@ -64,6 +66,14 @@ async def talked_first(stream: trio.abc.Stream, pause: float) -> bool:
         return False  # reset: the session ends at its first read
 
 
+@dataclass
+class Tally:
+    """What one session did, for its disconnect line."""
+
+    messages: int = 0
+    rejected: int = 0
+
+
 class SmtpServerRole:
     """Per-job state shared by this job's sessions."""
 
@@ -84,6 +94,9 @@ class SmtpServerRole:
         self.directory = Directory(ctx.loaded.directory_file)
         self.tls = server_context(cfg.tls)
         self.logins = Logins(ctx, self.directory)
+        # Content-check plug-ins (asyncio coroutines); their loop opens in run() only when
+        # some are configured.
+        self.checks = Checks.build(cfg.check)
         base = core.ServerLimits(
             hostname=cfg.host.name,
             max_message_size=cfg.smtp.max_message_size,
@@ -184,17 +197,46 @@ class SmtpServerRole:
                 log.info("blocklist lookup for %s: %s", peer_ip, note)
             if refusal is not None:
                 conn.refuse(refusal.reason)
+                log.info(REJECT, "NOQUEUE", "CONNECT", peer_ip,
+                         f"554 5.7.1 {refusal.reason}", "", "", "")
                 await ctx.journal("9S", ip=peer_ip,
                                   detail=f"{refusal.listed_by}: {refusal.reason} "
                                          f"({refusal.detail})")
                 return
         if await talked_first(stream, ctx.config.smtp.greet_pause):
             conn.early_talker()
+            log.info(REJECT, "NOQUEUE", "CONNECT", peer_ip,
+                     "554 5.7.1 client talked before the greeting", "", "", "")
             await ctx.journal("9S", ip=peer_ip, detail="talked before the greeting")
             return
         conn.greeting()
 
     async def session(self, ctx: JobContext, raw: trio.SocketStream, assign: Assign) -> None:
+        log.info(CONNECT, assign.peer_ip, assign.peer_port, assign.listener)
+        tally = Tally()
+        try:
+            await self.converse(ctx, raw, assign, tally)
+        finally:
+            log.info(DISCONNECT, assign.peer_ip, tally.messages, tally.rejected)
+
+    async def report(self, ctx: JobContext, conn: core.ServerConnection, peer_ip: str,
+                     tally: Tally, relay_refused: str | None = None) -> None:
+        """Log and journal what the session refused since the last look: `9R`, or `9V`
+        for a recipient the relay rules refused (`relay_refused` says why)."""
+        for r in conn.take_rejections():
+            tally.rejected += 1
+            answer = f"{r.reply.code} {r.reply.enhanced or ''} {' '.join(r.reply.lines)}"
+            log.info(REJECT, "NOQUEUE", r.command, peer_ip, answer, r.originator,
+                     r.recipient, conn.helo or "")
+            if relay_refused is not None and r.command == "RCPT":
+                await ctx.journal("9V", ip=peer_ip, recipient=r.recipient,
+                                  detail=f"relay refused ({relay_refused})")
+            else:
+                await ctx.journal("9R", ip=peer_ip, originator=r.originator,
+                                  recipient=r.recipient, detail=f"{r.command} {answer}")
+
+    async def converse(self, ctx: JobContext, raw: trio.SocketStream, assign: Assign,
+                       tally: Tally) -> None:
         cfg = ctx.config.smtp
         limits = self.limits.get(assign.listener, self.limits["smtp"])
         conn = core.ServerConnection(limits)
@@ -242,6 +284,8 @@ class SmtpServerRole:
         try:
             while True:
                 event = conn.next_event()
+                if conn.has_rejections:
+                    await self.report(ctx, conn, peer_ip, tally)
                 if event is core.NEED_DATA:
                     if conn.closed:
                         await close()
@@ -296,9 +340,7 @@ class SmtpServerRole:
                     await ctx.journal("9S", ip=peer_ip, detail=what)
                 elif isinstance(event, core.RcptTo):
                     refused = self.rcpt(conn, event, peer_ip, rewritten)
-                    if refused is not None:
-                        await ctx.journal("9V", ip=peer_ip, recipient=event.address,
-                                          detail=f"relay refused ({refused})")
+                    await self.report(ctx, conn, peer_ip, tally, refused)
                 elif isinstance(event, core.Etrn):
                     await self.etrn(ctx, conn, event.node, peer_ip)
                 elif isinstance(event, core.Verify):
@@ -307,7 +349,8 @@ class SmtpServerRole:
                     except (DirectoryError, OSError):
                         conn.reply(451, "Temporary lookup failure", "4.3.0")
                 elif isinstance(event, core.MessageReceived):
-                    await self.accept_message(ctx, conn, event, peer_ip, rewritten)
+                    if await self.accept_message(ctx, conn, event, peer_ip, rewritten):
+                        tally.messages += 1
                     rewritten = {}
                 elif isinstance(event, core.MailFrom):
                     rewritten = {}
@@ -395,11 +438,12 @@ class SmtpServerRole:
 
     async def accept_message(self, ctx: JobContext, conn: core.ServerConnection,
                              event: core.MessageReceived, peer_ip: str,
-                             rewritten: dict[str, str]) -> None:
-        """Make the message durable in the incoming queue, journal it, then answer 250."""
+                             rewritten: dict[str, str]) -> bool:
+        """Make the message durable in the incoming queue, journal it, then answer 250
+        (True); or answer why not."""
         if self.space.low():
             conn.reply(*STORAGE_LOW)
-            return
+            return False
         queue_id = self.spool.new_queue_id()
         content = event.content
         # A recipient named twice in one transaction (in any letter case: local mailboxes
@@ -414,6 +458,19 @@ class SmtpServerRole:
         notify = [",".join(event.notify[i] or ()) for i in keep] if any(event.notify) else []
         orcpt = [event.orcpt[i] or "" for i in keep] if any(event.orcpt) else []
         relayed = any(not self.relay.is_local(r) for r in recipients)
+        quarantine: Quarantine | None = None
+        if self.checks:
+            verdict = await self.checks.run(CheckEnvelope(
+                peer_ip=peer_ip, helo=conn.helo or "", originator=event.originator,
+                recipients=tuple(recipients), size=len(content),
+                authenticated_user=conn.authenticated_user), content)
+            if isinstance(verdict, Reject):
+                conn.reply(verdict.code, verdict.text, verdict.enhanced)
+                await ctx.journal("OW", ip=peer_ip, detail=f"refused by {verdict.check}: "
+                                  f"{verdict.code} {verdict.enhanced} {verdict.text}")
+                return False
+            if isinstance(verdict, Quarantine):
+                quarantine = verdict
         message_id = find_message_id(content)
         prefix = received_header(helo=conn.helo or "", peer_ip=peer_ip, hostname=self.hostname,
                                  queue_id=queue_id, recipients=recipients, esmtp=conn.esmtp,
@@ -440,25 +497,35 @@ class SmtpServerRole:
             *(("92", {"recipient": rcpt, **ids}) for rcpt in recipients),
             ("9T", {"size": len(data), **ids}),
             ("99", ids),
-            ("97", {"detail": "incoming", **ids}),
+            ("97", {"detail": "incoming", **ids}) if quarantine is None else
+            ("OW", {"detail": f"kept in quarantine: {quarantine.check}: {quarantine.reason}",
+                    **ids}),
         ]
+        queue = "incoming" if quarantine is None else "quarantine"
         try:
             with trio.fail_after(ctx.config.smtp.spool_timeout):
                 # Without an fsync this is a page-cache write and a rename: cheaper in the
                 # loop than a hop to a worker thread.
-                self.spool.store("incoming", envelope, data, sync=False)
-                durable = await ctx.group_sync(entries, [("incoming", queue_id)])
+                self.spool.store(queue, envelope, data, sync=False)
+                durable = await ctx.group_sync(
+                    entries, [("incoming", queue_id)] if quarantine is None else [])
         except (OSError, trio.TooSlowError) as exc:
             durable = False
             reason = type(exc).__name__
         else:
             reason = "sync failed"
         if not durable:
-            self.spool.remove("incoming", queue_id, sync=False)
+            self.spool.remove(queue, queue_id, sync=False)
             conn.reply(451, f"Error: queue file write error ({reason})", "4.3.0")
-            return
+            return False
         conn.reply(250, f"Ok: queued as {queue_id}", "2.0.0")
+        log.info(ACCEPTED, queue_id, peer_ip, event.originator, len(recipients), len(data),
+                 message_id)
+        return True
 
 
 async def run(ctx: JobContext) -> None:
-    await run_job(ctx, session=SmtpServerRole(ctx).session)
+    role = SmtpServerRole(ctx)
+    # The content checks' asyncio loop lives as long as the job (opens nothing without checks).
+    async with role.checks.open():
+        await run_job(ctx, session=role.session)

@@ -86,6 +86,8 @@ _TABLE: Final[tuple[tuple[str, str, str] | tuple[str, str, str, bool], ...]] = (
     ("96", "passing mail to client", "Message entered the outbound queue (relayed)"),
     ("9S", "connection refused", "Connection refused by connection restrictions"),
     ("9V", "relay refused", "Relay refused by relay restrictions"),
+    ("9R", "mail refused", "MAIL, RCPT or end of DATA refused with 4xx/5xx: the command, "
+     "reply and reason, originator, recipient and IP (project)"),
     ("9A", "SMTP AUTH succeeded", "Client authenticated (AUTH): user and IP (project)"),
     ("9F", "SMTP AUTH failed", "Client authentication failed (AUTH): user tried and IP (project)"),
     # Bridge server

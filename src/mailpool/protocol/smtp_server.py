@@ -217,6 +217,17 @@ class ConnectionClosed:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A MAIL, RCPT or end of DATA the session refused with 4xx/5xx (not a syntax error):
+    what the driver logs and journals. Collected by take_rejections()."""
+
+    command: str  # "MAIL", "RCPT" or "DATA"
+    originator: str
+    recipient: str  # RCPT only
+    reply: Reply
+
+
 Event = (
     MailFrom | RcptTo | MessageReceived | Verify | Etrn | Hello | Reset | Quit
     | Forbidden | ImproperPipelining | StartTls | Authenticate | AuthAborted | ConnectionClosed
@@ -253,6 +264,14 @@ _LETTER_RE = re.compile(r"[A-Za-z]")  # Postfix regexp tables ignore case: /^[^A
 def _printable(raw: bytes) -> str:
     """Hostile input made safe to journal: at most 100 characters, non-printables as "?"."""
     return _UNPRINTABLE_RE.sub("?", raw[:_SAMPLE_MAX].decode("latin-1"))
+
+
+def _shown_path(arg: str, prefix: re.Pattern[str]) -> str:
+    """The address of a MAIL/RCPT argument refused before parsing, for the log only."""
+    m = prefix.match(arg)
+    split = split_path(arg[m.end():]) if m else None
+    shown = split[0].strip("<>") if split else arg
+    return _UNPRINTABLE_RE.sub("?", shown[:_SAMPLE_MAX])
 
 
 def _forbidden(verb: str, line: str) -> bool:
@@ -444,6 +463,7 @@ class ServerConnection:
         self._opened = False  # greeting(), refuse() or early_talker() was called
         self._refused = False
         self._line_seen = False  # a complete command line (even an over-long one) was read
+        self._rejections: list[Rejection] = []
         # transaction
         self._originator = ""
         self._recipients: list[str] = []
@@ -555,6 +575,8 @@ class ServerConnection:
         self._send(code, lines, enhanced)
         self._pending = None
         accepted = 200 <= code <= 299
+        if not accepted and isinstance(event, MailFrom | RcptTo | MessageReceived):
+            self._rejected(event, Reply(code, enhanced, tuple(lines)))
         if isinstance(event, MailFrom):
             if accepted:
                 self._reset_transaction()
@@ -638,6 +660,25 @@ class ServerConnection:
         out = bytes(self._out)
         self._out.clear()
         return out
+
+    @property
+    def has_rejections(self) -> bool:
+        return bool(self._rejections)
+
+    def take_rejections(self) -> list[Rejection]:
+        """The refusals since the last call (usually none): MAIL, RCPT or DATA answered 4xx
+        or 5xx by the driver or by the core's limits (size, recipient count, AUTH needed)."""
+        out, self._rejections = self._rejections, []
+        return out
+
+    def _rejected(self, event: MailFrom | RcptTo | MessageReceived | None,
+                  reply: Reply) -> None:
+        if isinstance(event, MailFrom):
+            self._rejections.append(Rejection("MAIL", event.address, "", reply))
+        elif isinstance(event, RcptTo):
+            self._rejections.append(Rejection("RCPT", self._originator, event.address, reply))
+        else:
+            self._rejections.append(Rejection("DATA", self._originator, "", reply))
 
     # -- output -------------------------------------------------------------------------
 
@@ -796,6 +837,7 @@ class ServerConnection:
 
     def _cmd_mail(self, verb: str, arg: str) -> Event | None:
         if not self._auth_satisfied():
+            self._rejected(MailFrom(_shown_path(arg, _FROM_RE), {}), _AUTH_REQUIRED)
             return None
         parsed = self._path_and_params(arg, _FROM_RE, _MAIL_SYNTAX, _BAD_SENDER,
                                        null_ok=True, postmaster_ok=False)
@@ -812,6 +854,7 @@ class ServerConnection:
                     return None
                 if int(value) > self._limits.max_message_size:
                     self._error(_SIZE_EXCEEDED)
+                    self._rejected(MailFrom(address, params), _SIZE_EXCEEDED)
                     return None
             elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
                 pass
@@ -842,6 +885,7 @@ class ServerConnection:
             # Not counted as an error: a client pipelining a long recipient list would
             # otherwise be cut off mid-transaction (Postfix does the same).
             self._answer(_TOO_MANY_RCPTS)
+            self._rejected(RcptTo(_shown_path(arg, _TO_RE), {}), _TOO_MANY_RCPTS)
             return None
         self._rcpt_tried = True
         parsed = self._path_and_params(arg, _TO_RE, _RCPT_SYNTAX, _BAD_RECIPIENT,
@@ -1062,6 +1106,7 @@ class ServerConnection:
 
     def _finish_data(self) -> Event | None:
         if self._too_large:
+            self._rejected(None, _MESSAGE_TOO_LARGE)
             self._end_transaction()
             self._error(_MESSAGE_TOO_LARGE)
             return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,20 @@ log = logging.getLogger("mailpool.supervisor")
 
 MANAGE_COALESCE = 0.01
 Record = Callable[..., None]
+
+
+def exit_text(status: int | None) -> str:
+    """A process's end as an administrator reads it: `exit status 1`, `killed by signal 9
+    (SIGKILL)` (a negative return code is the signal that ended it)."""
+    if status is None:
+        return "not started"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-status} ({name})"
+    return f"exit status {status}"
 
 
 class JobHandle:
@@ -142,8 +157,10 @@ class JobPools:
                 why = job.killed_for
             pid = job.process.pid if job.process else None
             status = job.process.returncode if job.process else None
-            self.record("JE", job.name, entry=entry.name, pid=pid, detail=why,
-                        reason=f"exit status {status}")
+            ended = exit_text(status)
+            self.record("JE", job.name, entry=entry.name, pid=pid, detail=why, reason=ended)
+            if crashed:
+                log.warning("%s (pid %s) ended: %s (%s)", job.name, pid, ended, why)
             self.on_exit(job)
             entry.poke()
 

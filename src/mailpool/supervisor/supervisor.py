@@ -293,6 +293,7 @@ class Supervisor:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         self.loaded = new
+        setup_logging(cfg=new.config.log)
         self.config_generation += 1
         self.write_snapshot()
         for name, entry in self.pools.entries.items():
@@ -509,7 +510,7 @@ class Supervisor:
 
 
 def serve(loaded: LoadedConfig) -> int:
-    setup_logging()
+    setup_logging(cfg=loaded.config.log)
     raise_fd_limit()
     return trio.run(_main, loaded)
 
