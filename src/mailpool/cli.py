@@ -61,7 +61,15 @@ def cmd_serve(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.config.overlay import overlay_path
+
     print(f"# {loaded.path}: OK (data directory {loaded.data_dir})")
+    if loaded.overlay:
+        print(f"# with `pool change` values from {overlay_path(loaded.path)} "
+              "(`mailpool pool reset ENTRY` takes them out):")
+        for entry, table in sorted(loaded.overlay.items()):
+            for key, value in sorted(table.items()):
+                print(f"#   pool.{entry}.{key} = {json.dumps(value)}")
     print(effective_toml(loaded.config), end="")
     return 0
 
@@ -238,11 +246,63 @@ def cmd_pool_change(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     try:
         reply = request(loaded.control_socket,
                         {"op": "pool-change", "entry": args.entry, "changes": changes})
-    except ControlUnavailable as exc:
-        raise CliError(f"no running mailpool at {loaded.control_socket}: {exc}") from None
+    except ControlUnavailable:
+        return _pool_change_stopped(args, loaded, changes)
     print(f"{args.entry}: changed " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+    _report_overlay(reply)
     if args.json:
         print(json.dumps(reply))
+    return 0
+
+
+def _pool_change_stopped(args: argparse.Namespace, loaded: LoadedConfig,
+                         changes: dict[str, object]) -> int:
+    """With the host stopped, the change is checked and kept for its next start (CHGPJE
+    changes the entry's description whether the subsystem runs or not)."""
+    from mailpool.config import pool_params
+    from mailpool.config.overlay import changed_params, overlay_path, update_overlay
+
+    if args.entry not in loaded.config.pool:
+        raise CliError(f"unknown pool entry {args.entry!r} "
+                       f"(known: {', '.join(loaded.config.pool)})")
+    try:
+        changed_params(args.entry, pool_params(loaded.config, args.entry), changes)
+        update_overlay(loaded.path, args.entry, changes=changes)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"{overlay_path(loaded.path)}: cannot write: {exc.strerror}") from None
+    print(f"{args.entry}: changed " + ", ".join(f"{k}={v}" for k, v in changes.items())
+          + " (the host is not running: applies when it starts)")
+    print(f"kept in {overlay_path(loaded.path)}")
+    return 0
+
+
+def _report_overlay(reply: dict[str, object]) -> None:
+    if "warning" in reply:
+        print(f"mailpool: warning: {reply['warning']}", file=sys.stderr)
+    elif "overlay" in reply:
+        print(f"kept in {reply['overlay']} (across reload and restart; `mailpool pool reset` "
+              "takes it out)")
+
+
+def cmd_pool_reset(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.config.overlay import overlay_path, update_overlay
+    from mailpool.supervisor.control import ControlUnavailable, request
+
+    keys = [k.replace("-", "_") for k in args.keys]
+    try:
+        request(loaded.control_socket, {"op": "pool-reset", "entry": args.entry, "keys": keys})
+    except ControlUnavailable:
+        if args.entry not in loaded.config.pool:
+            raise CliError(f"unknown pool entry {args.entry!r} "
+                           f"(known: {', '.join(loaded.config.pool)})") from None
+        try:
+            update_overlay(loaded.path, args.entry, reset=keys)
+        except OSError as exc:
+            raise CliError(f"{overlay_path(loaded.path)}: cannot write: {exc.strerror}") from None
+    print(f"{args.entry}: " + (", ".join(keys) if keys else "all changes")
+          + f" taken out of {overlay_path(loaded.path)}; the configuration file's values apply")
     return 0
 
 
@@ -340,6 +400,16 @@ def cmd_queue_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return 0
 
 
+
+# --- sendmail (mail from programs; also the `sendmail` console script) --------------------
+
+
+def cmd_sendmail(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.sendmail import run
+
+    return run(args, loaded)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailpool", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mailpool {__version__}")
@@ -408,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--headers", action="store_true", help="only the message's headers")
     part.add_argument("--body", action="store_true", help="only the message's body")
 
+    from mailpool.sendmail import add_arguments as add_sendmail_arguments
+
+    add_sendmail_arguments(_leaf(sub, "sendmail", cmd_sendmail,
+                                 "submit a message from a program (Postfix sendmail's options "
+                                 "and exit codes)"))
+
     pool = sub.add_parser("pool", help="prestart job entries (CHGPJE, DSPACTPJ)").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")
     p = _leaf(pool, "show", cmd_pool_show, "statistics of the prestart job entries")
@@ -430,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-start-jobs", dest="start_jobs", action="store_const", const=False,
                    help="start jobs only on the first request")
     p.add_argument("--json", action="store_true", help="print the entry's statistics as JSON")
+    p = _leaf(pool, "reset", cmd_pool_reset,
+              "undo `pool change`: the configuration file's values apply again")
+    p.add_argument("entry", help="the entry (smtp-server, pop-server, framework, smtp-client)")
+    p.add_argument("keys", nargs="*", metavar="KEY",
+                   help="only these keys (e.g. maximum_jobs); all of the entry's when none")
     return parser
 
 

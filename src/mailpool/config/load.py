@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from mailpool.config.checks import problems_of
+from mailpool.config.overlay import apply_overlay, overlay_path, read_overlay
 from mailpool.config.schema import Config, ConfigError, LoadedConfig, _default_pools
 from mailpool.roles import BY_NAME
 
@@ -94,7 +95,21 @@ def load_config(path: Path | str) -> LoadedConfig:
             raise ConfigError(f"{path}: pool.{name}.sessions_per_job: "
                               f"{table['sessions_per_job']!r}: {name} jobs run deliveries, "
                               f"not sessions: set {section}.{key}")
-    raw = merge_pool_defaults(raw)
+    overlay_file = overlay_path(path)
+    overlay = read_overlay(overlay_file)
+
+    def origin(key: str) -> Path:
+        """The file a bad key came from: the overlay for a value it set."""
+        for entry, table in overlay.items():
+            capacity = BY_NAME[entry].capacity_key
+            for k in table:
+                spelled = ".".join(capacity) if capacity and k == capacity[1] else \
+                    f"pool.{entry}.{k}"
+                if key == spelled:
+                    return overlay_file
+        return path
+
+    raw = merge_pool_defaults(apply_overlay(raw, overlay))
     try:
         cfg = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
@@ -108,15 +123,15 @@ def load_config(path: Path | str) -> LoadedConfig:
             full = f"{key}.{field}" if key else field
             raise ConfigError(f"{path}: {full}: missing required key") from None
         value = _lookup(raw, key)
-        raise ConfigError(f"{path}: {key}: {value!r}: {why}") from None
+        raise ConfigError(f"{origin(key)}: {key}: {value!r}: {why}") from None
     problems = problems_of(cfg)
     if problems:
         key, value, why = problems[0]
-        raise ConfigError(f"{path}: {key}: {value!r}: {why}")
+        raise ConfigError(f"{origin(key)}: {key}: {value!r}: {why}")
     data = Path(cfg.paths.data)
     if not data.is_absolute():
         data = (path.resolve().parent / data).resolve()
-    return LoadedConfig(config=cfg, path=path.resolve(), data_dir=data)
+    return LoadedConfig(config=cfg, path=path.resolve(), data_dir=data, overlay=overlay)
 
 
 def effective_toml(cfg: Config) -> str:
@@ -168,13 +183,16 @@ class _Snapshot(msgspec.Struct, frozen=True):
     config: Config
     path: str
     data_dir: str
+    overlay: dict[str, dict[str, Any]] = {}
 
 
 def dump_snapshot(loaded: LoadedConfig) -> bytes:
     """The effective config as JSON: jobs start from exactly what the supervisor validated."""
-    return msgspec.json.encode(_Snapshot(loaded.config, str(loaded.path), str(loaded.data_dir)))
+    return msgspec.json.encode(_Snapshot(loaded.config, str(loaded.path), str(loaded.data_dir),
+                                         loaded.overlay))
 
 
 def load_snapshot(data: bytes) -> LoadedConfig:
     snap = msgspec.json.decode(data, type=_Snapshot)
-    return LoadedConfig(config=snap.config, path=Path(snap.path), data_dir=Path(snap.data_dir))
+    return LoadedConfig(config=snap.config, path=Path(snap.path), data_dir=Path(snap.data_dir),
+                        overlay=snap.overlay)

@@ -356,6 +356,8 @@ class LoadedConfig(msgspec.Struct, frozen=True):
     config: Config
     path: Path
     data_dir: Path
+    # What `pool change` set, laid over the file's [pool.*] (entry -> key -> value).
+    overlay: dict[str, dict[str, Any]] = {}
 
     @property
     def spool_dir(self) -> Path:

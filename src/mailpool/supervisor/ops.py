@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
-from mailpool.config import PoolParams
+from mailpool.config import ConfigError, load_config, pool_params
+from mailpool.config.overlay import changed_params, overlay_path, update_overlay
 from mailpool.framework.spool import SpoolError
 from mailpool.journal.writer import NullJournal
 
@@ -31,6 +32,7 @@ class ControlOps:
         self.ops: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "pool-show": self.pool_show,
             "pool-change": self.pool_change,
+            "pool-reset": self.pool_reset,
             "journal-rotate": self.journal_rotate,
             "queue-flush": self.queue_flush,
             "queue-submitted": self.queue_submitted,
@@ -51,38 +53,60 @@ class ControlOps:
         return {"entries": self.sup.pool_stats()}
 
     async def pool_change(self, req: dict[str, Any]) -> dict[str, Any]:
+        """CHGPJE: applied at once and kept in the pool overlay beside the configuration
+        file, so a reload or restart keeps it."""
         name = req["entry"]
         entry = self.sup.pools.entries.get(name)
         if entry is None:
             known = ", ".join(self.sup.pools.entries)
             return {"error": f"unknown pool entry {name!r} (known: {known})"}
         changes = dict(req["changes"])
-        capacity = entry.role.capacity_key
-        if capacity is not None:
-            # smtp-client jobs run deliveries: their slot count has its own name.
-            if "sessions_per_job" in changes:
-                return {"error": f"{name}: sessions_per_job: {name} jobs run deliveries, not "
-                                 f"sessions: change {capacity[1]}"}
-            if capacity[1] in changes:
-                changes["sessions_per_job"] = changes.pop(capacity[1])
-        current = msgspec.structs.asdict(entry.rules.params)
-        unknown = set(changes) - set(current)
-        if unknown:
-            return {"error": f"unknown key(s) {', '.join(sorted(unknown))}"}
         try:
-            params = msgspec.convert({**current, **changes}, PoolParams)
-        except msgspec.ValidationError as exc:
-            return {"error": f"{name}: {exc}"}
-        problems = params.problems()
-        if problems:
-            key, value, why = problems[0]
-            if capacity is not None and key == "sessions_per_job":
-                key = capacity[1]
-            return {"error": f"{name}: {key}: {value!r}: {why}"}
+            params = changed_params(name, entry.rules.params, changes)
+        except ValueError as exc:
+            return {"error": str(exc)}
         entry.rules.change(params)
-        self.sup.record("JC", entry=name, detail=json.dumps(req["changes"], sort_keys=True))
+        self.sup.record("JC", entry=name, detail=json.dumps(changes, sort_keys=True))
         entry.poke()
-        return {"entry": name, "stats": entry.rules.stats()}
+        reply = {"entry": name, "stats": entry.rules.stats()}
+        return reply | self._keep(name, changes=changes)
+
+    async def pool_reset(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Take `pool change` values out of the overlay (`keys`, or all of the entry's): the
+        configuration file's values apply again, at once."""
+        name = req["entry"]
+        entry = self.sup.pools.entries.get(name)
+        if entry is None:
+            known = ", ".join(self.sup.pools.entries)
+            return {"error": f"unknown pool entry {name!r} (known: {known})"}
+        keys = list(req.get("keys") or [])
+        kept = self._keep(name, reset=keys)
+        if "warning" in kept:
+            return {"error": kept["warning"]}
+        try:
+            loaded = load_config(self.sup.loaded.path)
+        except ConfigError as exc:
+            return {"error": f"the overlay was changed, but the configuration does not load: "
+                             f"{exc}"}
+        self.sup.loaded = msgspec.structs.replace(self.sup.loaded, overlay=loaded.overlay)
+        params = pool_params(loaded.config, name)
+        entry.rules.change(params)
+        self.sup.record("JC", entry=name, detail=json.dumps({"reset": keys or "all"}))
+        entry.poke()
+        return {"entry": name, "stats": entry.rules.stats()} | kept
+
+    def _keep(self, name: str, changes: dict[str, Any] | None = None,
+              reset: list[str] | None = None) -> dict[str, Any]:
+        """Write the change to the pool overlay; a warning when it could not be kept."""
+        path = self.sup.loaded.path
+        try:
+            overlay = update_overlay(path, name, changes=changes, reset=reset)
+        except (OSError, ConfigError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            return {"warning": f"applied, but not kept across reload or restart: "
+                               f"{overlay_path(path)}: {why}"}
+        self.sup.loaded = msgspec.structs.replace(self.sup.loaded, overlay=overlay)
+        return {"overlay": str(overlay_path(path))}
 
     async def journal_rotate(self, req: dict[str, Any]) -> dict[str, Any]:
         if isinstance(self.sup.journal, NullJournal):
