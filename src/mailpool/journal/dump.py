@@ -1,25 +1,24 @@
-"""`mailpool journal dump`: the DSPJRN of the source.
+"""`mailpool journal dump` (the DSPJRN of the source): options, record filters,
+record output formats (text, JSON, CSV) and the command.
 
-Filters combine with AND. --since is inclusive and --until exclusive, so
-consecutive windows never show a record twice. --message-id selects every
-record of the message through all components: records carrying that
-Message-ID and every record carrying one of the queue ids those records name
-(two passes over the receivers; with --follow, ids are also learned as
-records arrive, and recent queue-id-only records are held back until it is
-known whether they belong to the message).
+Filters combine with AND; --since is inclusive and --until exclusive, so
+consecutive windows never show a record twice. -n N shows the newest N records
+(oldest first, like tail), --head N the oldest N. Message selectors
+(selection.py) pick whole messages, learnt in a first pass over the receivers;
+--summary (summary.py) prints one line per message instead of its records.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,10 +27,23 @@ import msgspec
 from mailpool.journal.codes import CODES, explain
 from mailpool.journal.format import Record, datetime_to_ns, iso_time
 from mailpool.journal.reader import follow, iter_records, verify_report
+from mailpool.journal.selection import (
+    AddressPattern,
+    MessageSelector,
+    normalise_message_id,
+    parse_address_pattern,
+    queue_id_of,
+)
+from mailpool.journal.summary import (
+    SUMMARY_STANDALONE,
+    MessageSummary,
+    SummaryOutput,
+    text_value,
+)
 
 PROG = "mailpool journal dump"
 MAIN_FIELDS = ("queue_id", "message_id", "originator", "recipient", "size", "ip", "detail")
-FOLLOW_LOOKBACK = 10_000  # records held back per --follow --message-id
+FOLLOW_LOOKBACK = 10_000  # records held back per --follow with a message selector
 CSV_COLUMNS = ("seq", "time", "type", "code", "job", *MAIN_FIELDS, "explanation")
 
 
@@ -103,6 +115,16 @@ def add_dump_arguments(parser: argparse.ArgumentParser) -> None:
         help="every record of this message (angle brackets optional), "
         "including records that carry only its queue id",
     )  # fmt: skip
+    parser.add_argument(
+        "--sender", type=_arg_type(parse_address_pattern), metavar="ADDR",
+        help="every record of the messages from ADDR (case-insensitive; * is a wildcard, "
+        "e.g. '*@example.test'; <> is the null sender) and of their notices",
+    )  # fmt: skip
+    parser.add_argument(
+        "--recipient", type=_arg_type(parse_address_pattern), metavar="ADDR",
+        help="every record of the messages with a recipient matching ADDR (as --sender) "
+        "and of their notices",
+    )  # fmt: skip
     parser.add_argument("--queue-id", metavar="ID", help="records of this queue id")
     parser.add_argument(
         "--job", metavar="JOB",
@@ -113,8 +135,20 @@ def add_dump_arguments(parser: argparse.ArgumentParser) -> None:
         "--from-seq", type=_arg_type(_count), metavar="N", help="start at sequence number N"
     )
     parser.add_argument(
-        "-n", dest="limit", type=_arg_type(_count), metavar="N", help="at most N records"
-    )
+        "-n", dest="limit", type=_arg_type(_count), metavar="N",
+        help="the newest N records (shown oldest first); with --follow, those and then "
+        "new ones as they arrive",
+    )  # fmt: skip
+    parser.add_argument(
+        "--head", type=_arg_type(_count), metavar="N",
+        help="the oldest N records; with --follow, stop once N are shown",
+    )  # fmt: skip
+    parser.add_argument(
+        "--summary", action="store_true",
+        help="one line per message: time of its first record, queue id, sender, recipients, "
+        "size, final state; the filters choose messages (any record passing them selects "
+        "its message)",
+    )  # fmt: skip
     parser.add_argument(
         "--format", choices=("text", "json", "csv"), default="text",
         help="output format (default text; json is one object per line)",
@@ -132,13 +166,6 @@ def add_dump_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def normalise_message_id(value: str) -> str:
-    bare = value.strip()
-    if bare.startswith("<") and bare.endswith(">"):
-        bare = bare[1:-1].strip()
-    return bare
-
-
 @dataclass(slots=True)
 class DumpOptions:
     codes: frozenset[str] | None = None
@@ -148,12 +175,19 @@ class DumpOptions:
     queue_id: str | None = None
     job: str | None = None
     from_seq: int | None = None
-    limit: int | None = None
+    limit: int | None = None  # -n: the newest N
+    head: int | None = None  # --head: the oldest N
+    sender: AddressPattern | None = None
+    recipient: AddressPattern | None = None
+    summary: bool = False
     format: str = "text"
     follow: bool = False
     poll_interval: float = 0.5
     verify: bool = False
-    queue_ids: set[str] = field(default_factory=set)  # learned for --message-id
+    messages: MessageSelector = field(init=False, default_factory=MessageSelector)
+
+    def __post_init__(self) -> None:
+        self.messages = MessageSelector(self.message_id, self.sender, self.recipient)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DumpOptions:
@@ -175,6 +209,10 @@ class DumpOptions:
             job=get("job") or None,
             from_seq=_checked(_count, get("from_seq"), "--from-seq"),
             limit=_checked(_count, get("limit"), "-n"),
+            head=_checked(_count, get("head"), "--head"),
+            sender=_checked(parse_address_pattern, get("sender"), "--sender"),
+            recipient=_checked(parse_address_pattern, get("recipient"), "--recipient"),
+            summary=bool(get("summary")),
             format=get("format") or "text",
             follow=bool(get("follow")),
             poll_interval=float(get("poll_interval") or 0.5),
@@ -184,10 +222,23 @@ class DumpOptions:
             raise UsageError(f"--format: expected text, json or csv, got {opts.format!r}")
         if opts.poll_interval <= 0:
             raise UsageError(f"--poll-interval: must be positive, got {opts.poll_interval}")
+        if opts.limit is not None and opts.head is not None:
+            raise UsageError("-n (the newest N) and --head (the oldest N) exclude each other")
+        if opts.summary and opts.follow:
+            raise UsageError("--summary cannot follow: a message's line changes as it moves")
         return opts
 
+    @property
+    def filters_records(self) -> bool:
+        """Some record filter is given (message selectors aside)."""
+        return any(
+            v is not None
+            for v in (self.from_seq, self.codes, self.since_ns, self.until_ns, self.job,
+                      self.queue_id)
+        )  # fmt: skip
+
     def matches(self, rec: Record) -> bool:
-        return self.matches_except_message(rec) and self.matches_message(rec)
+        return self.matches_except_message(rec) and self.messages.matches(rec)
 
     def matches_except_message(self, rec: Record) -> bool:
         if self.from_seq is not None and rec.seq < self.from_seq:
@@ -201,25 +252,6 @@ class DumpOptions:
         if self.job is not None and rec.job != self.job and not rec.job.startswith(self.job + "/"):
             return False
         return self.queue_id is None or rec.fields.get("queue_id") == self.queue_id
-
-    def matches_message(self, rec: Record) -> bool:
-        if self.message_id is None:
-            return True
-        qid = rec.fields.get("queue_id")
-        return self.carries_message_id(rec) or (isinstance(qid, str) and qid in self.queue_ids)
-
-    def carries_message_id(self, rec: Record) -> bool:
-        mid = rec.fields.get("message_id")
-        return isinstance(mid, str) and normalise_message_id(mid) == self.message_id
-
-    def learn(self, rec: Record) -> str | None:
-        """Remember the queue ids of the selected message; returns a new one."""
-        if self.message_id is not None and self.carries_message_id(rec):
-            qid = rec.fields.get("queue_id")
-            if isinstance(qid, str) and qid not in self.queue_ids:
-                self.queue_ids.add(qid)
-                return qid
-        return None
 
 
 def _checked(func: Callable[[str], Any], value: Any, option: str) -> Any:
@@ -242,18 +274,8 @@ def _time_ns(value: Any, option: str) -> int | None:
 # --- output ---------------------------------------------------------------
 
 
-def _text_value(value: Any) -> str:
-    if isinstance(value, str):
-        if value and not any(c.isspace() or c in '"=' for c in value) and value.isprintable():
-            return value
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, bool | int | float) or value is None:
-        return json.dumps(value)
-    return msgspec.json.encode(value).decode()
-
-
 def format_text(rec: Record) -> str:
-    payload = " ".join(f"{k}={_text_value(v)}" for k, v in rec.fields.items())
+    payload = " ".join(f"{k}={text_value(v)}" for k, v in rec.fields.items())
     head = f"{rec.seq:>7} {iso_time(rec.time_ns)} {rec.type} {rec.code} {rec.job}"
     line = f"{head}  {explain(rec.code)}"
     return f"{line}: {payload}" if payload else line
@@ -282,14 +304,14 @@ def _csv_value(value: Any) -> str:
         return ""
     if isinstance(value, str):
         return value
-    return _text_value(value)
+    return text_value(value)
 
 
 def csv_row(rec: Record) -> list[str]:
     """The fixed columns; payload fields without a column are appended to
     `detail` as key=value so nothing is lost."""
     f = rec.fields
-    extra = " ".join(f"{k}={_text_value(v)}" for k, v in f.items() if k not in MAIN_FIELDS)
+    extra = " ".join(f"{k}={text_value(v)}" for k, v in f.items() if k not in MAIN_FIELDS)
     detail = " ".join(s for s in (_csv_value(f.get("detail")), extra) if s)
     row = [str(rec.seq), iso_time(rec.time_ns), rec.type, rec.code, rec.job]
     row += [_csv_value(f.get(k)) for k in MAIN_FIELDS[:-1]]
@@ -322,45 +344,112 @@ def _error(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
+def _source(
+    opts: DumpOptions, journal_dir: Path, stop: threading.Event | None
+) -> Iterator[Record | None]:
+    """The records from --from-seq on; following, None marks where the live ones begin."""
+    last: int | None = None
+    for rec in iter_records(journal_dir, from_seq=opts.from_seq):
+        last = rec.seq
+        yield rec
+    if opts.follow:
+        yield None
+        start = opts.from_seq if last is None else last + 1
+        yield from follow(journal_dir, opts.poll_interval, from_seq=start, stop=stop)
+
+
 def select(
     opts: DumpOptions, journal_dir: Path, stop: threading.Event | None = None
-) -> Iterator[Record]:
-    """The records the options select, in journal order."""
-    if opts.limit == 0:
-        return
-    if opts.message_id is not None:
-        for rec in iter_records(journal_dir):  # first pass: the message's queue ids
-            opts.learn(rec)
-    source: Iterable[Record]
-    if opts.follow:
-        source = follow(journal_dir, opts.poll_interval, from_seq=opts.from_seq, stop=stop)
-    else:
-        source = iter_records(journal_dir, from_seq=opts.from_seq)
-    # Following a message live, its first entries (94 91 92 9T) carry only the
-    # queue id and precede the 99 that names the Message-ID: hold recent
-    # queue-id records back until we know whether they belong to it.
+) -> Iterator[Record | None]:
+    """The records the options select, in journal order (no -n/--head limit).
+
+    With --follow, None is yielded once, between the records that existed and
+    the ones that arrived since; queue ids are also learned as records arrive.
+    """
+    messages = opts.messages
+    if messages.active:
+        for rec in iter_records(journal_dir):  # first pass: the selected queue ids
+            messages.learn(rec)
+    # Following, a new message's first entries (94, then 91 with the sender)
+    # come before the record that selects it: hold recent queue-id records back
+    # until we know whether they belong to a selected message.
     held: deque[Record] | None = None
-    if opts.follow and opts.message_id is not None:
+    if opts.follow and messages.active:
         held = deque(maxlen=FOLLOW_LOOKBACK)
-    count = 0
-    for rec in source:
+    for rec in _source(opts, journal_dir, stop):
+        if rec is None:
+            yield None
+            continue
         batch: list[Record] = []
-        new_qid = opts.learn(rec)
-        if new_qid is not None and held:
-            batch = [r for r in held if r.fields.get("queue_id") == new_qid]
+        new_qids = messages.learn(rec)
+        if new_qids and held:
+            batch = [r for r in held if r.fields.get("queue_id") in new_qids]
             if batch:
                 taken = {r.seq for r in batch}
                 held = deque((r for r in held if r.seq not in taken), maxlen=FOLLOW_LOOKBACK)
         if opts.matches_except_message(rec):
-            if opts.matches_message(rec):
+            if messages.matches(rec):
                 batch.append(rec)
-            elif held is not None and isinstance(rec.fields.get("queue_id"), str):
+            elif held is not None and queue_id_of(rec) is not None:
                 held.append(rec)
-        for selected in batch:
-            yield selected
-            count += 1
-            if opts.limit is not None and count >= opts.limit:
-                return
+        yield from batch
+
+
+def limit_records(opts: DumpOptions, items: Iterator[Record | None]) -> Iterator[Record]:
+    """Apply --head N (the oldest N) or -n N (the newest N, then what arrives live)."""
+    if opts.head is not None:
+        yield from islice((r for r in items if r is not None), opts.head)
+        return
+    if opts.limit is None:
+        yield from (r for r in items if r is not None)
+        return
+    if opts.limit == 0 and not opts.follow:
+        return
+    newest: deque[Record] = deque(maxlen=opts.limit)  # bounded: only N are kept
+    for item in items:
+        if item is None:
+            break  # the live records follow: show the newest so far, then them
+        newest.append(item)
+    yield from newest
+    yield from (r for r in items if r is not None)
+
+
+def summarize(opts: DumpOptions, journal_dir: Path) -> list[MessageSummary]:
+    """The selected messages condensed, ordered by their first record.
+
+    Here the filters choose messages: a message is shown when it passes the
+    selectors and any of its records passes the record filters; its line is
+    built from all of its records.
+    """
+    messages = opts.messages
+    wanted: set[str] | None = None
+    if messages.active or opts.filters_records:
+        # First pass: the messages the selectors pick and that have a record passing
+        # the record filters; only their queue ids are kept.
+        touched: set[str] = set()
+        for rec in iter_records(journal_dir):
+            messages.learn(rec)
+            qid = queue_id_of(rec)
+            if qid is not None and opts.matches_except_message(rec):
+                touched.add(qid)
+        wanted = touched & messages.selected if messages.active else touched
+    found: dict[str | int, MessageSummary] = {}  # queue id, or seq of a standalone record
+    for rec in iter_records(journal_dir):
+        qid = queue_id_of(rec)
+        if qid is not None:
+            if wanted is None or qid in wanted:
+                if qid not in found:
+                    found[qid] = MessageSummary(qid, rec.time_ns)
+                found[qid].add(rec)
+        elif rec.code in SUMMARY_STANDALONE and opts.matches(rec):
+            found[rec.seq] = MessageSummary(None, rec.time_ns)
+            found[rec.seq].add(rec)
+    summaries = list(found.values())
+    if opts.head is not None:
+        return summaries[: opts.head]
+    if opts.limit is not None:
+        return summaries[max(0, len(summaries) - opts.limit) :]
+    return summaries
 
 
 def run_verify(journal_dir: Path, out: TextIO) -> int:
@@ -397,8 +486,13 @@ def run_dump(
     try:
         if opts.verify:
             return run_verify(journal_dir, out)
+        if opts.summary:
+            lines = SummaryOutput(opts.format, out)
+            for summary in summarize(opts, journal_dir):
+                lines.emit(summary)
+            return 0
         output = _Output(opts.format, out, flush=opts.follow)
-        for rec in select(opts, journal_dir, stop):
+        for rec in limit_records(opts, select(opts, journal_dir, stop)):
             output.emit(rec)
     except KeyboardInterrupt:
         return 130 if not opts.follow else 0
