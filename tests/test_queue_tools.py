@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from dnsserver import DnsServer
 from hosthelp import Host, wait_for
-from outhelp import free_port, outbound_config
+from outhelp import SmtpSink, free_port, outbound_config
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,39 @@ def test_list_and_show_work_with_the_host_stopped(host: Any, dns: DnsServer) -> 
     res = h.cli("queue", "hold", qid, check=False)
     assert res.returncode == 1 and "no running mailpool" in res.stderr
     assert h.cli("queue", "list").stdout.startswith("-Queue ID-")
+
+
+def test_release_and_requeue_never_deliver_a_recipient_twice(host: Any, dns: DnsServer,
+                                                             tmp_path: Any) -> None:
+    port = free_port(("127.0.0.1", "127.0.0.2"))
+    dns.add("ok.test", "MX", "10 mx.ok.test.")
+    dns.add("mx.ok.test", "A", "127.0.0.2")
+    sink = SmtpSink(tmp_path, "127.0.0.2", port)
+    try:
+        h = host(outbound_config(dns.port, port, "[retry]\nfirst_interval = 600.0\n"))
+        with smtplib.SMTP(*h.smtp, timeout=10) as s:
+            s.ehlo("client.example.test")
+            s.sendmail("alice@example.test", ["bob@ok.test", "carol@stuck.test"],
+                       b"Subject: two\r\n\r\nbody\r\n")
+        sink.wait_messages(1)
+        qid = wait_for(lambda: [r["queue_id"] for r in rows(h) if r["queue_name"] == "retry1"],
+                       20, what="the message deferred for carol")[0]
+        shown = h.cli("queue", "show", qid).stdout
+        assert "recipient: bob@ok.test [delivered: " in shown
+        assert "recipient: carol@stuck.test [pending: " in shown
+        # Held on its way out, released: back to the outbound queue with its state.
+        h.cli("queue", "hold", qid)
+        assert h.cli("queue", "release", qid).stdout
+        qr = wait_for(lambda: h.journal("--code", "QR"), 10, what="QR")
+        assert qr[-1]["detail"] == "released by the operator to outbound"
+        wait_for(lambda: where(h, qid) == "retry1" and
+                 "attempts: 2" in h.cli("queue", "show", qid).stdout, 20,
+                 what="a second attempt for carol only")
+        # Requeued: through the framework again with carol alone.
+        h.cli("queue", "requeue", qid)
+        wait_for(lambda: where(h, qid) == "retry1", 20, what="requeued, deferred again")
+        shown = h.cli("queue", "show", qid).stdout
+        assert "bob@ok.test" not in shown.split("*** MESSAGE CONTENTS ***")[0]
+        assert len(sink.messages()) == 1  # bob got it once
+    finally:
+        sink.stop()

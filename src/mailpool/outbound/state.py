@@ -99,6 +99,16 @@ def save_state(spool: Spool, queue_id: str, state: OutboundState, *, sync: bool 
         os.close(fd)
 
 
+def pending_envelope(envelope: Envelope, state: OutboundState) -> Envelope:
+    """The envelope for the recipients still pending: what goes through the framework again
+    (`queue requeue`), so no recipient already delivered or failed gets the message twice."""
+    keep = state.pending()
+    return msgspec.structs.replace(
+        envelope, recipients=[envelope.recipients[i] for i in keep],
+        notify=[envelope.rcpt_notify(i) for i in keep] if envelope.notify else [],
+        orcpt=[envelope.rcpt_orcpt(i) for i in keep] if envelope.orcpt else [])
+
+
 def destination_of(address: str, router: str) -> str:
     """The next hop a recipient's mail goes to: the router when one is set, else its domain."""
     if router:

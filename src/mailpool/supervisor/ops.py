@@ -130,14 +130,19 @@ class ControlOps:
     async def queue_release(self, req: dict[str, Any]) -> dict[str, Any]:
         """A message kept by a filter (quarantine) or on hold goes on to delivery."""
         queue_id = str(req.get("queue_id", ""))
+        if self.sup.busy_with(queue_id):
+            return {"error": f"{queue_id} is being worked on right now: try again in a moment"}
         try:
-            released = await trio.to_thread.run_sync(self.sup.release, queue_id)
-        except (ValueError, SpoolError) as exc:
+            to, released = await trio.to_thread.run_sync(self.sup.release, queue_id)
+        except (ValueError, SpoolError, OSError) as exc:
             return {"error": str(exc)}
         self.sup.record("QR", queue_id=queue_id, message_id=released.message_id,
-                        detail="released by the operator")
-        self.sup.work.put(queue_id)
-        return {"released": queue_id}
+                        detail=f"released by the operator to {to}")
+        if to == "outbound":
+            await self.sup.reload_outbound(queue_id)
+        else:
+            self.sup.work.put(queue_id)
+        return {"released": queue_id, "queue": to}
 
     async def queue_delete(self, req: dict[str, Any]) -> dict[str, Any]:
         """Remove a message (or ALL) from whatever queue holds it."""

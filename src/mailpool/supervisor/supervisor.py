@@ -39,7 +39,13 @@ from mailpool.fsutil import raise_fd_limit, syncfs
 from mailpool.journal.writer import JournalWriter, NullJournal
 from mailpool.logs import setup as setup_logging
 from mailpool.outbound.destinations import DestinationLimits, Destinations
-from mailpool.outbound.state import OUTBOUND_QUEUES, destinations, load_state
+from mailpool.outbound.state import (
+    OUTBOUND_QUEUES,
+    destinations,
+    load_state,
+    pending_envelope,
+    save_state,
+)
 from mailpool.roles import ROLES, for_queue
 from mailpool.storage import SpaceCheck
 from mailpool.supervisor.anvil import ClientLimits
@@ -430,18 +436,27 @@ class Supervisor:
 
     # --- operator changes to queued mail (worker threads: file system only) ----------------------
 
-    def release(self, queue_id: str) -> Envelope:
-        """quarantine/hold -> incoming, marked so the filters let it through."""
+    def release(self, queue_id: str) -> tuple[str, Envelope]:
+        """quarantine/hold -> incoming, marked so the filters let it through; a message held
+        on its way out (it has a delivery state) -> outbound, due now, its state kept (as
+        postsuper -H puts it back in the deferred queue). Returns the queue it went to."""
         queue = self.spool.find(queue_id)
         if queue not in ("quarantine", "hold"):
             raise ValueError(f"{queue_id}: not in quarantine or on hold"
                              + (f" (it is in {queue})" if queue else " (no such message)"))
+        if queue == "hold" and (self.spool.state / queue_id).exists():
+            envelope = self.spool.load_envelope(queue, queue_id)
+            state = load_state(self.spool, queue_id, len(envelope.recipients))
+            state.next_attempt = 0.0
+            save_state(self.spool, queue_id, state, sync=True)
+            self.spool.move(queue_id, "hold", "outbound")
+            return "outbound", envelope
         envelope, content = self.spool.load(queue, queue_id)
         released = msgspec.structs.replace(envelope, filter_exempt=True)
         self.spool.store("incoming", released, content, sync=False)
         self.spool.remove(queue, queue_id, sync=False)
         syncfs(self.loaded.spool_dir)
-        return released
+        return "incoming", released
 
     def hold(self, queue_id: str) -> tuple[str, Envelope]:
         """Any queue but hold and quarantine -> hold: kept, not delivered, until released."""
@@ -461,6 +476,12 @@ class Supervisor:
             raise ValueError(f"{queue_id}: " + ("already on the incoming queue" if queue
                                                 else "no such message in any queue"))
         envelope, content = self.spool.load(queue, queue_id)
+        if (self.spool.state / queue_id).exists():
+            # On its way out: only the recipients not yet delivered or failed go again.
+            state = load_state(self.spool, queue_id, len(envelope.recipients))
+            envelope = pending_envelope(envelope, state)
+            if not envelope.recipients:
+                raise ValueError(f"{queue_id}: every recipient was delivered or failed")
         self.spool.store("incoming", envelope, content, sync=False)
         self.spool.remove(queue, queue_id, sync=False)
         syncfs(self.loaded.spool_dir)
