@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mailpool.config import LoadedConfig
+from mailpool.directory import Directory
 from mailpool.framework.spool import Envelope, Spool
 from mailpool.message import find_message_id, message_id_header
 from mailpool.protocol.smtp_syntax import is_mailbox
@@ -234,3 +235,16 @@ def _tell_host(loaded: LoadedConfig, queue_id: str) -> None:
     except (ControlError, OSError, ValueError) as exc:
         log.warning("warning: %s is queued, but the running host did not take it (%s): it "
                     "is delivered when the host next starts", queue_id, exc)
+
+
+def qualify(address: str, domain: str) -> str:
+    """A bare name is a local user's: name@<first local domain> (Postfix's myorigin)."""
+    return f"{address}@{domain}" if address and "@" not in address else address
+
+
+def is_unknown_local(address: str, local_domains: set[str], directory: Directory) -> bool:
+    """A local-domain address that no user owns (postmaster always exists)."""
+    local, _, domain = address.rpartition("@")
+    if domain.lower().rstrip(".") not in local_domains or local.lower() == "postmaster":
+        return False
+    return directory.lookup(address) is None
