@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 TARGET_LABEL = "20s 1KB k=1"
@@ -63,8 +64,26 @@ class Table:
 # --- finding rows -------------------------------------------------------------------------
 
 
+def _rate(r: dict[str, Any]) -> float:
+    """A run's throughput: delivered/s where a server delivers, else accepted/s."""
+    return r.get("delivered_per_sec") or r["result"]["msgs_per_sec"]
+
+
+def runs(rows: list[dict[str, Any]], server: str, label: str, client: str = SECOND,
+         ) -> list[dict[str, Any]]:
+    """Every run of that server, workload and client that did not fail."""
+    return [r for r in rows if r.get("kind") == "smtp" and "error" not in r["result"]
+            and r["server"] == server and r["label"] == label and r["client"] == client]
+
+
 def smtp_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if r.get("kind") == "smtp" and "error" not in r["result"]]
+    """One row per server, workload and client (in order of first appearance): its run of
+    median throughput (the lower middle of an even count), with "runs": how many there were."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("kind") == "smtp" and "error" not in r["result"]:
+            groups.setdefault((r["server"], r["label"], r["client"]), []).append(r)
+    return [sorted(g, key=_rate)[(len(g) - 1) // 2] | {"runs": len(g)} for g in groups.values()]
 
 
 def find(rows: list[dict[str, Any]], server: str, label: str, client: str = SECOND,
@@ -73,6 +92,13 @@ def find(rows: list[dict[str, Any]], server: str, label: str, client: str = SECO
         if r["server"] == server and r["label"] == label and r["client"] == client:
             return r
     return None
+
+
+def med(rows: list[dict[str, Any]], server: str, label: str, client: str,
+        get: Callable[[dict[str, Any]], float | None]) -> tuple[float | None, list[float]]:
+    """The median over that server's runs of what get() finds, and every value found."""
+    values = [v for v in map(get, runs(rows, server, label, client)) if v is not None]
+    return (median(values) if values else None), values
 
 
 def first(rows: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
@@ -94,27 +120,34 @@ def _kinds(by_kind: list[dict[str, float]]) -> list[str]:
 
 
 def smtp_table(rows: list[dict[str, Any]]) -> Table:
-    """Per workload and server: smtp-source (the headline) first, then the generator."""
-    smtp = [r for r in rows if r.get("kind") == "smtp"]
+    """Per workload and server: smtp-source (the headline) first, then the generator; a
+    repeated run shows its median-throughput run, and a run that failed shows its error
+    where nothing else ran."""
+    good = smtp_rows(rows)
+    failed = [r for r in rows if r.get("kind") == "smtp" and "error" in r["result"]]
+    shown = good + [r for r in failed if not any(
+        (g["server"], g["label"], g["client"]) == (r["server"], r["label"], r["client"])
+        for g in good)]
     body: list[list[str]] = []
-    for label in _order([r["label"] for r in smtp]):
+    for label in _order([r["label"] for r in rows if r.get("kind") == "smtp"]):
         if body:
             body.append([])
-        for server in _order([r["server"] for r in smtp if r["label"] == label]):
+        for server in _order([r["server"] for r in shown if r["label"] == label]):
             for client in (HEADLINE, SECOND):
-                for r in (x for x in smtp if x["label"] == label and x["server"] == server
+                for r in (x for x in shown if x["label"] == label and x["server"] == server
                           and x["client"] == client):
                     body.append(smtp_cells(r, find(rows, PEER, label, client)))
-    headers = ["workload", "server", "client", "sent", "accepted/s", "x pf", "delivered/s",
-               "x pf", "greet p50", "greet p99", "DATA p50", "DATA p99", "CPU us/msg",
-               "client CPU", "errors"]
-    return Table(headers, body, right=set(range(3, 14)))
+    headers = ["workload", "server", "client", "runs", "sent", "accepted/s", "x pf",
+               "delivered/s", "x pf", "greet p50", "greet p99", "DATA p50", "DATA p99",
+               "CPU us/msg", "client CPU", "errors"]
+    return Table(headers, body, right=set(range(3, 15)))
 
 
 def smtp_cells(r: dict[str, Any], peer: dict[str, Any] | None) -> list[str]:
     res = r["result"]
     if "error" in res:
-        return [r["label"], r["server"], r["client"], *["-"] * 11, "ERROR: " + res["error"][:70]]
+        return [r["label"], r["server"], r["client"], "0", *["-"] * 11,
+                "ERROR: " + res["error"][:70]]
     g, d = res.get("greeting_ms", {}), res.get("data_ms", {})
     acc, dlv = res["msgs_per_sec"], r.get("delivered_per_sec")
     dlv_text = f"{r['delivered']}/{res['sent']}!" if "delivered" in r and dlv is None \
@@ -122,8 +155,9 @@ def smtp_cells(r: dict[str, Any], peer: dict[str, Any] | None) -> list[str]:
     peer_acc = peer["result"]["msgs_per_sec"] if peer else None
     peer_dlv = peer.get("delivered_per_sec") if peer else None
     share = r.get("client_cpu_share")
-    return [r["label"], r["server"], r["client"], str(res["sent"]), _f(acc),
-            _f(_ratio(acc, peer_acc), "{:.2f}"), dlv_text, _f(_ratio(dlv, peer_dlv), "{:.2f}"),
+    return [r["label"], r["server"], r["client"], str(r.get("runs", 1)), str(res["sent"]),
+            _f(acc), _f(_ratio(acc, peer_acc), "{:.2f}"), dlv_text,
+            _f(_ratio(dlv, peer_dlv), "{:.2f}"),
             _f(g.get("p50"), "{:.1f}"), _f(g.get("p99"), "{:.1f}"),
             _f(d.get("p50"), "{:.1f}"), _f(d.get("p99"), "{:.1f}"),
             _f(r.get("cpu_us_per_msg")), _f(share * 100 if share is not None else None,
@@ -136,7 +170,8 @@ def cpu_table(rows: list[dict[str, Any]], server: str = "mailpool") -> Table | N
     mine = [r for r in smtp_rows(rows) if r["server"] == server and r.get("cpu_us_per_msg")]
     if not mine:
         return None
-    kinds = _kinds([r["cpu_us_per_msg_by_kind"] for r in mine])
+    kinds = [k for k in _kinds([r["cpu_us_per_msg_by_kind"] for r in mine])
+             if any(r["cpu_us_per_msg_by_kind"].get(k, 0.0) >= 0.5 for r in mine)]
     body = []
     for r in sorted(mine, key=lambda r: (_order([x["label"] for x in mine]).index(r["label"]),
                                          r["client"] != HEADLINE)):
@@ -289,16 +324,20 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "measured": shown if value is not None else "-", "detail": detail,
                     "status": status})
 
-    def dlv(server: str, label: str, client: str) -> float | None:
-        r = find(rows, server, label, client)
-        return r.get("delivered_per_sec") if r else None
+    def dlv(r: dict[str, Any]) -> float | None:
+        return r.get("delivered_per_sec")
+
+    def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+        if len(values) < 2:
+            return ""
+        return f", {len(values)} runs {fmt.format(min(values))}-{fmt.format(max(values))}"
 
     def e2e(label: str) -> tuple[float | None, str, str]:
-        mp, pf = dlv("mailpool", label, HEADLINE), dlv(PEER, label, HEADLINE)
-        gm, gp = dlv("mailpool", label, SECOND), dlv(PEER, label, SECOND)
-        gr = _ratio(gm, gp)
-        detail = (f"delivered/s {_f(mp)} vs Postfix {_f(pf)} ({HEADLINE}); Trio generator "
-                  f"{_f(gr, '{:.2f}x')} ({_f(gm)} vs {_f(gp)})")
+        (mp, mps), (pf, pfs) = (med(rows, s, label, HEADLINE, dlv) for s in ("mailpool", PEER))
+        (gm, _), (gp, _) = (med(rows, s, label, SECOND, dlv) for s in ("mailpool", PEER))
+        detail = (f"delivered/s {_f(mp)}{spread(mps)} vs Postfix {_f(pf)}{spread(pfs)} "
+                  f"({HEADLINE}, medians); Trio generator {_f(_ratio(gm, gp), '{:.2f}x')} "
+                  f"({_f(gm)} vs {_f(gp)})")
         why = "mailpool" if mp is None else "Postfix"
         return _ratio(mp, pf), detail, f"{why} not measured with {HEADLINE} at {label}"
 
@@ -308,29 +347,34 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             + (" [the goal beyond]" if tid == "1+" else ""), f">= {goal:.1f}x",
             lambda x, goal=goal: x >= goal, ratio, _f(ratio, "{:.2f}x"), detail, why)
 
-    src = find(rows, "mailpool", TARGET_LABEL, HEADLINE)
-    cpu = src.get("cpu_us_per_msg") if src else None
-    kinds = src.get("cpu_us_per_msg_by_kind", {}) if src else {}
-    gen = find(rows, "mailpool", TARGET_LABEL, SECOND)
+    cpu, cpus = med(rows, "mailpool", TARGET_LABEL, HEADLINE, lambda r: r.get("cpu_us_per_msg"))
+    done = runs(rows, "mailpool", TARGET_LABEL, HEADLINE)
+    kinds = {k: median(r.get("cpu_us_per_msg_by_kind", {}).get(k, 0.0) for r in done)
+             for k in _kinds([r.get("cpu_us_per_msg_by_kind", {}) for r in done])}
+    gen, _ = med(rows, "mailpool", TARGET_LABEL, SECOND, lambda r: r.get("cpu_us_per_msg"))
     add("2", f"server CPU per delivered message <= {CPU_GOAL_US:,.0f} us, all mailpool "
         f"processes ({TARGET_LABEL}, {HEADLINE})", f"<= {CPU_GOAL_US:,.0f} us",
         lambda x: x <= CPU_GOAL_US, cpu, _f(cpu, "{:,.0f} us"),
-        ", ".join(f"{k} {kinds[k]:.0f}" for k in _kinds([kinds]) if kinds[k] >= 0.5)
-        + (f"; Trio generator run {gen['cpu_us_per_msg']:,.0f} us"
-           if gen and gen.get("cpu_us_per_msg") else ""),
+        ", ".join(f"{k} {v:.0f}" for k, v in kinds.items() if v >= 0.5)
+        + f" (medians{spread(cpus)})"
+        + (f"; Trio generator runs {gen:,.0f} us" if gen is not None else ""),
         f"mailpool not measured with {HEADLINE} at {TARGET_LABEL}")
 
     ratio, detail, why = e2e(MANY_LABEL)
     add("3", f"100 messages per connection: >= 1.5x Postfix ({MANY_LABEL}, {HEADLINE})",
         ">= 1.5x", lambda x: x >= 1.5, ratio, _f(ratio, "{:.2f}x"), detail, why)
 
-    mp, pf = find(rows, "mailpool", TARGET_LABEL), find(rows, PEER, TARGET_LABEL)
-    mp_g = mp["result"]["greeting_ms"].get("p99") if mp else None
-    pf_g = pf["result"]["greeting_ms"].get("p99") if pf else None
+    def p99(r: dict[str, Any]) -> float | None:
+        return r["result"].get("greeting_ms", {}).get("p99")
+
+    (mp_g, mp_gs), (pf_g, pf_gs) = (med(rows, s, TARGET_LABEL, SECOND, p99)
+                                    for s in ("mailpool", PEER))
     ratio = _ratio(mp_g, pf_g)
     add("4", f"connect-to-greeting p99 under the target load <= Postfix's ({TARGET_LABEL}, "
         "Trio generator: the client that times it)", "<= 1.0x", lambda x: x <= 1.0, ratio,
-        _f(ratio, "{:.2f}x"), f"p99 {_f(mp_g, '{:.1f}')} ms vs Postfix {_f(pf_g, '{:.1f}')} ms",
+        _f(ratio, "{:.2f}x"),
+        f"p99 {_f(mp_g, '{:.1f}')} ms{spread(mp_gs, '{:.1f}')} vs Postfix "
+        f"{_f(pf_g, '{:.1f}')} ms{spread(pf_gs, '{:.1f}')} (medians)",
         f"{'mailpool' if mp_g is None else 'Postfix'} not measured")
 
     j = first(rows, "journal")
@@ -359,7 +403,8 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     mem = (f"RSS {_f(idle.get('rss_kb_per_session'), '{:.1f}')} KiB, PSS "
            f"{_f(idle.get('pss_kb_per_session'), '{:.1f}')} KiB, sessions alone "
            f"{_f(idle.get('pss_kb_per_session_sessions_only'), '{:.1f}')} KiB per session; "
-           f"started {idle.get('new_processes') or 'no process'}" if idle else "-")
+           + (", ".join(f"{n} {k} jobs started" for k, n in idle["new_processes"].items())
+              or "no process started") if idle else "-")
     add("7a", f"default configuration holds >= {IDLE_GOAL:,} idle SMTP sessions",
         f">= {IDLE_GOAL:,}", lambda x: x >= IDLE_GOAL, idle["held"] if full else None,
         f"{idle['held']:,}" if idle else "-",
@@ -403,51 +448,60 @@ def targets_table(tg: list[dict[str, Any]]) -> Table:
 
 # --- the printed report and the README block ----------------------------------------------
 
-SMTP_HEAD = ("accepted/s = 250 replies to the message's final dot per second; delivered/s "
-             "= messages in the Maildir per second from the load's start to the last one; "
-             "x pf = the ratio to Postfix with the same client; greet = connect-to-greeting, "
-             "DATA = DATA sent to the final 250, in ms (the Trio generator times them, "
-             "smtp-source does not); CPU = the server's process tree per delivered (else "
-             "accepted) message; client CPU = the client's share of one CPU")
+SMTP_INTRO = (
+    "Each workload ran on every server in turn, all started together. accepted/s: 250 "
+    "replies to the final dot per second; delivered/s: messages in the Maildir per second "
+    "from the load's start to the last one; x pf: ratio to Postfix with the same client; "
+    "greet: connect-to-greeting, DATA: DATA sent -> final 250, ms (the Trio generator times "
+    "them, smtp-source does not); CPU: the server's whole process tree per delivered (else "
+    "accepted) message, us; client CPU: the client's share of one CPU; runs: the targets' "
+    "workloads ran several times on mailpool and Postfix, alternated, and the row shown is "
+    "the run of median throughput (the targets take medians of each figure).")
+
+Section = tuple[str, str, list[Table], list[str]]  # title, introduction, tables, notes
 
 
-def sections(rows: list[dict[str, Any]], tg: list[dict[str, Any]],
-             ) -> list[tuple[str, list[Table], list[str]]]:
-    """(title, tables, notes) for every part that ran, in report order."""
-    out: list[tuple[str, list[Table], list[str]]] = []
+def sections(rows: list[dict[str, Any]], tg: list[dict[str, Any]]) -> list[Section]:
+    """(title, introduction, tables, notes) for every part that ran, in report order."""
+    out: list[Section] = []
     if any(r.get("kind") == "smtp" for r in rows):
-        out.append((f"SMTP ({SMTP_HEAD})", [smtp_table(rows)], []))
+        out.append(("SMTP, per server and workload", SMTP_INTRO, [smtp_table(rows)], []))
     cpu = cpu_table(rows)
     if cpu:
-        out.append(("mailpool's CPU per message by process kind, us (\"exited (...)\": "
-                    "processes that ended during the run, from their parent's cutime)",
-                    [cpu], []))
+        out.append(("mailpool's CPU per message by process kind (us)",
+                    "Summed per kind over the run; (N new): processes of that kind started "
+                    "during the run; exited (...): processes that ended during it, counted "
+                    "from their parent's cutime.", [cpu], []))
     greet, idle = greeting_table(rows), idle_table(rows)
     if greet or idle:
-        out.append(("Idle sessions (mailpool, default configuration; memory summed over the "
-                    "process tree; \"sessions alone\": the processes started meanwhile taken "
-                    "off at their kind's size before)", [t for t in (greet, idle) if t], []))
+        out.append(("Idle sessions (mailpool, default configuration)",
+                    "New clients' connect-to-greeting one at a time, alone and with idle "
+                    "sessions held open; then as many idle sessions as the bound, with the "
+                    "server's memory summed over its process tree. Sessions alone: the "
+                    "processes started meanwhile taken off at their kind's size before.",
+                    [t for t in (greet, idle) if t], []))
     journal = journal_table(rows)
     if journal:
-        out.append((f"Journal cost ({TARGET_LABEL}, {HEADLINE}, mailpool's CPU per delivered "
-                    "message, alternated runs)", [journal], []))
+        out.append(("Journal cost", f"mailpool with the journal on and off, {TARGET_LABEL}, "
+                    f"{HEADLINE}, alternated runs: CPU per delivered message.", [journal], []))
     pop = pop_table(rows)
     if pop:
-        out.append(("POP3 retrieval (each session logs in as its own user, RETRs every "
-                    "message, QUITs, again)", [pop], []))
+        out.append(("POP3 retrieval", "Each session logs in as its own user, RETRs every "
+                    "message, QUITs, and again.", [pop], []))
     outbound = outbound_table(rows)
     if outbound:
-        out.append(("Outbound (bench.outbound: queue -> 20 smtp-sink MX hosts, 1 KB; medians "
-                    "of alternated runs; CPU from release to empty queue)", [outbound], []))
+        out.append(("Outbound", "bench.outbound: a full queue of 1 KB messages to 20 "
+                    "smtp-sink MX hosts; medians of alternated runs; CPU from the release to "
+                    "the empty queue.", [outbound], []))
     tls = first(rows, "tls-summary")
     if tls:
-        out.append((f"STARTTLS ({tls['label']}, every connection STARTTLS with a full "
+        out.append(("STARTTLS", f"{tls['label']}, every connection STARTTLS with a full "
                     "handshake, Trio generator; medians of alternated runs; CPU per accepted "
-                    "message)", [tls_table(tls)], tls_kinds(tls)))
+                    "message.", [tls_table(tls)], tls_kinds(tls)))
     skipped = [f"{r['server']}: {r['reason']}" for r in rows if r.get("kind") == "skipped"]
     if skipped:
-        out.append(("Skipped", [], skipped))
-    out.append(("Targets (issue 11; measured on this machine in this run)",
+        out.append(("Skipped", "", [], skipped))
+    out.append(("Targets (issue 11; measured on this machine in this run)", "",
                 [targets_table(tg)], []))
     return out
 
@@ -455,12 +509,12 @@ def sections(rows: list[dict[str, Any]], tg: list[dict[str, Any]],
 def print_report(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     tg = targets(rows)
     lines: list[str] = []
-    for title, tables, notes in sections(rows, tg):
+    for title, intro, tables, notes in sections(rows, tg):
         lines += ["", f"== {title}"]
-        for t in tables:
-            lines += t.text()
-            if len(tables) > 1:
-                lines.append("")
+        if intro:
+            lines.append(intro)
+        for i, t in enumerate(tables):
+            lines += ([""] if i else []) + t.text()
         lines += notes
     print("\n".join(lines), flush=True)
     return tg
@@ -482,10 +536,12 @@ def markdown(rows: list[dict[str, Any]], wall: float) -> str:
              f"not absolute figures). The whole run took {wall / 60:.1f} minutes. smtp-source "
              "(Postfix's C client) is the headline client; the Trio generator is the second "
              "row of each server."]
-    for title, tables, notes in sections(rows, tg):
+    for title, intro, tables, notes in sections(rows, tg):
         if title.startswith("Targets"):
             continue
         lines += ["", f"#### {title}", ""]
+        if intro:
+            lines += [intro, ""]
         for t in tables:
             lines += [*t.markdown(), ""]
         lines += [f"- {n}" for n in notes]

@@ -12,7 +12,9 @@ In one run, on 127.0.0.1 with free ports chosen now:
   leaves the servers most of the machine) and this project's Trio generator
   (bench.smtp_load, the second row and the one that times greetings and DATA).
   smtp-source sends as many messages as the generator did in --duration seconds (with
-  100 per connection: exactly 100 on each). Every row has the server's CPU per message:
+  100 per connection: exactly 100 on each). The targets' two workloads (20 sessions, 1 KB,
+  1 and 100 messages per connection) run three times on mailpool and Postfix, alternated,
+  and the targets take medians. Every row has the server's CPU per message:
   utime + stime of its whole process tree, exited children included, from the load's
   start to its last delivery; mailpool's also per process kind.
 - idle: a fresh mailpool (default configuration): new clients' connect-to-greeting alone
@@ -85,6 +87,8 @@ class Workload:
 # Durable accept and Maildir delivery end to end; targets 1, 2 and 4 are measured here.
 TARGET = Workload(20, KB, 1, 20000)
 MANY = Workload(20, KB, 100, 20000)  # target 3: 100 messages per connection
+WARM_UP = 2.0  # seconds of the target workload before a server's first measured run
+PAIR = ("mailpool", "postfix")  # the servers the targets compare: their runs are repeated
 
 
 def workloads(quick: bool) -> list[Workload]:
@@ -109,6 +113,7 @@ class Options:
     idle_window: float
     greet_idle: int
     greet_probes: int
+    target_rounds: int  # runs of the targets' workloads on mailpool and Postfix (medians)
     journal_rounds: int
     journal_messages: int
     client_procs: int
@@ -337,18 +342,31 @@ class Runner:
             return
         with contextlib.ExitStack() as stack:
             up = [s for s in servers if stack.enter_context(self.serving(s)) is not None]
+            for server in up:
+                self.warm_up(server)
             for wl in workloads(self.opts.quick):
                 print(f"  -- {wl.label}", flush=True)
-                for server in up:
-                    if self.over_budget(f"{server.label} {wl.label}", reserve):
+                # The targets' workloads again on the targets' pair, alternated: medians.
+                rounds = self.opts.target_rounds if wl in (TARGET, MANY) else 1
+                for rnd in range(1, rounds + 1):
+                    # Checked once a round: every server runs it, or none (a ratio needs both).
+                    if self.over_budget(f"SMTP {wl.label} run {rnd}", reserve):
                         return
-                    self.measure_workload(server, wl)
+                    for server in up:
+                        if rnd == 1 or server.kind in PAIR:
+                            self.measure_workload(server, wl, rnd)
 
-    def measure_workload(self, server: S.Server, wl: Workload) -> None:
+    def warm_up(self, server: S.Server) -> None:
+        """An unmeasured pass of the target workload: pools grown to what the load needs (a
+        job's start-up is not a message's cost), first Maildir directories made."""
+        self.smtp_load(server, TARGET, duration=WARM_UP)
+        settle(server)
+
+    def measure_workload(self, server: S.Server, wl: Workload, rnd: int = 1) -> None:
         """The generator for --duration, then smtp-source with as many messages (k > 1:
         exactly k per connection), each after the server has gone quiet."""
         settle(server)
-        gen = self.measure_load(server, "smtp_load", wl)
+        gen = self.measure_load(server, "smtp_load", wl) | {"round": rnd}
         self.record(gen)
         print("    " + one_line(gen), flush=True)
         res = gen["result"]
@@ -361,7 +379,8 @@ class Runner:
         # Bounded by what the generator saw of this server: four times its pace, at least 30 s.
         timeout = max(30.0, 4 * messages / rate + 10) if rate else 60.0
         settle(server)
-        src = self.measure_load(server, "smtp-source", wl, messages, timeout=timeout)
+        src = self.measure_load(server, "smtp-source", wl, messages, timeout=timeout) | {
+            "round": rnd}
         self.record(src)
         print("    " + one_line(src), flush=True)
 
@@ -407,8 +426,8 @@ class Runner:
         with self.serving(on) as a, self.serving(off) as b:
             if a is None or b is None:
                 return
-            for server in (on, off):  # page cache, first Maildir directories
-                self.smtp_source(server, TARGET, min(200, o.journal_messages))
+            for server in (on, off):
+                self.warm_up(server)
             cpu: dict[str, list[float]] = {"on": [], "off": []}
             rates: dict[str, list[float]] = {"on": [], "off": []}
             for rnd in range(1, o.journal_rounds + 1):
@@ -418,7 +437,7 @@ class Runner:
                     row = self.measure_load(server, "smtp-source", TARGET, o.journal_messages)
                     row |= {"kind": "journal-run", "journal": name, "round": rnd}
                     self.record(row)
-                    print(f"    journal {name} run {rnd}: " + one_line(row), flush=True)
+                    print("    " + one_line(row), flush=True)
                     if row.get("cpu_us_per_msg") is not None and row.get("delivered_per_sec"):
                         cpu[name].append(row["cpu_us_per_msg"])
                         rates[name].append(row["delivered_per_sec"])
@@ -507,8 +526,8 @@ class Runner:
         with self.serving(mailpool) as a, self.serving(postfix) as b:
             up = [(name, s) for name, s, u in (("mailpool", mailpool, a), ("postfix", postfix, b))
                   if u is not None]
-            for _, server in up:  # first Maildir directories made
-                self.smtp_load(server, TARGET, tls, duration=min(self.opts.duration, 2.0))
+            for _, server in up:  # pools grown, first Maildir directories made
+                self.smtp_load(server, TARGET, tls, duration=WARM_UP)
             for rnd in range(1, rounds + 1):
                 for name, server in up:
                     if self.over_budget(f"tls {name} run {rnd}"):
@@ -634,10 +653,12 @@ def stop_quietly(server: S.Server) -> None:
 
 def one_line(row: dict[str, Any]) -> str:
     r = row["result"]
+    head = f"{row['server']:<20} {row['client']:<11}"
+    if row.get("round", 1) > 1:
+        head += f" run {row['round']}"
     if "error" in r:
-        return f"{row['label']:<16} {row['client']:<11} ERROR {r['error']}"
-    text = (f"{row['label']:<16} {row['client']:<11} {r['sent']:>6} sent "
-            f"{r['msgs_per_sec']:>8.1f}/s")
+        return f"{head} ERROR {r['error']}; server log: {row.get('serve_log', '')}"
+    text = f"{head} {r['sent']:>6} sent {r['msgs_per_sec']:>8.1f}/s"
     if row.get("delivered_per_sec"):
         text += f"  delivered {row['delivered_per_sec']:.1f}/s"
     elif "delivered" in row:
@@ -741,7 +762,8 @@ def machine() -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="a ~2 minute subset: the targets' workloads only, 2,000 idle sessions")
+                   help="a 2-3 minute subset: the targets' workloads once each, 2,000 idle "
+                        "sessions, one journal round")
     p.add_argument("--duration", type=float, default=None,
                    help="seconds the generator runs each workload at most (default 3, --quick 2)")
     p.add_argument("--idle-bound", type=int, default=None,
@@ -753,7 +775,7 @@ def parse_args(argv: list[str] | None) -> Options:
                             "pop", "outbound", "tls"],
                    help="run only these parts (repeatable)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole run (default 540, --quick 150); parts that "
+                   help="seconds for the whole run (default 540, --quick 180); parts that "
                         "would start later are reported as skipped")
     p.add_argument("--outbound-messages", type=int, default=0, metavar="N",
                    help="messages queued for the outbound section (default 2000, --quick 600)")
@@ -768,11 +790,12 @@ def parse_args(argv: list[str] | None) -> Options:
         idle_bound=a.idle_bound or (2000 if a.quick else 10_000),
         idle_window=30.0 if a.quick else 90.0,
         greet_idle=1000, greet_probes=100 if a.quick else 300,
+        target_rounds=1 if a.quick else 3,
         journal_rounds=1 if a.quick else 4,
         journal_messages=300 if a.quick else 600,
         client_procs=a.client_procs, install=not a.no_install,
         only=set(a.only), keep=a.keep,
-        budget=a.budget or (150.0 if a.quick else 540.0),
+        budget=a.budget or (180.0 if a.quick else 540.0),
         pop_sessions=(10,) if a.quick else (1, 10),
         pop_per_user=20 if a.quick else 100,
         outbound_messages=a.outbound_messages,
@@ -830,12 +853,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['load'][0]:.2f}; results in {runner.out_path.relative_to(BENCH_DIR.parent)}")
     if info["load"][0] > 0.5:
         print("  note: the machine is busy; figures will be noisy (compare ratios, rerun)")
-    parts: list[Callable[[], None]] = [runner.run_smtp, runner.run_idle, runner.run_journal,
-                                       runner.run_pop, runner.run_outbound, runner.run_tls]
+    parts: list[tuple[str, Callable[[], None]]] = [
+        ("smtp", runner.run_smtp), ("idle", runner.run_idle), ("journal", runner.run_journal),
+        ("pop", runner.run_pop), ("outbound", runner.run_outbound), ("tls", runner.run_tls)]
+    seconds: dict[str, float] = {}
     interrupted = False
     try:
-        for part in parts:
+        for name, part in parts:
+            t0 = time.monotonic()
             part()
+            seconds[name] = time.monotonic() - t0
+            if seconds[name] >= 1:
+                print(f"  ({name}: {seconds[name]:.0f} s)", flush=True)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping servers", file=sys.stderr)
@@ -845,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = print_report(runner.rows)
     runner.rows.extend(targets)
     with open(runner.out_path, "a") as f:
-        for row in [*targets, {"kind": "wall", "seconds": wall}]:
+        for row in [*targets, {"kind": "wall", "seconds": wall, "parts": seconds}]:
             f.write(json.dumps({"run": runner.stamp, **row}, separators=(",", ":")) + "\n")
     block = markdown(runner.rows, wall)
     md = runner.out_path.with_suffix(".md")

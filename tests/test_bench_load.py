@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -16,8 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.cpu import CpuPoller, program_kind  # noqa: E402
+from bench.idle import greeting_delay, hold_idle, per_session, probe  # noqa: E402
 from bench.pop_load import PopConfig, run_pop  # noqa: E402
-from bench.report import targets  # noqa: E402
+from bench.report import Table, markdown, smtp_table, targets  # noqa: E402
 from bench.smtp_load import LoadConfig, make_body, percentiles, run_load  # noqa: E402
 from tests.tlshelp import make_certs  # noqa: E402
 
@@ -227,35 +230,208 @@ async def test_pop_load_retrieves_every_message(nursery: trio.Nursery) -> None:
     assert res.logins >= 3  # 3 messages per maildrop: 7 RETRs need at least 3 logins
 
 
-def test_percentiles_and_targets() -> None:
+def test_percentiles() -> None:
     p = percentiles([0.001 * i for i in range(1, 101)])
     assert round(p["p50"]) == 50 and round(p["p99"]) == 99 and round(p["max"]) == 100
     assert percentiles([]) == {"n": 0}
 
-    def smtp(server: str, acc: float, dlv: float | None, greet99: float,
-             client: str = "smtp_load") -> dict:
-        return {"kind": "smtp", "server": server, "client": client, "label": "20s 1KB k=1",
-                "delivered_per_sec": dlv,
-                "result": {"msgs_per_sec": acc, "greeting_ms": {"p99": greet99}}}
 
-    rows = [smtp("mailpool", 900, 800, 5.0), smtp("mailpool spj=8", 1000, 900, 4.0),
-            smtp("postfix", 400, 500, 6.0), smtp("postfix", 450, 520, 0, "smtp-source"),
-            smtp("aiosmtpd-fsync", 300, 300, 3.0),
-            {"kind": "journal", "median_on": 960, "median_off": 1000, "cost": 0.04},
-            {"kind": "idle", "server": "mailpool spj=8", "held": 100,
-             "rss_kb_per_session": 60.0, "pss_kb_per_session": 40.0,
-             "warm": {"held": 160, "rss_kb_per_session": 20.0, "pss_kb_per_session": 15.0}}]
-    got = {t["name"]: t for t in targets(rows, 8)}
-    # Like with like: the generator's mailpool figure against the generator's Postfix one.
-    e2e = got["mailpool: durable end to end >= 1.5x Postfix (20s 1KB k=1, smtp_load)"]
-    assert e2e["ratio"] == 800 / 500 and e2e["status"] == "MET"
-    src = got["mailpool: durable end to end >= 1.5x Postfix (20s 1KB k=1, smtp-source)"]
-    assert src["ratio"] is None and src["status"].startswith("n/a")
-    assert got["mailpool: accepted/s >= 2x aiosmtpd-fsync (20s 1KB k=1)"]["status"] == "MET"
-    greet = got["mailpool: connect-to-greeting p99 no worse than Postfix (20s 1KB k=1)"]
-    assert greet["status"] == "MET"
-    assert got["journal on costs < 5% throughput"]["status"] == "MET"
-    assert got["memory per idle session < 50 KB (sessions_per_job=8, cold)"]["status"] == "MISSED"
-    assert got["memory per idle session < 50 KB (sessions_per_job=8, warm)"]["status"] == "MET"
-    none = {t["name"]: t for t in targets([], 8)}
-    assert all(t["status"].startswith("n/a") for t in none.values())
+async def test_hold_idle_and_greeting_delay(nursery: trio.Nursery) -> None:
+    server = TinySmtp()
+    port = await start(nursery, server.handle)
+    async with trio.open_nursery() as inner:
+        held = await hold_idle(inner, "127.0.0.1", port, 40, 10.0, at_once=8)
+        assert (held.held, held.settled, dict(held.errors)) == (40, 40, {})
+        assert server.connections == 40
+        # Held open and silent: a probe still gets its greeting, and says QUIT.
+        samples, errors = await probe("127.0.0.1", port, 3, gap=0)
+        assert len(samples) == 3 and errors == {}
+        held.release.set()
+    assert server.transcripts[40:] == [[b"QUIT"]] * 3 and server.transcripts[:40] == [[]] * 40
+    out = await greeting_delay("127.0.0.1", port, idle=20, probes=5, window=10.0)
+    assert (out["held"], out["idle_errors"], out["alone_errors"], out["with_idle_errors"]) == (
+        20, {}, {}, {})
+    assert out["alone_ms"]["n"] == 5 and out["with_idle_ms"]["n"] == 5
+
+
+async def test_hold_idle_counts_silent_and_refusing_servers(nursery: trio.Nursery) -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async def busy(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"421 4.3.2 busy\r\n")
+
+    for handler, error in ((silent, "no greeting in window"), (busy, "421")):
+        port = await start(nursery, handler)
+        async with trio.open_nursery() as inner:
+            held = await hold_idle(inner, "127.0.0.1", port, 5, 0.5)
+            held.release.set()
+        assert (held.held, dict(held.errors)) == (0, {error: 5})
+    samples, errors = await probe("127.0.0.1", 1, 2, gap=0)
+    assert samples == [] and errors == {"ConnectionRefusedError": 2}
+
+
+def test_per_session_memory() -> None:
+    def mem(smtp: int, pss: int, other: int = 1000) -> dict:
+        return {"rss_kb": 2 * (smtp * pss + other), "pss_kb": smtp * pss + other,
+                "processes": smtp + 1,
+                "by_kind": {"smtp-server": {"rss_kb": 2 * smtp * pss, "pss_kb": smtp * pss,
+                                            "processes": smtp},
+                            "supervisor": {"rss_kb": 2 * other, "pss_kb": other,
+                                           "processes": 1}}}
+
+    # 4 jobs of 20,000 KiB, then 6 jobs of 21,000 KiB holding 1,000 sessions: 46,000 KiB
+    # grown, of which 2 jobs started at 20,000 each; the sessions alone 6,000 KiB.
+    got = per_session(mem(4, 20_000), mem(6, 21_000), 1000)
+    assert got == {"rss_kb_per_session": 92.0, "pss_kb_per_session": 46.0,
+                   "pss_kb_per_session_sessions_only": 6.0, "new_processes": {"smtp-server": 2}}
+    assert per_session(mem(4, 20_000), mem(4, 20_000), 0)["pss_kb_per_session"] is None
+
+
+def test_cpu_poller_counts_an_exited_child() -> None:
+    # Once told to, the root runs a child that burns 0.5 s of CPU and ends, and waits for it.
+    # No sample sees the child alive: its CPU can only come from the root's cutime.
+    code = ("import subprocess, sys\nsys.stdin.readline()\nsubprocess.run([sys.executable, "
+            "'-c', 'import time\\nwhile time.process_time() < 0.5: pass'])\nprint('done', "
+            "flush=True)\nsys.stdin.readline()\n")
+    root = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert root.stdin is not None and root.stdout is not None
+    try:
+        poller = CpuPoller([root.pid], program_kind)
+        poller.mark()
+        root.stdin.write("go\n")
+        root.stdin.flush()
+        assert root.stdout.readline() == "done\n"
+        poller.sample()
+        cpu, procs, started = poller.by_kind()
+        assert cpu["exited (unseen)"] >= 0.4  # /proc counts in clock ticks, not exactly
+        assert procs == {Path(sys.executable).name: 1} and started == {}
+    finally:
+        root.kill()
+        root.wait()
+
+
+def _smtp(server: str, client: str, label: str, acc: float, dlv: float | None,
+          greet99: float = 0.0, cpu: float | None = None, by_kind: dict | None = None) -> dict:
+    return {"kind": "smtp", "server": server, "client": client, "label": label,
+            "delivered_per_sec": dlv, "delivered": 100, "cpu_us_per_msg": cpu,
+            "cpu_us_per_msg_by_kind": by_kind or {},
+            "result": {"sent": 100, "msgs_per_sec": acc, "greeting_ms": {"p99": greet99},
+                       "data_ms": {}, "errors": {}}}
+
+
+T, M = "20s 1KB k=1", "20s 1KB k=100"
+ROWS = [
+    _smtp("mailpool", "smtp_load", T, 300, 280, 5.0, 2100.0),
+    _smtp("mailpool", "smtp-source", T, 330, 320, cpu=1900.0,
+          by_kind={"smtp-server": 1000.0, "supervisor": 500.0, "framework": 400.0}),
+    _smtp("postfix", "smtp_load", T, 400, 350, 6.0), _smtp("postfix", "smtp-source", T, 300, 300),
+    _smtp("mailpool", "smtp-source", M, 600, 590), _smtp("postfix", "smtp-source", M, 420, 400),
+    {"kind": "journal", "median_on": 2060, "median_off": 2000, "cost": 0.03,
+     "cpu_on": [2060], "cpu_off": [2000], "rate_on": 300, "rate_off": 310},
+    *({"kind": "pop", "server": name, "sessions": 10,
+       "result": {"retr_per_sec": rate, "retrieved": rate * 3, "mb_per_sec": rate / 1000,
+                  "login_ms": {"p99": 5.0}, "retr_ms": {"p99": 1.0}, "errors": {}}}
+      for name, rate in (("mailpool", 600), ("dovecot", 1000))),
+    {"kind": "idle", "server": "mailpool", "bound": 10000, "held": 10000, "ramp_seconds": 16,
+     "before": {"rss_kb": 300_000, "pss_kb": 200_000, "processes": 9},
+     "after": {"rss_kb": 890_000, "pss_kb": 600_000, "processes": 25},
+     "rss_kb_per_session": 59.0, "pss_kb_per_session": 40.0,
+     "pss_kb_per_session_sessions_only": 3.4, "new_processes": {"smtp-server": 16}},
+    {"kind": "greeting-delay", "idle": 1000, "held": 1000, "probes": 100,
+     "alone_ms": {"n": 100, "p99": 2.0, "max": 3.0}, "alone_errors": {},
+     "with_idle_ms": {"n": 100, "p99": 5.0, "max": 120.0}, "with_idle_errors": {}},
+]
+
+
+def test_targets_from_rows() -> None:
+    got = {t["id"]: t for t in targets(ROWS)}
+    assert list(got) == ["1", "1+", "2", "3", "4", "5", "6", "6+", "7a", "7b", "7b'", "7c"]
+    status = {k: t["status"] for k, t in got.items()}
+    assert status == {"1": "MET", "1+": "MISSED", "2": "MET", "3": "MISSED", "4": "MET",
+                      "5": "MET", "6": "MET", "6+": "MISSED", "7a": "MET", "7b": "MISSED",
+                      "7b'": "MET", "7c": "MISSED"}
+    # Headline: smtp-source's delivered/s; the generator's ratio in the detail.
+    assert got["1"]["value"] == 320 / 300 and got["1"]["measured"] == "1.07x"
+    assert got["1"]["detail"] == ("delivered/s 320 vs Postfix 300 (smtp-source, medians); "
+                                  "Trio generator 0.80x (280 vs 350)")
+    assert got["2"]["value"] == 1900.0
+    assert got["2"]["detail"] == ("supervisor 500, smtp-server 1000, framework 400 (medians); "
+                                  "Trio generator runs 2,100 us")
+    assert got["3"]["value"] == 590 / 400
+    assert got["4"]["value"] == 5.0 / 6.0
+    assert got["7c"]["value"] == 120.0 and got["7c"]["measured"] == "120.0 ms"
+    # Nothing measured: every target says why, none is MET or MISSED.
+    none = targets([])
+    assert all(t["status"].startswith("n/a (") for t in none)
+    # An idle test below 10,000 sessions cannot decide target 7's memory.
+    short = [{**ROWS[9], "bound": 2000, "held": 2000}]
+    assert {t["id"]: t["status"] for t in targets(short)}["7b"] == (
+        "n/a (only 2,000 tried (--idle-bound); held 2,000)")
+    # A new client refused or timed out while idle sessions are open misses target 7c.
+    refused = [{**ROWS[10], "with_idle_errors": {"timeout": 1}}]
+    assert {t["id"]: t["status"] for t in targets(refused)}["7c"] == "MISSED"
+
+
+def test_smtp_table_headline_first_and_ratios_to_postfix() -> None:
+    table = smtp_table(ROWS)
+    rows = [[*r[:4], r[6], r[8], r[13]] for r in table.rows if r]
+    assert rows == [
+        [T, "mailpool", "smtp-source", "1", "1.10", "1.07", "1900"],
+        [T, "mailpool", "smtp_load", "1", "0.75", "0.80", "2100"],
+        [T, "postfix", "smtp-source", "1", "1.00", "1.00", "-"],
+        [T, "postfix", "smtp_load", "1", "1.00", "1.00", "-"],
+        [M, "mailpool", "smtp-source", "1", "1.43", "1.48", "-"],
+        [M, "postfix", "smtp-source", "1", "1.00", "1.00", "-"],
+    ]
+    assert table.rows[4] == []  # a blank line between workloads
+
+
+def test_table_renderings() -> None:
+    t = Table(["name", "n"], [["a", "1"], [], ["bb|c", "22"]], right={1})
+    assert t.text() == ["name   n", "----  --", "a      1", "", "bb|c  22"]
+    assert t.markdown() == ["| name | n |", "| --- | ---: |", "| a | 1 |", "| bb/c | 22 |"]
+
+
+def test_markdown_block() -> None:
+    meta = {"kind": "meta", "started": "2026-12-01 06:00 UTC",
+            "machine": {"cpus": 2, "kernel": "6.1", "python": "3.11.7", "postfix": "3.7.11",
+                        "dovecot": "2.3.19", "load": [1.25, 1.0, 1.0]}}
+    block = markdown([meta, *ROWS, *targets(ROWS)], 330.0)
+    assert block.startswith("### Latest figures\n\nFrom `make bench` started 2026-12-01 "
+                            "06:00 UTC, on 2 CPUs (Linux 6.1), Python 3.11.7, Postfix 3.7.11, "
+                            "Dovecot 2.3.19; load average 1.2 when it started")
+    assert "The whole run took 5.5 minutes." in block
+    assert "\n### Targets\n\n7 met, 5 missed, 0 not measured in this run.\n" in block
+    assert ("| 1 | end to end >= 1.0x Postfix (20s 1KB k=1, durable, smtp-source) | >= 1.0x | "
+            "1.07x | MET | delivered/s 320 vs Postfix 300 (smtp-source, medians); Trio "
+            "generator 0.80x (280 vs 350) |") in block.splitlines()
+    assert "\n\n\n" not in block
+
+
+def test_repeated_runs_median() -> None:
+    def run(server: str, dlv: float, cpu: float, greet: float, rnd: int) -> dict:
+        return _smtp(server, "smtp-source", T, dlv + 10, dlv, greet, cpu,
+                     {"smtp-server": cpu / 2, "supervisor": cpu / 2}) | {"round": rnd}
+
+    rows = [run("mailpool", 300, 2400, 9.0, 1), run("postfix", 320, 0, 0, 1),
+            run("mailpool", 260, 1800, 9.0, 2), run("postfix", 250, 0, 0, 2),
+            run("mailpool", 280, 2000, 9.0, 3), run("postfix", 300, 0, 0, 3),
+            _smtp("mailpool", "smtp-source", T, 0, None) | {"result": {"error": "boom"}}]
+    table = smtp_table(rows)
+    # One line a server: its median run (by delivered/s), with how many runs there were.
+    assert [[*r[1:5], r[7], r[13]] for r in table.rows] == [
+        ["mailpool", "smtp-source", "3", "100", "280", "2000"],
+        ["postfix", "smtp-source", "3", "100", "300", "0"]]
+    got = {t["id"]: t for t in targets(rows)}
+    assert got["1"]["value"] == 280 / 300
+    assert got["1"]["detail"].startswith("delivered/s 280, 3 runs 260-300 vs Postfix 300, "
+                                         "3 runs 250-320 (smtp-source, medians)")
+    assert got["2"]["value"] == 2000 and got["2"]["status"] == "MET"
+    assert got["2"]["detail"] == ("supervisor 1000, smtp-server 1000 (medians, 3 runs "
+                                  "1800-2400)")
+    # A server whose only runs failed shows its error.
+    failed = smtp_table([rows[-1]])
+    assert failed.rows[0][:4] == [T, "mailpool", "smtp-source", "0"]
+    assert failed.rows[0][-1] == "ERROR: boom"
