@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 from typing import Any
 
 import pytest
@@ -112,3 +113,27 @@ def test_a_job_killed_by_a_signal_is_logged(h: Host) -> None:
     ended = wait_for(lambda: [r for r in h.journal("--code", "JE") if r["pid"] == js["pid"]],
                      10, what="the JE record")
     assert ended[0]["reason"] == "killed by signal 9 (SIGKILL)"
+
+
+def test_lines_also_go_to_syslog(host: Any) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(0.5)
+        port = receiver.getsockname()[1]
+        h: Host = host(f'[log]\nsyslog = true\nsyslog_address = "127.0.0.1:{port}"\n'
+                       'syslog_facility = "mail"\n')
+        with smtplib.SMTP(*h.smtp, timeout=10) as s:
+            s.noop()
+        got: list[bytes] = []
+
+        def connect_line() -> bool:
+            try:
+                got.append(receiver.recv(65536))
+            except TimeoutError:
+                pass
+            return any(b"connect from [127.0.0.1]" in d for d in got)
+
+        wait_for(connect_line, 20, what="the connect line over syslog")
+        line = next(d for d in got if b"connect from [127.0.0.1]" in d)
+        # <PRI>: facility mail (2) * 8 + info (6) = 22; then the ident with the job's pid.
+        assert re.match(rb"<22>mailpool/smtp-server/\d+\[\d+\]: connect from ", line), line

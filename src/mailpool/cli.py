@@ -469,11 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("queue_id", help="a queue id, or ALL")
     p = _leaf(queue, "requeue", cmd_queue_requeue,
               "take a message through the framework again (journaled QQ)")
-    p.add_argument("queue_id")
+    p.add_argument("queue_id", help="the message's queue id (as `queue list` shows it)")
     p = _leaf(queue, "show", cmd_queue_show,
               "a message's envelope, each recipient's state and the message (as postcat -q); "
               "works with the host stopped")
-    p.add_argument("queue_id")
+    p.add_argument("queue_id", help="the message's queue id (as `queue list` shows it)")
     part = p.add_mutually_exclusive_group()
     part.add_argument("--headers", action="store_true", help="only the message's headers")
     part.add_argument("--body", action="store_true", help="only the message's body")
