@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian tools the tests drive: swaks (SMTP client, with Perl's SSL modules for
-# --tls), fetchmail (POP3 client) and
-# Postfix for its smtp-sink (a remote MX with failure switches for the outbound tests).
+# --tls), fetchmail (POP3 client), Postfix for its smtp-sink (a remote MX with failure
+# switches for the outbound tests) and Chromium (the admin console in a real browser).
 # Quiet and best effort: tests that need a missing tool skip with the reason.
 set -u
 need=()
@@ -10,6 +10,8 @@ command -v swaks >/dev/null 2>&1 || need+=(swaks)
 perl -MNet::SSLeay -e 1 >/dev/null 2>&1 || need+=(libnet-ssleay-perl libio-socket-ssl-perl)
 command -v fetchmail >/dev/null 2>&1 || need+=(fetchmail)
 command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+  || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" != 0 ]; then
   echo "note: cannot install ${need[*]} (no apt-get or not root); those tests will skip"

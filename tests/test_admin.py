@@ -8,20 +8,36 @@ import http.client
 import json
 import logging
 import re
+import smtplib
 import socket
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import trio
-from hosthelp import Host
+from hosthelp import Host, wait_for
+from prometheus_client import CollectorRegistry, generate_latest
 
-from mailpool.admin.app import MAX_BODY, bearer_credentials, change_refusal, render_metrics
+from mailpool.admin.app import (
+    MAX_BODY,
+    QUEUE_LIST_LIMIT,
+    TRACE_LIMIT,
+    action_outcome,
+    bearer_credentials,
+    change_refusal,
+)
+from mailpool.admin.console import console_page, security_headers
+from mailpool.admin.history import MinuteHistory, RecentEvents
+from mailpool.admin.metrics import DELAY_BUCKETS, DelayHistogram, Reading, families
 from mailpool.admin.server import serve_admin
 
 TOKEN = "7f3a-console-token-c0ffee"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+QUEUES = ("incoming", "outbound", "retry1", "retry2", "busy", "hold", "quarantine")
+NOW = 1_700_000_000.0
 
 
 def _stats(jobs: int, in_use: int, accepted: int) -> dict[str, Any]:
@@ -35,31 +51,67 @@ def _stats(jobs: int, in_use: int, accepted: int) -> dict[str, Any]:
         "waiting": {"current": 0, "average": 0.0, "peak": 3, "average_wait_s": 0.0125},
         "accepted": accepted,
         "rejected": 1,
+        "sessions": {"in_use": in_use, "capacity": jobs - in_use},
     }
 
 
+def message(queue: str, queue_id: str, *recipients: str, message_id: str = "",
+            arrival: float = NOW - 600) -> dict[str, Any]:
+    """A row as queue_view.queued gives it (`queue list --json`)."""
+    return {"queue_name": queue, "queue_id": queue_id, "arrival_time": int(arrival),
+            "message_size": 1234, "sender": "alice@example.test",
+            "recipients": [{"address": r} for r in recipients], "next_attempt": None,
+            "attempts": 0, "message_id": message_id or f"{queue_id}@example.test"}
+
+
 class FakeSource:
-    """Shaped like the supervisor's AdminSource; pool changes follow its rules."""
+    """Shaped like the supervisor's AdminSource: pool changes and queue operations follow
+    its rules, and each method checks it runs where the protocol says (loop or thread)."""
 
     def __init__(self) -> None:
+        self.loop_thread = threading.get_ident()
         self.pools = {"smtp-server": _stats(4, 1, 120), "framework": _stats(2, 0, 7)}
-        self.queues = {"incoming": 0, "outbound": 3, "hold": 2}
+        self.messages: dict[str, list[dict[str, Any]]] = {q: [] for q in QUEUES}
+        self.messages["outbound"] = [message("outbound", f"0OUT{i}", "x@remote.test")
+                                     for i in range(3)]
+        self.messages["hold"] = [message("hold", "0HOLD1", "bob@example.test"),
+                                 message("hold", "0HOLD2", "carol@example.test")]
         self.changes: list[tuple[str, dict]] = []
+        self.controls: list[dict[str, Any]] = []
+        self.busy: set[str] = set()
+        self.counter_values: dict[str, Any] = {"received": 5}
+        self.samples: list[dict[str, int]] = []
+        self.recent: list[dict[str, Any]] = []
+        self.traces: dict[str, list[dict[str, Any]]] = {}
+        self.trace_calls: list[tuple[str, int]] = []
+        self.journal_size = 8192
         self.fail = False
 
+    # Where each method may run: the supervisor's state only on its loop, and blocking
+    # reads (spool, journal) only off it.
+    def _loop(self) -> None:
+        assert threading.get_ident() == self.loop_thread, "called off the event loop"
+
+    def _thread(self) -> None:
+        assert threading.get_ident() != self.loop_thread, "blocking call on the event loop"
+
     def pool_stats(self) -> dict[str, dict]:
+        self._loop()
         if self.fail:
             raise RuntimeError("supervisor state broken")
         return json.loads(json.dumps(self.pools))
 
     def queue_counts(self) -> dict[str, int]:
-        return dict(self.queues)
+        self._thread()
+        return {q: len(rows) for q, rows in self.messages.items()}
 
     def status(self) -> dict:
+        self._loop()
         return {"pid": 4242, "started": time.time() - 60,
                 "listen": {"smtp": "127.0.0.1:2525", "pop3": "127.0.0.1:1110"}}
 
     async def change_pool(self, entry: str, changes: dict) -> dict:
+        self._loop()
         await trio.sleep(0)
         self.changes.append((entry, changes))
         params = self.pools[entry]["parameters"]
@@ -70,6 +122,75 @@ class FakeSource:
             return {"error": f"{entry}: maximum_jobs: {changes['maximum_jobs']}: must be >= 1"}
         params.update(changes)
         return {"entry": entry, "stats": self.pools[entry]}
+
+    def _find(self, queue_id: str) -> tuple[str, dict[str, Any]] | None:
+        for queue, rows in self.messages.items():
+            for row in rows:
+                if row["queue_id"] == queue_id:
+                    return queue, row
+        return None
+
+    def _move(self, row: dict[str, Any], src: str, dst: str) -> None:
+        self.messages[src].remove(row)
+        self.messages[dst].append({**row, "queue_name": dst})
+
+    async def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._loop()
+        await trio.sleep(0)
+        self.controls.append(request)
+        op, qid = request["op"], request["queue_id"]
+        if op not in ("queue-release", "queue-delete", "queue-hold", "queue-requeue",
+                      "queue-flush"):
+            return {"error": f"unknown op {op!r}"}
+        found = self._find(qid)
+        if found is None:
+            return {"error": f"{qid}: no such message in any queue"}
+        queue, row = found
+        if op == "queue-release":
+            if queue not in ("hold", "quarantine"):
+                return {"error": f"{qid} is in {queue}: only held mail is released"}
+            self.messages[queue].remove(row)  # delivered at once
+            self.counter_values["delivered"] = {"local": len(row["recipients"])}
+            return {"released": qid}
+        if op == "queue-flush":
+            return {"flushed": int(queue in ("outbound", "retry1", "retry2"))}
+        if qid in self.busy:
+            return {"done": [], "busy": [qid], "errors": []}
+        if op == "queue-delete":
+            self.messages[queue].remove(row)
+        else:
+            self._move(row, queue, "hold" if op == "queue-hold" else "incoming")
+        return {"done": [qid], "busy": [], "errors": []}
+
+    def counters(self) -> dict[str, Any]:
+        self._loop()
+        return json.loads(json.dumps(self.counter_values))
+
+    def history(self) -> list[dict[str, int]]:
+        self._loop()
+        return [dict(s) for s in self.samples]
+
+    def events(self) -> list[dict[str, Any]]:
+        self._loop()
+        return [dict(e) for e in self.recent]
+
+    def queue_messages(self, queue: str, limit: int) -> list[dict[str, Any]]:
+        self._thread()
+        return [dict(r) for r in self.messages[queue][:limit]]
+
+    def queue_oldest(self) -> dict[str, float]:
+        self._thread()
+        return {q: float(min(r["arrival_time"] for r in rows))
+                for q, rows in self.messages.items() if rows}
+
+    def journal_bytes(self) -> int:
+        self._thread()
+        return self.journal_size
+
+    def trace(self, message_id: str, limit: int) -> list[dict[str, Any]]:
+        self._thread()
+        self.trace_calls.append((message_id, limit))
+        return self.traces.get(message_id.strip("<>"), [])[:limit]
 
 
 def http_request(addr: tuple[str, int], method: str, path: str, body: bytes | None = None,
@@ -205,7 +326,9 @@ async def test_change_pool_body_limit(addr, source) -> None:
 
 
 async def test_queues(addr, source) -> None:
-    assert await get_json(addr, "/api/queues") == {"queues": source.queues}
+    assert await get_json(addr, "/api/queues") == {"queues": {
+        "incoming": 0, "outbound": 3, "retry1": 0, "retry2": 0, "busy": 0, "hold": 2,
+        "quarantine": 0}}
 
 
 async def test_unknown_path_and_method(addr) -> None:
@@ -330,6 +453,7 @@ async def test_right_token_changes_the_pool(addr, source, admin_log) -> None:
 
 async def test_reading_needs_no_token(addr, tokenless_addr, source) -> None:
     for path in ("/", "/api/status", "/api/pools", "/api/pools/smtp-server", "/api/queues",
+                 "/api/queue/hold", "/api/trace/x@y", "/api/history", "/api/events",
                  "/metrics"):
         for method in ("GET", "HEAD"):
             status, _, _ = await request(addr, method, path)
@@ -394,15 +518,162 @@ async def test_no_token_beyond_loopback_is_refused(source) -> None:
                 await nursery.start(serve_admin, source, host, 0)
 
 
+# --- queues, traces, history, events --------------------------------------------------------
+
+
+async def test_queue_messages(addr, source) -> None:
+    got = await get_json(addr, "/api/queue/hold")
+    assert got == {"queue": "hold", "total": 2, "messages": source.messages["hold"],
+                   "more": False}
+    assert (await get_json(addr, "/api/queue/quarantine"))["messages"] == []
+    missing = await get_json(addr, "/api/queue/nope", expect=404)
+    assert missing["error"] == ("unknown queue 'nope' (known: incoming, outbound, retry1, "
+                                "retry2, busy, hold, quarantine)")
+
+
+async def test_queue_messages_are_bounded(addr, source) -> None:
+    source.messages["retry1"] = [message("retry1", f"0R{i:05d}", "x@remote.test")
+                                 for i in range(QUEUE_LIST_LIMIT + 5)]
+    got = await get_json(addr, "/api/queue/retry1")
+    assert got["total"] == QUEUE_LIST_LIMIT + 5 and got["more"] is True
+    assert got["messages"] == source.messages["retry1"][:QUEUE_LIST_LIMIT]
+
+
+async def test_trace(addr, source) -> None:
+    records = [{"seq": 7, "time": "2024-01-01T00:00:00.000000Z", "type": "LG", "code": "94",
+                "job": "smtp-server-1", "queue_id": "0HOLD1", "message_id": "a/b@x.test",
+                "explanation": "SMTP server: message received"}]
+    source.traces["a/b@x.test"] = records
+    # A Message-ID may hold '/': percent-encoded by the page, one path parameter here.
+    path = "/api/trace/" + urllib.parse.quote("<a/b@x.test>", safe="")
+    assert await get_json(addr, path) == {"message_id": "<a/b@x.test>", "records": records,
+                                          "more": False}
+    assert source.trace_calls == [("<a/b@x.test>", TRACE_LIMIT + 1)]
+    assert (await get_json(addr, "/api/trace/unknown@x.test"))["records"] == []
+    for bad in ("a%20b@x", "a%00b@x", "a%09b@x", "x" * 999):
+        error = (await get_json(addr, "/api/trace/" + bad, expect=400))["error"]
+        assert error.startswith("bad Message-ID"), bad
+    # A line break never even matches the route.
+    await get_json(addr, "/api/trace/a%0d%0ab@x", expect=404)
+    assert len(source.trace_calls) == 2
+
+
+async def test_trace_is_bounded(addr, source) -> None:
+    source.traces["big@x"] = [{"seq": n} for n in range(TRACE_LIMIT + 3)]
+    got = await get_json(addr, "/api/trace/big@x")
+    assert len(got["records"]) == TRACE_LIMIT and got["more"] is True
+
+
+async def test_history_and_events(addr, source) -> None:
+    assert await get_json(addr, "/api/history") == {"minute_s": 60, "samples": []}
+    source.samples = [{"t": 1_699_999_980, "received": 3, "delivered": 2, "in_use": 1,
+                       "waiting": 0}]
+    assert await get_json(addr, "/api/history") == {"minute_s": 60, "samples": source.samples}
+    source.recent = [{"time": NOW, "kind": "reject", "code": "550",
+                      "detail": "5.1.1 <nobody@example.test>: user unknown",
+                      "listener": "smtp", "ip": "192.0.2.7"}]
+    assert await get_json(addr, "/api/events") == {"events": source.recent}
+
+
+# --- queue operations ------------------------------------------------------------------------
+
+
+async def act(addr: tuple[str, int], queue_id: str, action: str,
+              auth: dict[str, str] = AUTH) -> tuple[int, Any]:
+    status, _, body = await request(addr, "POST", f"/api/queue/{queue_id}/{action}",
+                                    headers=auth)
+    return status, json.loads(body)
+
+
+async def test_queue_actions_run_the_cli_ops(addr, source, admin_log) -> None:
+    assert await act(addr, "0HOLD1", "release") == (200, {"released": "0HOLD1"})
+    assert await act(addr, "0OUT0", "hold") == (200, {"done": ["0OUT0"], "busy": [],
+                                                       "errors": []})
+    assert await act(addr, "0OUT1", "flush") == (200, {"flushed": 1})
+    assert await act(addr, "0OUT0", "requeue") == (200, {"done": ["0OUT0"], "busy": [],
+                                                          "errors": []})
+    assert await act(addr, "0HOLD2", "delete") == (200, {"done": ["0HOLD2"], "busy": [],
+                                                          "errors": []})
+    assert source.controls == [{"op": "queue-release", "queue_id": "0HOLD1"},
+                               {"op": "queue-hold", "queue_id": "0OUT0"},
+                               {"op": "queue-flush", "queue_id": "0OUT1"},
+                               {"op": "queue-requeue", "queue_id": "0OUT0"},
+                               {"op": "queue-delete", "queue_id": "0HOLD2"}]
+    assert [r["queue_id"] for r in source.messages["incoming"]] == ["0OUT0"]
+    assert source.messages["hold"] == []
+    logged = [r.getMessage() for r in admin_log.records if r.name == "mailpool.admin"]
+    assert logged[0] == "admin console: release 0HOLD1 from 127.0.0.1: done"
+    assert len(logged) == 5
+
+
+async def test_queue_action_refusals(addr, source) -> None:
+    source.busy.add("0OUT2")
+    status, reply = await act(addr, "0OUT2", "delete")
+    assert status == 409
+    assert reply == {"done": [], "busy": ["0OUT2"], "errors": [],
+                     "error": "0OUT2 is being delivered right now: try again in a moment"}
+    assert await act(addr, "0GONE", "release") == (
+        400, {"error": "0GONE: no such message in any queue"})
+    assert await act(addr, "0OUT1", "release") == (
+        400, {"error": "0OUT1 is in outbound: only held mail is released"})
+    calls = len(source.controls)
+    # Refused before the supervisor is asked.
+    status, reply = await act(addr, "0OUT1", "shred")
+    assert status == 404
+    assert reply["error"] == ("unknown action 'shred' (known: hold, release, delete, "
+                              "requeue, flush)")
+    for qid in ("ALL", "all"):
+        status, reply = await act(addr, qid, "delete")
+        assert status == 400 and "one message at a time" in reply["error"]
+    for qid in ("a.b", "-x", "x" * 65, "%C3%A9"):
+        status, reply = await act(addr, qid, "delete")
+        assert status == 400 and reply["error"].startswith("bad queue id"), qid
+    assert len(source.controls) == calls
+    assert len(source.messages["outbound"]) == 3
+
+
+async def test_queue_actions_need_the_token(addr, tokenless_addr, source) -> None:
+    status, reply = await act(addr, "0HOLD1", "release", auth={})
+    assert status == 401 and "Authorization: Bearer" in reply["error"]
+    status, reply = await act(addr, "0HOLD1", "release",
+                              auth=_raw_auth("Bearer " + WRONG_TOKENS[0]))
+    assert status == 403
+    status, reply = await act(tokenless_addr, "0HOLD1", "release")
+    assert status == 403 and "control socket" in reply["error"]
+    # GET on an action is not an action.
+    status, _, _ = await request(addr, "GET", "/api/queue/0HOLD1/release", headers=AUTH)
+    assert status == 405
+    assert source.controls == [] and len(source.messages["hold"]) == 2
+
+
+@pytest.mark.parametrize(("reply", "outcome"), [
+    ({"released": "Q1"}, (200, {"released": "Q1"})),
+    ({"flushed": 0}, (200, {"flushed": 0})),
+    ({"done": ["Q1"], "busy": [], "errors": []}, (200, {"done": ["Q1"], "busy": [],
+                                                        "errors": []})),
+    ({"error": "Q1: no such message"}, (400, {"error": "Q1: no such message"})),
+    ({"done": [], "busy": [], "errors": ["Q1: gone", "Q1: still gone"]},
+     (400, {"done": [], "busy": [], "errors": ["Q1: gone", "Q1: still gone"],
+            "error": "Q1: gone; Q1: still gone"})),
+    ({"done": [], "busy": ["Q1"], "errors": []},
+     (409, {"done": [], "busy": ["Q1"], "errors": [],
+            "error": "Q1 is being delivered right now: try again in a moment"})),
+])
+def test_action_outcome(reply: dict[str, Any], outcome: tuple[int, dict[str, Any]]) -> None:
+    assert action_outcome("Q1", reply) == outcome
+
+
 # --- /metrics ------------------------------------------------------------------------------
 
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 _SAMPLE = re.compile(rf'^({_NAME})(?:\{{(.*)\}})? (\S+)$')
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)')
+_SUFFIXES = {"counter": ("",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
 
 
 def parse_metrics(text: str) -> dict[str, dict[str, Any]]:
-    """Strict reader of text format 0.0.4: HELP/TYPE first, each metric one group."""
+    """Strict reader of text format 0.0.4: HELP/TYPE first, each metric one group, a
+    histogram's _bucket/_count/_sum inside its group, counters named *_total."""
     assert text.endswith("\n")
     metrics: dict[str, dict[str, Any]] = {}
     current = None
@@ -415,13 +686,15 @@ def parse_metrics(text: str) -> dict[str, dict[str, Any]]:
             current = name
         elif line.startswith("# TYPE "):
             name, _, kind = line[7:].partition(" ")
-            assert name == current and kind in ("counter", "gauge"), line
+            assert name == current and kind in _SUFFIXES, line
             metrics[name]["type"] = kind
         else:
             m = _SAMPLE.match(line)
             assert m, f"bad sample line {line!r}"
             name, labels_text, value = m.groups()
-            assert name == current, f"{name} outside its group"
+            assert current is not None
+            kind = metrics[current]["type"]
+            assert name in {current + s for s in _SUFFIXES[kind]}, f"{name} outside its group"
             labels: dict[str, str] = {}
             rest = labels_text or ""
             while rest:
@@ -429,7 +702,8 @@ def parse_metrics(text: str) -> dict[str, dict[str, Any]]:
                 assert lm, f"bad labels in {line!r}"
                 labels[lm[1]] = lm[2]
                 rest = rest[lm.end():]
-            metrics[name]["samples"].append((labels, float(value)))
+            key = name if kind == "histogram" else current
+            metrics[current]["samples"].append((key, labels, float(value)))
     for name, metric in metrics.items():
         assert "type" in metric, name
         if metric["type"] == "counter":
@@ -437,21 +711,32 @@ def parse_metrics(text: str) -> dict[str, dict[str, Any]]:
     return metrics
 
 
-def sample(metrics: dict, name: str, **labels: str) -> float:
-    values = [v for lab, v in metrics[name]["samples"] if lab == labels]
+def sample(metrics: dict, name: str, sample_name: str | None = None, **labels: str) -> float:
+    values = [v for n, lab, v in metrics[name]["samples"]
+              if lab == labels and n == (sample_name or name)]
     assert len(values) == 1, (name, labels, metrics[name]["samples"])
     return values[0]
 
 
 async def test_metrics(addr, source) -> None:
+    delays = DelayHistogram()
+    for seconds in (0.5, 2.0, 400.0):
+        delays.observe(seconds)
+    source.counter_values = {
+        "smtpd_connections": {"smtp": 31, "submission": 4}, "pop3d_connections": {"pop3": 9},
+        "received": 12, "delivered": {"local": 8, "remote": 3}, "deferred": 2, "bounced": 1,
+        "rejects": {"550": 5, "421": 1}, "delivery_delay": delays.snapshot()}
     status, headers, body = await request(addr, "GET", "/metrics")
     assert status == 200
     assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     m = parse_metrics(body.decode())
+    # The names of the hand-written exposition, unchanged.
     assert sample(m, "mailpool_pool_jobs", entry="smtp-server") == 4
     assert sample(m, "mailpool_pool_jobs", entry="framework") == 2
+    assert sample(m, "mailpool_pool_jobs_average", entry="smtp-server") == 3.5
     assert sample(m, "mailpool_pool_jobs_peak", entry="smtp-server") == 6
     assert sample(m, "mailpool_pool_in_use", entry="smtp-server") == 1
+    assert sample(m, "mailpool_pool_in_use_peak", entry="smtp-server") == 2
     assert sample(m, "mailpool_pool_waiting", entry="smtp-server") == 0
     assert sample(m, "mailpool_pool_waiting_peak", entry="smtp-server") == 3
     assert sample(m, "mailpool_pool_average_wait_seconds", entry="smtp-server") == 0.0125
@@ -460,36 +745,314 @@ async def test_metrics(addr, source) -> None:
     assert sample(m, "mailpool_pool_maximum_jobs", entry="framework") == 20
     assert m["mailpool_pool_accepted_total"]["type"] == "counter"
     assert m["mailpool_pool_jobs"]["type"] == "gauge"
-    for queue, n in source.queues.items():
+    for queue, n in {"incoming": 0, "outbound": 3, "hold": 2, "quarantine": 0}.items():
         assert sample(m, "mailpool_queue_messages", queue=queue) == n
     assert sample(m, "mailpool_start_time_seconds") <= time.time()
+    # New.
+    assert sample(m, "mailpool_pool_sessions_in_use", entry="smtp-server") == 1
+    assert sample(m, "mailpool_pool_sessions_capacity", entry="smtp-server") == 3
+    assert sample(m, "mailpool_smtpd_connections_total", listener="submission") == 4
+    assert sample(m, "mailpool_pop3d_connections_total", listener="pop3") == 9
+    assert sample(m, "mailpool_messages_received_total") == 12
+    assert sample(m, "mailpool_messages_delivered_total", kind="remote") == 3
+    assert sample(m, "mailpool_messages_deferred_total") == 2
+    assert sample(m, "mailpool_messages_bounced_total") == 1
+    assert sample(m, "mailpool_smtpd_rejects_total", code="550") == 5
+    hist = "mailpool_delivery_delay_seconds"
+    assert m[hist]["type"] == "histogram"
+    assert sample(m, hist, hist + "_bucket", le="1.0") == 1
+    assert sample(m, hist, hist + "_bucket", le="300.0") == 2
+    assert sample(m, hist, hist + "_bucket", le="1800.0") == 3
+    assert sample(m, hist, hist + "_count") == 3
+    assert sample(m, hist, hist + "_sum") == 402.5
+    # Arrived 600 s before NOW: far in the past, so the age is large and positive.
+    assert sample(m, "mailpool_queue_oldest_seconds", queue="hold") > 600
+    assert sample(m, "mailpool_queue_oldest_seconds", queue="incoming") == 0
+    assert sample(m, "mailpool_journal_bytes") == 8192
+    # The process collectors: this very process.
+    assert sample(m, "process_open_fds") > 0
+    assert sample(m, "process_resident_memory_bytes") > 0
+    assert m["process_cpu_seconds_total"]["type"] == "counter"
+    assert next(lab for _, lab, _ in m["python_info"]["samples"])["implementation"] == "CPython"
+
+
+async def test_metrics_openmetrics_when_asked(addr, source) -> None:
+    status, headers, body = await request(
+        addr, "GET", "/metrics", headers={"Accept": "application/openmetrics-text; "
+                                                    "version=1.0.0; charset=utf-8"})
+    assert status == 200
+    assert headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    # OpenMetrics names the counter family without _total; its sample keeps it.
+    assert "# TYPE mailpool_messages_received counter\n" in text
+    assert "\nmailpool_messages_received_total 5.0\n" in text
+
+
+async def test_metrics_source_failure_is_500(addr, source) -> None:
+    source.fail = True
+    status, _, _ = await request(addr, "GET", "/metrics")
+    assert status == 500
+    source.fail = False
+    status, _, _ = await request(addr, "GET", "/metrics")
+    assert status == 200
+
+
+def _exposition(reading: Reading, now: float) -> str:
+    class Fixed:
+        def collect(self):
+            return families(reading, now)
+
+    registry = CollectorRegistry()
+    registry.register(Fixed())
+    return generate_latest(registry).decode()
+
+
+def _reading(**overrides: Any) -> Reading:
+    fields: dict[str, Any] = {"status": {"started": 1.5}, "pools": {}, "counters": {},
+                              "queues": {}, "oldest": {}, "journal_bytes": 0}
+    return Reading(**{**fields, **overrides})
+
+
+def test_metrics_exposition_bytes() -> None:
+    delays = DelayHistogram()
+    for seconds in (0.2, 1.0, 1.5, 45.0, 7200.0, 90000.0):
+        delays.observe(seconds)
+    reading = _reading(
+        counters={"smtpd_connections": {"smtp": 12}, "received": 9,
+                  "delivered": {"local": 5}, "rejects": {"550": 2},
+                  "delivery_delay": delays.snapshot()},
+        queues={"incoming": 0, "hold": 2}, oldest={"hold": NOW - 60}, journal_bytes=4096)
+    text = _exposition(reading, NOW)
+    start = text.index("# HELP mailpool_smtpd_connections_total")
+    assert text[start:] == """\
+# HELP mailpool_smtpd_connections_total Connections accepted by each SMTP listener.
+# TYPE mailpool_smtpd_connections_total counter
+mailpool_smtpd_connections_total{listener="smtp"} 12.0
+# HELP mailpool_pop3d_connections_total Connections accepted by each POP3 listener.
+# TYPE mailpool_pop3d_connections_total counter
+# HELP mailpool_messages_received_total Messages accepted onto the incoming queue.
+# TYPE mailpool_messages_received_total counter
+mailpool_messages_received_total 9.0
+# HELP mailpool_messages_delivered_total Recipients delivered: into a local mailbox or to \
+a remote host.
+# TYPE mailpool_messages_delivered_total counter
+mailpool_messages_delivered_total{kind="local"} 5.0
+mailpool_messages_delivered_total{kind="remote"} 0.0
+# HELP mailpool_messages_deferred_total Delivery attempts that failed for now (the message \
+waits to be retried).
+# TYPE mailpool_messages_deferred_total counter
+mailpool_messages_deferred_total 0.0
+# HELP mailpool_messages_bounced_total Recipients that failed for good (a non-delivery \
+notice goes back).
+# TYPE mailpool_messages_bounced_total counter
+mailpool_messages_bounced_total 0.0
+# HELP mailpool_smtpd_rejects_total Refusals the SMTP service sent (connection, sender, \
+recipient or message), by reply code.
+# TYPE mailpool_smtpd_rejects_total counter
+mailpool_smtpd_rejects_total{code="550"} 2.0
+# HELP mailpool_delivery_delay_seconds Time from a message's arrival to the delivery of \
+each recipient.
+# TYPE mailpool_delivery_delay_seconds histogram
+mailpool_delivery_delay_seconds_bucket{le="1.0"} 2.0
+mailpool_delivery_delay_seconds_bucket{le="5.0"} 3.0
+mailpool_delivery_delay_seconds_bucket{le="30.0"} 3.0
+mailpool_delivery_delay_seconds_bucket{le="60.0"} 4.0
+mailpool_delivery_delay_seconds_bucket{le="300.0"} 4.0
+mailpool_delivery_delay_seconds_bucket{le="1800.0"} 4.0
+mailpool_delivery_delay_seconds_bucket{le="3600.0"} 4.0
+mailpool_delivery_delay_seconds_bucket{le="14400.0"} 5.0
+mailpool_delivery_delay_seconds_bucket{le="86400.0"} 5.0
+mailpool_delivery_delay_seconds_bucket{le="+Inf"} 6.0
+mailpool_delivery_delay_seconds_count 6.0
+mailpool_delivery_delay_seconds_sum 97247.7
+# HELP mailpool_queue_messages Messages in each spool queue.
+# TYPE mailpool_queue_messages gauge
+mailpool_queue_messages{queue="incoming"} 0.0
+mailpool_queue_messages{queue="hold"} 2.0
+# HELP mailpool_queue_oldest_seconds Age of the oldest message in each spool queue (0 when \
+empty).
+# TYPE mailpool_queue_oldest_seconds gauge
+mailpool_queue_oldest_seconds{queue="incoming"} 0.0
+mailpool_queue_oldest_seconds{queue="hold"} 60.0
+# HELP mailpool_journal_bytes Bytes in the journal's receivers.
+# TYPE mailpool_journal_bytes gauge
+mailpool_journal_bytes 4096.0
+"""
+    parse_metrics(text)
 
 
 def test_metrics_escaping_and_special_values() -> None:
-    pools = {'we"ird\\name\n': _stats(1, 0, 0)}
-    pools['we"ird\\name\n']["waiting"]["average_wait_s"] = float("nan")
-    text = render_metrics(pools, {}, {"started": 1.5})
+    name = 'we"ird\\name\n'
+    pools = {name: _stats(1, 0, 0)}
+    pools[name]["waiting"]["average_wait_s"] = float("nan")
+    text = _exposition(_reading(pools=pools, oldest={"hold": NOW + 5},
+                                queues={"hold": 1}), NOW)
     m = parse_metrics(text)
-    assert m["mailpool_pool_jobs"]["samples"] == [({"entry": 'we\\"ird\\\\name\\n'}, 1.0)]
+    assert m["mailpool_pool_jobs"]["samples"] == [
+        ("mailpool_pool_jobs", {"entry": 'we\\"ird\\\\name\\n'}, 1.0)]
     assert 'mailpool_pool_average_wait_seconds{entry="we\\"ird\\\\name\\n"} NaN' in text
-    assert m["mailpool_queue_messages"]["samples"] == []
+    # A message stamped in the future (a clock stepped back) is not of negative age.
+    assert sample(m, "mailpool_queue_oldest_seconds", queue="hold") == 0
+    empty = parse_metrics(_exposition(_reading(), NOW))
+    assert empty["mailpool_queue_messages"]["samples"] == []
+    assert sample(empty, "mailpool_messages_received_total") == 0
+    hist = "mailpool_delivery_delay_seconds"
+    assert sample(empty, hist, hist + "_bucket", le="+Inf") == 0
+
+
+def test_delay_histogram_buckets() -> None:
+    h = DelayHistogram()
+    assert h.snapshot() == {"counts": [0] * (len(DELAY_BUCKETS) + 1), "sum": 0.0}
+    # A delay equal to a bound is in that bound's bucket (Prometheus' "le").
+    for seconds in (*DELAY_BUCKETS, 0.0, -3.0, 86400.5):
+        h.observe(seconds)
+    assert h.snapshot()["counts"] == [3, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert h.snapshot()["sum"] == sum(DELAY_BUCKETS) + 86400.5
+    with pytest.raises(ValueError, match="has 3 bucket counts, not 10"):
+        families(_reading(counters={"delivery_delay": {"counts": [1, 2, 3], "sum": 1.0}}),
+                 NOW)
+
+
+# --- history and events (kept by the supervisor) ---------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+M = 1_699_999_980  # a minute's start (a multiple of 60)
+
+
+def _minute(t: int, received: int = 0, delivered: int = 0, in_use: int = 0,
+            waiting: int = 0) -> dict[str, int]:
+    return {"t": t, "received": received, "delivered": delivered, "in_use": in_use,
+            "waiting": waiting}
+
+
+def test_minute_history_counts_peaks_and_quiet_minutes() -> None:
+    clock = Clock(M + 10.5)
+    h = MinuteHistory(clock)
+    h.count("received")
+    h.count("received", 2)
+    h.load(in_use=5, waiting=2)
+    h.load(in_use=1, waiting=0)  # the minute keeps its peak
+    clock.now = M + 59.999
+    h.count("delivered")
+    clock.now = M + 180  # two quiet minutes: there, counts 0, gauges where they were left
+    h.count("delivered", 4)
+    assert h.samples() == [_minute(M, 3, 1, 5, 2), _minute(M + 60, in_use=1),
+                           _minute(M + 120, in_use=1), _minute(M + 180, delivered=4,
+                                                               in_use=1)]
+    clock.now = M + 240.0  # samples() alone brings the ring up to the current minute
+    assert h.samples()[-1] == _minute(M + 240, in_use=1)
+
+
+def test_minute_history_is_a_ring_of_an_hour() -> None:
+    clock = Clock(M)
+    h = MinuteHistory(clock)
+    h.load(in_use=3, waiting=0)
+    clock.now = M + 10 * 3600  # ten hours of silence cost sixty entries, no more
+    samples = h.samples()
+    assert len(samples) == 60
+    assert samples[0] == _minute(M + 10 * 3600 - 59 * 60, in_use=3)
+    assert samples[-1] == _minute(M + 10 * 3600, in_use=3)
+    assert [s["t"] for s in samples] == list(range(samples[0]["t"], M + 10 * 3600 + 1, 60))
+    small = MinuteHistory(clock, minutes=2)
+    for _ in range(5):
+        clock.now += 60
+        small.count("received")
+    assert small.samples() == [_minute(int(clock.now) - 60, 1), _minute(int(clock.now), 1)]
+
+
+def test_minute_history_clock_stepping_back() -> None:
+    clock = Clock(M + 120)
+    h = MinuteHistory(clock)
+    h.count("received")
+    clock.now = M  # wall clock set back two minutes: counted in the newest minute
+    h.count("received")
+    assert h.samples() == [_minute(M + 120, received=2)]
+    with pytest.raises(ValueError, match="unknown count 'bounced'"):
+        h.count("bounced")
+    with pytest.raises(ValueError):
+        MinuteHistory(clock, minutes=0)
+
+
+def test_recent_events() -> None:
+    clock = Clock(NOW)
+    events = RecentEvents(clock, size=3)
+    events.add("reject", "550", "5.1.1 user unknown", listener="smtp", ip="192.0.2.1",
+               queue_id=None)
+    clock.now += 1
+    events.add("error", "", "journal: disk full", job="supervisor")
+    assert events.recent() == [
+        {"time": NOW + 1, "kind": "error", "code": "", "detail": "journal: disk full",
+         "job": "supervisor"},
+        {"time": NOW, "kind": "reject", "code": "550", "detail": "5.1.1 user unknown",
+         "listener": "smtp", "ip": "192.0.2.1"}]
+    for n in range(4):
+        events.add("reject", "421", f"busy {n}")
+    assert [e["detail"] for e in events.recent()] == ["busy 3", "busy 2", "busy 1"]
+    with pytest.raises(ValueError, match="unknown event kind 'warning'"):
+        events.add("warning", "", "x")
+    with pytest.raises(ValueError, match="unknown event field"):
+        events.add("error", "", "x", colour="red")
 
 
 # --- console page --------------------------------------------------------------------------
 
 
-async def test_index_page_is_self_contained(addr) -> None:
+async def test_console_page_is_self_contained(addr) -> None:
     status, headers, body = await request(addr, "GET", "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
     page = body.decode()
-    assert "fetch(" in page and "/api/pools" in page and "/api/queues" in page
-    assert "setInterval(refresh" in page
     assert not re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', page), "external asset"
-    assert "innerHTML" not in page
-    # Read-only: the page never holds the token. A change form added here must take the
-    # token from a field the operator types into, and this test must then check that.
+    assert "<script src" not in page and "<link rel=\"stylesheet\"" not in page
+    assert "innerHTML" not in page and "outerHTML" not in page
+    assert "insertAdjacentHTML" not in page and "document.write" not in page
+    for path in ("/api/status", "/api/pools", "/api/queues", "/api/history", "/api/events",
+                 '"/api/queue/"', '"/api/trace/"'):
+        assert path in page, path
+    # Polled every two seconds, each poll after the last one finished.
+    assert "const POLL_MS = 2000;" in page and "setTimeout(poll, POLL_MS)" in page
+    assert '<canvas id="chart"' in page
+    # The page never holds the token: the operator types it into a password field, and it
+    # is kept in this tab's sessionStorage at most.
     assert TOKEN not in page
-    assert "<form" not in page and "method:" not in page and "POST" not in page
+    assert '<input id="token" type="password"' in page
+    assert "sessionStorage.setItem(TOKEN_KEY" in page and "localStorage" not in page
+    assert "document.cookie" not in page
+    assert '"Authorization": "Bearer " + token' in page
+
+
+async def test_console_page_headers(addr) -> None:
+    status, headers, body = await request(addr, "GET", "/")
+    assert status == 200
+    expected_page, expected_headers = console_page()
+    assert body == expected_page
+    for name, value in expected_headers.items():
+        assert headers[name.lower()] == value
+    csp = headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert "connect-src 'self'" in csp and "'unsafe-inline'" not in csp
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_security_headers_pin_each_inline_block() -> None:
+    headers = security_headers(b"<style>b{}</style><p>x</p><script>go()</script>"
+                               b"<script>\nmore()\n</script>")
+    # sha256 of exactly what is between the tags, base64: as CSP Level 3 hashes them.
+    assert headers["Content-Security-Policy"] == (
+        "default-src 'none'; "
+        "script-src 'sha256-5KYv+PUboo5h+0+YAtGRPbwv5d/QxzHslP4YGnUaxRw=' "
+        "'sha256-fFVP1hUtxkeCT074D4DXIa9DBckvKOlfyCCS6y3K4dM='; "
+        "style-src 'sha256-7yqHVAesot11p6HczDsgKRipvI5UPgs97z80zNXlans='; "
+        "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'")
 
 
 # --- serving: bind, shutdown ---------------------------------------------------------------
@@ -543,7 +1106,7 @@ def _has_ipv6_loopback() -> bool:
 async def test_ipv6_bind(nursery, source) -> None:
     addr = await nursery.start(serve_admin, source, "::1", 0)
     assert addr[0] == "::1"
-    assert (await get_json(addr, "/api/queues"))["queues"] == source.queues
+    assert (await get_json(addr, "/api/queues"))["queues"]["hold"] == 2
 
 
 # --- the console of a real host ------------------------------------------------------------
@@ -575,7 +1138,7 @@ def test_host_console_without_token_is_read_only(host) -> None:
     assert h.pool_stats()["smtp-server"]["parameters"]["max_use"] == max_use
     status, _, body = http_request(addr, "GET", "/api/pools/smtp-server")
     assert status == 200 and json.loads(body)["stats"]["parameters"]["max_use"] == max_use
-    assert ("mailpool: admin console: refused POST '/api/pools/smtp-server' from 127.0.0.1: "
+    assert ("]: admin console: refused POST '/api/pools/smtp-server' from 127.0.0.1: "
             "changes are disabled (no [admin] token)\n") in h.log_path.read_text()
     # The way changes do go: the control socket, for its owner only.
     assert (h.data / "run" / "control.sock").stat().st_mode & 0o777 == 0o600
@@ -602,3 +1165,44 @@ def test_host_console_with_token(host) -> None:
     assert "from 127.0.0.1: no bearer token\n" in log
     assert "from 127.0.0.1: wrong bearer token\n" in log
     assert TOKEN not in log and wrong not in log
+
+
+def test_host_metrics(host) -> None:
+    h = host()
+    h.add_user("alice", "alice@example.test")
+    with smtplib.SMTP(*h.smtp, timeout=10) as s:
+        s.ehlo("client.example.test")
+        s.mail("carol@example.test")
+        code, _ = s.rcpt("nobody@example.test")
+        assert code == 550
+        s.rcpt("alice@example.test")
+        code, _ = s.data(b"Subject: counted\r\n\r\nOne message.\r\n")
+        assert code == 250
+    h.wait_delivered("alice", 1)
+    addr = _console(h)
+
+    def scrape() -> dict[str, dict[str, Any]]:
+        status, headers, body = http_request(addr, "GET", "/metrics")
+        assert status == 200, body
+        assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        return parse_metrics(body.decode())
+
+    # Jobs report their counts once a second: the figures arrive just after the mail.
+    m = wait_for(lambda: (m := scrape()) and sample(
+        m, "mailpool_messages_delivered_total", kind="local") == 1 and sample(
+        m, "mailpool_messages_received_total") == 1 and sample(
+        m, "mailpool_smtpd_rejects_total", code="550") == 1 and m,
+        what="the delivery, the message and the rejection counted")
+    assert sample(m, "mailpool_messages_delivered_total", kind="remote") == 0
+    assert sample(m, "mailpool_smtpd_connections_total", listener="smtp") >= 1
+    assert sample(m, "mailpool_smtpd_rejects_total", code="550") == 1
+    hist = "mailpool_delivery_delay_seconds"
+    assert sample(m, hist, hist + "_count") == 1
+    assert sample(m, hist, hist + "_bucket", le="+Inf") == 1
+    for queue in QUEUES:
+        assert sample(m, "mailpool_queue_messages", queue=queue) == 0
+        assert sample(m, "mailpool_queue_oldest_seconds", queue=queue) == 0
+    assert sample(m, "mailpool_pool_jobs", entry="smtp-server") >= 1
+    assert sample(m, "mailpool_journal_bytes") > 0
+    assert sample(m, "process_open_fds") > 0
+    assert sample(m, "process_start_time_seconds") <= time.time()

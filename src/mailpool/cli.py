@@ -363,8 +363,10 @@ def cmd_queue_release(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 def _report_change(reply: dict[str, object], what: str) -> int:
     done, busy, errors = (list(reply.get(k) or []) for k in ("done", "busy", "errors"))
+    was_in = reply.get("was_in") or {}
+    assert isinstance(was_in, dict)
     for qid in done:
-        print(f"{qid}: {what}")
+        print(f"{qid}: " + what.format(queue=was_in.get(qid, "its queue")))
     for qid in busy:
         print(f"{qid}: being delivered right now, left alone (try again)")
     for error in errors:
@@ -375,16 +377,18 @@ def _report_change(reply: dict[str, object], what: str) -> int:
 
 
 def cmd_queue_delete(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    return _report_change(_queue_change(loaded, "queue-delete", args.queue_id), "deleted")
+    return _report_change(_queue_change(loaded, "queue-delete", args.queue_id),
+                          "deleted from {queue}")
 
 
 def cmd_queue_hold(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    return _report_change(_queue_change(loaded, "queue-hold", args.queue_id), "on hold")
+    return _report_change(_queue_change(loaded, "queue-hold", args.queue_id),
+                          "on hold (was in {queue})")
 
 
 def cmd_queue_requeue(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return _report_change(_queue_change(loaded, "queue-requeue", args.queue_id),
-                          "back on the incoming queue")
+                          "back on the incoming queue (was in {queue})")
 
 
 def cmd_queue_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:

@@ -1,7 +1,8 @@
 """Admin console, JSON API and Prometheus /metrics (a Starlette app; served by server.py).
 
 The app holds no state of its own: every request asks the supervisor through AdminSource,
-so what it shows is what `mailpool pool show` would print at that moment.
+so what it shows is what `mailpool pool show` would print at that moment. The console page
+(console.html) polls the JSON endpoints every two seconds.
 
 Reading is open (the console binds to loopback unless [admin] token is set). Every changing
 request needs `Authorization: Bearer <[admin] token>`; with no token configured there are no
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import math
+import re
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -28,35 +29,81 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mailpool.admin.console import console_page
+from mailpool.admin.history import MINUTE
+from mailpool.admin.metrics import exposition, metrics_registry
+
 log = logging.getLogger("mailpool.admin")
 
 # A pool change is a handful of keys; anything bigger is a mistake or an attack.
 MAX_BODY = 64 * 1024
-METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class AdminSource(Protocol):
     """What the supervisor exposes to the admin app.
 
-    pool_stats, status and change_pool run on the supervisor's event loop. queue_counts runs
-    in a worker thread (it may list spool directories, which blocks), so it must not touch
-    Trio objects.
+    Methods marked "loop" run on the supervisor's event loop and must not block; those
+    marked "thread" run in a worker thread (they list spool directories or read the
+    journal) and must not touch Trio objects. Counters are numbers since the supervisor
+    started and never go down.
     """
 
     def pool_stats(self) -> dict[str, dict[str, Any]]:
-        """{entry: PoolRules.stats()}: the `pool show --json` entries."""
+        """loop. {entry: PoolRules.stats()}: the `pool show --json` entries."""
         ...
 
     def queue_counts(self) -> dict[str, int]:
-        """{queue name: messages in it}."""
+        """thread. {queue name: messages in it}, every queue of the spool."""
         ...
 
     def status(self) -> dict[str, Any]:
-        """{"pid": int, "started": unix time, "listen": {name: "host:port"}}."""
+        """loop. {"pid": int, "started": unix time, "listen": {name: "host:port"}}."""
         ...
 
     async def change_pool(self, entry: str, changes: dict[str, Any]) -> dict[str, Any]:
-        """The CLI's `pool change`: {"entry", "stats"} or {"error": why}."""
+        """loop. The CLI's `pool change`: {"entry", "stats"} or {"error": why}."""
+        ...
+
+    async def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """loop. What the control socket answers `request` ({"op": "queue-release",
+        "queue_id": ...}): the CLI's queue operations, run by the same code."""
+        ...
+
+    def counters(self) -> dict[str, Any]:
+        """loop. Mail flow since start, for /metrics:
+        {"smtpd_connections": {listener: n}, "pop3d_connections": {listener: n},
+         "received": n, "delivered": {"local": n, "remote": n}, "deferred": n,
+         "bounced": n, "rejects": {"550": n, ...},
+         "delivery_delay": metrics.DelayHistogram.snapshot()}.
+        A key left out counts as zero."""
+        ...
+
+    def history(self) -> list[dict[str, int]]:
+        """loop. history.MinuteHistory.samples(): the chart's last hour, oldest first."""
+        ...
+
+    def events(self) -> list[dict[str, Any]]:
+        """loop. history.RecentEvents.recent(): recent rejections and errors, newest first."""
+        ...
+
+    def queue_messages(self, queue: str, limit: int) -> list[dict[str, Any]]:
+        """thread. The first `limit` messages of `queue`, oldest first, each with
+        `queue list --json`'s fields (queue_view.queued)."""
+        ...
+
+    def queue_oldest(self) -> dict[str, float]:
+        """thread. {queue: arrival time (Unix seconds) of its oldest message}; empty queues
+        left out."""
+        ...
+
+    def journal_bytes(self) -> int:
+        """thread. Bytes in the journal's receiver files (0 with journaling off)."""
+        ...
+
+    def trace(self, message_id: str, limit: int) -> list[dict[str, Any]]:
+        """thread. The first `limit` records of `journal dump --message-id ID --format
+        json` (journal.dump.record_dict each), oldest first; `message_id` with or without
+        angle brackets."""
         ...
 
 
@@ -160,85 +207,43 @@ class ChangeGuard:
         await self.app(scope, receive, send)
 
 
-# --- Prometheus text exposition format 0.0.4 ---------------------------------------------
+# --- queue operations, traces ------------------------------------------------------------
+
+# The console's names for the CLI's queue operations (`mailpool queue ACTION ID`).
+QUEUE_ACTIONS = {"hold": "queue-hold", "release": "queue-release", "delete": "queue-delete",
+                 "requeue": "queue-requeue", "flush": "queue-flush"}
+# The spool's queue ids (framework.spool). "ALL" fits the pattern but stays with the CLI:
+# the console changes one message at a time.
+_QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# A queue of 100 000 messages must not become one 30 MB answer every two seconds.
+QUEUE_LIST_LIMIT = 500
+TRACE_LIMIT = 2000
+MAX_MESSAGE_ID = 998  # RFC 5322's line length: no real Message-ID is longer
+_BAD_IN_MESSAGE_ID = re.compile(r"[\x00-\x20\x7f]")
 
 
-def _label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def queue_id_problem(queue_id: str) -> str | None:
+    """Why `queue_id` is not one message's queue id, or None."""
+    if queue_id.upper() == "ALL":
+        return "the console changes one message at a time: use `mailpool queue` for ALL"
+    if not _QUEUE_ID.fullmatch(queue_id):
+        return f"bad queue id {queue_id!r}"
+    return None
 
 
-def _number(value: float | int | bool) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-class _Metrics:
-    """Collects samples by metric so each metric's lines come out as one group."""
-
-    def __init__(self) -> None:
-        self._meta: dict[str, tuple[str, str]] = {}
-        self._samples: dict[str, list[str]] = {}
-
-    def add(self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict, Any]]):
-        self._meta[name] = (kind, help_text)
-        lines = self._samples.setdefault(name, [])
-        for labels, value in samples:
-            pairs = ",".join(f'{k}="{_label_value(str(v))}"' for k, v in labels.items())
-            lines.append(f"{name}{{{pairs}}} {_number(value)}" if pairs
-                         else f"{name} {_number(value)}")
-
-    def render(self) -> str:
-        out: list[str] = []
-        for name, (kind, help_text) in self._meta.items():
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(self._samples[name])
-        return "\n".join(out) + "\n"
-
-
-def render_metrics(pools: dict[str, dict[str, Any]], queues: dict[str, int],
-                   status: dict[str, Any]) -> str:
-    m = _Metrics()
-    m.add("mailpool_start_time_seconds", "gauge",
-          "Start time of the supervisor since the Unix epoch in seconds.",
-          [({}, float(status["started"]))])
-
-    def per_pool(name: str, kind: str, help_text: str, pick) -> None:
-        m.add(name, kind, help_text, [({"entry": e}, pick(st)) for e, st in pools.items()])
-
-    per_pool("mailpool_pool_jobs", "gauge", "Prestart jobs running now.",
-             lambda st: st["jobs"]["current"])
-    per_pool("mailpool_pool_jobs_average", "gauge", "Time-weighted average of running jobs.",
-             lambda st: st["jobs"]["average"])
-    per_pool("mailpool_pool_jobs_peak", "gauge", "Peak number of running jobs.",
-             lambda st: st["jobs"]["peak"])
-    per_pool("mailpool_pool_in_use", "gauge", "Prestart jobs serving a request now.",
-             lambda st: st["in_use"]["current"])
-    per_pool("mailpool_pool_in_use_peak", "gauge", "Peak number of jobs in use.",
-             lambda st: st["in_use"]["peak"])
-    per_pool("mailpool_pool_waiting", "gauge", "Requests waiting for a job now.",
-             lambda st: st["waiting"]["current"])
-    per_pool("mailpool_pool_waiting_peak", "gauge", "Peak number of waiting requests.",
-             lambda st: st["waiting"]["peak"])
-    per_pool("mailpool_pool_average_wait_seconds", "gauge",
-             "Average time an accepted request waited for a job.",
-             lambda st: st["waiting"]["average_wait_s"])
-    per_pool("mailpool_pool_accepted_total", "counter", "Requests handed to a job.",
-             lambda st: st["accepted"])
-    per_pool("mailpool_pool_rejected_total", "counter", "Requests refused (no job available).",
-             lambda st: st["rejected"])
-    per_pool("mailpool_pool_maximum_jobs", "gauge", "Configured maximum_jobs of the entry.",
-             lambda st: st["parameters"]["maximum_jobs"])
-    m.add("mailpool_queue_messages", "gauge", "Messages in each spool queue.",
-          [({"queue": q}, n) for q, n in queues.items()])
-    return m.render()
+def action_outcome(queue_id: str, reply: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, body) for a control op's reply. The ops answer {"error"}, or
+    {"done", "busy", "errors"} lists (hold, delete, requeue), or their own key
+    ({"released"}, {"flushed"})."""
+    if "error" in reply:
+        return 400, {"error": str(reply["error"])}
+    errors = reply.get("errors") or []
+    if errors:
+        return 400, {**reply, "error": "; ".join(str(e) for e in errors)}
+    if reply.get("busy"):
+        return 409, {**reply, "error": f"{queue_id} is being delivered right now: "
+                                       "try again in a moment"}
+    return 200, reply
 
 
 # --- the app -----------------------------------------------------------------------------
@@ -246,6 +251,7 @@ def render_metrics(pools: dict[str, dict[str, Any]], queues: dict[str, int],
 
 def create_app(source: AdminSource, *, token: str = "") -> Starlette:
     """The console over `source`. `token` is [admin] token: "" refuses every change."""
+    registry = metrics_registry(source)
 
     async def api_status(request: Request) -> Response:
         st = source.status()
@@ -287,14 +293,54 @@ def create_app(source: AdminSource, *, token: str = "") -> Starlette:
         counts = await anyio.to_thread.run_sync(source.queue_counts)
         return JSON({"queues": counts})
 
+    async def api_queue(request: Request) -> Response:
+        queue = request.path_params["queue"]
+        counts = await anyio.to_thread.run_sync(source.queue_counts)
+        if queue not in counts:
+            return _error(404, f"unknown queue {queue!r} (known: {', '.join(counts)})")
+        rows = await anyio.to_thread.run_sync(source.queue_messages, queue,
+                                              QUEUE_LIST_LIMIT + 1)
+        return JSON({"queue": queue, "total": counts[queue],
+                     "messages": rows[:QUEUE_LIST_LIMIT], "more": len(rows) > QUEUE_LIST_LIMIT})
+
+    async def api_queue_action(request: Request) -> Response:
+        queue_id, action = request.path_params["queue_id"], request.path_params["action"]
+        op = QUEUE_ACTIONS.get(action)
+        if op is None:
+            return _error(404, f"unknown action {action!r} (known: {', '.join(QUEUE_ACTIONS)})")
+        problem = queue_id_problem(queue_id)
+        if problem is not None:
+            return _error(400, problem)
+        reply = await source.control({"op": op, "queue_id": queue_id})
+        status, body = action_outcome(queue_id, reply)
+        log.info("admin console: %s %s from %s: %s", action, queue_id,
+                 request.client.host if request.client else "?",
+                 "done" if status == 200 else body["error"])
+        return JSON(body, status_code=status)
+
+    async def api_trace(request: Request) -> Response:
+        message_id = request.path_params["message_id"]
+        if not message_id or len(message_id) > MAX_MESSAGE_ID \
+                or _BAD_IN_MESSAGE_ID.search(message_id):
+            return _error(400, f"bad Message-ID {message_id[:100]!r}")
+        records = await anyio.to_thread.run_sync(source.trace, message_id, TRACE_LIMIT + 1)
+        return JSON({"message_id": message_id, "records": records[:TRACE_LIMIT],
+                     "more": len(records) > TRACE_LIMIT})
+
+    async def api_history(request: Request) -> Response:
+        return JSON({"minute_s": MINUTE, "samples": source.history()})
+
+    async def api_events(request: Request) -> Response:
+        return JSON({"events": source.events()})
+
     async def metrics(request: Request) -> Response:
-        pools = source.pool_stats()
-        status = source.status()
-        queues = await anyio.to_thread.run_sync(source.queue_counts)
-        return Response(render_metrics(pools, queues, status), media_type=METRICS_TYPE)
+        body, content_type = await anyio.to_thread.run_sync(
+            exposition, registry, request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": content_type})
 
     async def index(request: Request) -> Response:
-        return HTMLResponse(INDEX_HTML)
+        page, headers = console_page()
+        return HTMLResponse(page, headers=headers)
 
     return Starlette(
         routes=[
@@ -303,92 +349,13 @@ def create_app(source: AdminSource, *, token: str = "") -> Starlette:
             Route("/api/pools", api_pools, methods=["GET"]),
             Route("/api/pools/{entry}", api_pool, methods=["GET", "POST"]),
             Route("/api/queues", api_queues, methods=["GET"]),
+            Route("/api/queue/{queue}", api_queue, methods=["GET"]),
+            Route("/api/queue/{queue_id}/{action}", api_queue_action, methods=["POST"]),
+            Route("/api/trace/{message_id:path}", api_trace, methods=["GET"]),
+            Route("/api/history", api_history, methods=["GET"]),
+            Route("/api/events", api_events, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
         middleware=[Middleware(ChangeGuard, token=token)],
         exception_handlers={HTTPException: _http_error},
     )
-
-
-# Self-contained (no external assets): the console must work on a host with no internet.
-# Entry names and values go in through textContent, never innerHTML. Read-only on purpose:
-# no form, so the page never handles the token (changes: `mailpool pool change` or the API).
-INDEX_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>mailpool</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
-h1 { font-size: 1.3em; margin: 0 0 .2em; } h2 { font-size: 1.05em; margin: 1.4em 0 .4em; }
-table { border-collapse: collapse; }
-th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
-th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
-#state { color: #666; } #state.bad { color: #b00; font-weight: bold; }
-</style></head>
-<body>
-<h1>mailpool</h1>
-<div id="status"></div>
-<div id="state">loading...</div>
-<h2>Active prestart jobs</h2>
-<table><thead>
-<tr><th rowspan="2">Entry</th><th colspan="3">Prestart jobs</th><th colspan="3">In use</th>
-<th colspan="3">Requests waiting</th><th rowspan="2">Avg wait s</th>
-<th rowspan="2">Accepted</th><th rowspan="2">Rejected</th>
-<th rowspan="2">Initial / threshold / additional / maximum</th><th rowspan="2">Max use</th>
-<th rowspan="2">Wait</th></tr>
-<tr><th>current</th><th>average</th><th>peak</th><th>current</th><th>average</th>
-<th>peak</th><th>current</th><th>average</th><th>peak</th></tr>
-</thead><tbody id="pools"></tbody></table>
-<h2>Queues</h2>
-<table><thead><tr><th>Queue</th><th>Messages</th></tr></thead>
-<tbody id="queues"></tbody></table>
-<script>
-"use strict";
-function row(cells) {
-  const tr = document.createElement("tr");
-  for (const c of cells) {
-    const td = document.createElement("td");
-    td.textContent = c;
-    tr.appendChild(td);
-  }
-  return tr;
-}
-function fill(id, rows) {
-  const body = document.getElementById(id);
-  body.replaceChildren(...rows.map(row));
-}
-const avg = (x) => Number(x).toFixed(2);
-function gauge(g) { return [g.current, avg(g.average), g.peak]; }
-async function getJSON(path) {
-  const r = await fetch(path, {cache: "no-store"});
-  if (!r.ok) throw new Error(path + ": HTTP " + r.status);
-  return r.json();
-}
-async function refresh() {
-  const state = document.getElementById("state");
-  try {
-    const [status, pools, queues] = await Promise.all(
-      [getJSON("/api/status"), getJSON("/api/pools"), getJSON("/api/queues")]);
-    const listen = Object.entries(status.listen).map(([k, v]) => k + " " + v).join(", ");
-    document.getElementById("status").textContent =
-      "pid " + status.pid + ", up " + Math.floor(status.uptime_s) + " s, listening on " + listen;
-    fill("pools", Object.entries(pools.entries).map(([name, st]) => {
-      const p = st.parameters;
-      return [name, ...gauge(st.jobs), ...gauge(st.in_use), ...gauge(st.waiting),
-              Number(st.waiting.average_wait_s).toFixed(3), st.accepted, st.rejected,
-              [p.initial_jobs, p.threshold, p.additional_jobs, p.maximum_jobs].join(" / "),
-              p.max_use, p.wait ? "yes" : "no"];
-    }));
-    fill("queues", Object.entries(queues.queues).map(([q, n]) => [q, n]));
-    state.className = "";
-    state.textContent = "updated " + new Date().toLocaleTimeString();
-  } catch (e) {
-    state.className = "bad";
-    state.textContent = "cannot reach mailpool: " + e.message;
-  }
-}
-refresh();
-setInterval(refresh, 3000);
-</script>
-</body></html>
-"""

@@ -9,11 +9,12 @@ request and on WorkDone.
 from __future__ import annotations
 
 import functools
+import time
 
 from mailpool.directory import Directory
 from mailpool.framework.filters import Filters
 from mailpool.framework.notice_queue import NoticeSettings
-from mailpool.framework.passes import Framework
+from mailpool.framework.passes import TAG_NONDEL, Framework, FrameworkPass
 from mailpool.framework.spool import Spool
 from mailpool.jobs.runtime import JobContext, WorkResult, run_job
 from mailpool.storage import SpaceCheck
@@ -46,10 +47,21 @@ async def work(framework: Framework, space: SpaceCheck, ctx: JobContext,
     handed: list[OutboundItem] = []
     for fp in passes:
         framework.complete(fp)
+        count(ctx, fp)
         done += fp.take_entries()
         handed += fp.handed
         results.append((fp.queue_id, True))
     return WorkResult(results, done, handed)
+
+
+def count(ctx: JobContext, fp: FrameworkPass) -> None:
+    """Local deliveries and non-deliveries for /metrics and the console."""
+    delay = time.time() - fp.envelope.received_ns / 1e9
+    for _rcpt, tag, box in fp.outcome:
+        if box is not None:
+            ctx.activity.delivered(remote=False, delay=delay)
+        elif tag == TAG_NONDEL:
+            ctx.activity.bounced()
 
 
 async def run(ctx: JobContext) -> None:

@@ -7,6 +7,7 @@ job's end of its control channel. What the job runs comes from its row in mailpo
 from __future__ import annotations
 
 import importlib
+import logging
 import signal
 import socket
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from mailpool.activity import ProblemLog
 from mailpool.config import load_snapshot, pool_params
 from mailpool.fsutil import raise_fd_limit
 from mailpool.jobs.runtime import JobContext
@@ -28,6 +30,7 @@ async def job_main(entry: str, job_id: int, fd: int, config_path: Path) -> None:
     sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
     ctx = JobContext(loaded, entry, job_id, Channel(sock, ToJob),
                      pool_params(loaded.config, entry))
+    logging.getLogger("mailpool").addHandler(ProblemLog(ctx.activity))
     module, _, function = role(entry).program.partition(":")
     await getattr(importlib.import_module(module), function)(ctx)
 

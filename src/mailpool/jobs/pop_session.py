@@ -32,6 +32,7 @@ class PopServerRole:
 
     async def session(self, ctx: JobContext, raw: trio.SocketStream, assign: Assign) -> None:
         timeout = ctx.config.pop3.inactivity_timeout
+        ctx.activity.connection(assign.listener)
         stream: trio.abc.Stream = raw
         if assign.listener in IMPLICIT_TLS:
             assert self.tls is not None  # the config refuses pop3s without [tls]

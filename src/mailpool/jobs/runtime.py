@@ -18,9 +18,11 @@ from typing import Any, NamedTuple
 
 import trio
 
+from mailpool.activity import JobActivity
 from mailpool.config import LoadedConfig, PoolParams
 from mailpool.journal.writer import prepare_payload
 from mailpool.supervisor.channel import (
+    ActivityReport,
     Assign,
     AuthCount,
     AuthFailed,
@@ -44,6 +46,7 @@ from mailpool.supervisor.channel import (
 )
 
 log = logging.getLogger("mailpool.job")
+ACTIVITY_EVERY = 1.0  # seconds between a job's activity reports (when something happened)
 
 
 class JobContext:
@@ -63,6 +66,7 @@ class JobContext:
         self._replies: dict[int, Any] = {}
         self._next_token = 0
         self.active = 0  # open sessions on this job
+        self.activity = JobActivity()  # counts for /metrics and the console
         # Set when the supervisor asks this job to drain: idle sessions end at once.
         self.draining = trio.Event()
         self.idle_scopes: set[trio.CancelScope] = set()
@@ -175,6 +179,19 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
             await trio.sleep(heartbeat_every)
             await channel.send(Heartbeat())
 
+    async def report_activity() -> None:
+        while True:
+            await trio.sleep(ACTIVITY_EVERY)
+            await send_activity()
+
+    async def send_activity() -> None:
+        tally = ctx.activity.take()
+        if tally is not None:
+            try:
+                await channel.send(ActivityReport(tally=tally))
+            except ChannelClosed:
+                pass
+
     async def one_session(msg: Assign, fd: int) -> None:
         sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
         stream = trio.SocketStream(sock)
@@ -242,6 +259,7 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
 
     async with trio.open_nursery() as control:
         control.start_soon(heartbeats)
+        control.start_soon(report_activity)
         async with trio.open_nursery() as tasks:
             await channel.send(Ready(pid=os.getpid()))
             try:
@@ -267,4 +285,5 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
             ctx._start_drain()
             # Draining: no new work; open sessions get drain_timeout to finish.
             tasks.cancel_scope.deadline = trio.current_time() + ctx.params.drain_timeout
+        await send_activity()  # the last counts before the job ends
         control.cancel_scope.cancel()

@@ -359,6 +359,10 @@ class ClientRole:
                 res.code, res.reason, res.remote_mta, now)
             log.info(DELIVERY, qid, envelope.recipients[i], res.remote_mta or "none", delay,
                      _LOGGED_STATUS.get(res.status, res.status), res.reason)
+            if res.status == DELIVERED:
+                self.ctx.activity.delivered(remote=True, delay=delay)
+            elif res.status == FAILED:
+                self.ctx.activity.bounced()
             if res.status in (DELIVERED, FAILED):
                 rs.status = res.status
         if delivered:
@@ -386,9 +390,11 @@ class ClientRole:
                     failed.append(i)
                     log.info(DELIVERY, qid, envelope.recipients[i], rs.remote_mta or "none",
                              delay, "expired", rs.reason)
+                    self.ctx.activity.bounced()
                     entries.append(("83", {"recipient": envelope.recipients[i],
                                            "detail": rs.reason, **ids}))
             else:
+                self.ctx.activity.deferred()
                 reasons = sorted({state.recipients[i].reason for i in state.pending()})
                 self.spool.move(qid, "outbound", step.queue, sync=False)
                 state.next_attempt = step.next_attempt or now

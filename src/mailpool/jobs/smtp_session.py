@@ -199,6 +199,7 @@ class SmtpServerRole:
                 conn.refuse(refusal.reason)
                 log.info(REJECT, "NOQUEUE", "CONNECT", peer_ip,
                          f"554 5.7.1 {refusal.reason}", "", "", "")
+                ctx.activity.rejected(554, f"CONNECT: 554 5.7.1 {refusal.reason}", ip=peer_ip)
                 await ctx.journal("9S", ip=peer_ip,
                                   detail=f"{refusal.listed_by}: {refusal.reason} "
                                          f"({refusal.detail})")
@@ -207,12 +208,15 @@ class SmtpServerRole:
             conn.early_talker()
             log.info(REJECT, "NOQUEUE", "CONNECT", peer_ip,
                      "554 5.7.1 client talked before the greeting", "", "", "")
+            ctx.activity.rejected(554, "CONNECT: 554 5.7.1 client talked before the greeting",
+                                  ip=peer_ip)
             await ctx.journal("9S", ip=peer_ip, detail="talked before the greeting")
             return
         conn.greeting()
 
     async def session(self, ctx: JobContext, raw: trio.SocketStream, assign: Assign) -> None:
         log.info(CONNECT, assign.peer_ip, assign.peer_port, assign.listener)
+        ctx.activity.connection(assign.listener)
         tally = Tally()
         try:
             await self.converse(ctx, raw, assign, tally)
@@ -228,6 +232,7 @@ class SmtpServerRole:
             answer = f"{r.reply.code} {r.reply.enhanced or ''} {' '.join(r.reply.lines)}"
             log.info(REJECT, "NOQUEUE", r.command, peer_ip, answer, r.originator,
                      r.recipient, conn.helo or "")
+            ctx.activity.rejected(r.reply.code, f"{r.command}: {answer}", ip=peer_ip)
             if relay_refused is not None and r.command == "RCPT":
                 await ctx.journal("9V", ip=peer_ip, recipient=r.recipient,
                                   detail=f"relay refused ({relay_refused})")
@@ -521,6 +526,7 @@ class SmtpServerRole:
         conn.reply(250, f"Ok: queued as {queue_id}", "2.0.0")
         log.info(ACCEPTED, queue_id, peer_ip, event.originator, len(recipients), len(data),
                  message_id)
+        ctx.activity.received()
         return True
 
 

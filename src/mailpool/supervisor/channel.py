@@ -14,6 +14,8 @@ from typing import Any
 import msgspec
 import trio
 
+from mailpool.activity import Tally
+
 MAX_MESSAGE = 256 * 1024
 _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
 
@@ -89,6 +91,12 @@ class Heartbeat(Msg):
     pass
 
 
+class ActivityReport(Msg):
+    """A job's counts since its last report (mailpool.activity), at most once a second."""
+
+    tally: Tally
+
+
 class SessionEnded(Msg):
     conn_id: int
     free_slots: int = 0
@@ -157,7 +165,7 @@ class AuthCount(Msg):
 
 
 ToJob = Assign | Work | Deliver | SendEtrn | Drain | Synced | AuthCount | Flushed
-ToSupervisor = (Ready | Heartbeat | SessionEnded | WorkDone | Delivered
+ToSupervisor = (Ready | Heartbeat | ActivityReport | SessionEnded | WorkDone | Delivered
                 | Journal | SyncRequest | AuthFailed | Flush)
 
 _encoder = msgspec.msgpack.Encoder()

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from mailpool.supervisor.admin_view import ActivityTotals
 from mailpool.supervisor.anvil import ClientLimits
 from mailpool.supervisor.channel import Assign, ChannelClosed
 from mailpool.supervisor.jobs import EntryRuntime, JobHandle, JobPools, Record
@@ -25,8 +26,10 @@ TOO_MANY = b"421 4.7.0 Error: too many connections from your address\r\n"
 
 class HandOff:
     def __init__(self, pools: JobPools, logins: LoginFailures, record: Record,
-                 limits: dict[str, ClientLimits] | None = None) -> None:
+                 limits: dict[str, ClientLimits] | None = None,
+                 activity: ActivityTotals | None = None) -> None:
         self.pools = pools
+        self.activity = activity or ActivityTotals()
         self.logins = logins
         self.record = record
         # Per listener, the per-client limits (anvil) its connections are counted by.
@@ -62,6 +65,7 @@ class HandOff:
                 refused = limits.admit(str(addr[0]))
                 if refused is not None:
                     self.record("9S", ip=str(addr[0]), detail=refused)
+                    self.activity.refused(421, refused, listener_name, str(addr[0]))
                     await self.refuse(sock, TOO_MANY)
                     continue
             if not await self.assign_now(entry, listener_name, sock, addr):
@@ -70,6 +74,8 @@ class HandOff:
                     entry.rules.request_rejected(None)
                     self.record("JR", entry=entry.name, ip=str(addr[0]),
                                 detail="too many requests waiting (max_waiting)")
+                    self.activity.refused(421, "too many requests waiting (max_waiting)",
+                                          listener_name, str(addr[0]))
                     self.uncount(listener_name, str(addr[0]))
                     await self.refuse(sock, entry.role.busy_reply)
                     continue
@@ -157,6 +163,7 @@ class HandOff:
                 else:
                     why = "at the maximum, wait off"
                 self.record("JR", entry=entry.name, ip=peer_ip, detail=why)
+                self.activity.refused(421, why, listener, peer_ip)
                 with trio.move_on_after(5):
                     try:
                         await sock.send(entry.role.busy_reply)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
+from mailpool.activity import Tally
 from mailpool.config import ConfigError, load_config, pool_params
 from mailpool.config.overlay import changed_params, overlay_path, update_overlay
 from mailpool.framework.spool import SpoolError
@@ -125,6 +126,7 @@ class ControlOps:
         if not _QUEUE_ID.fullmatch(queue_id):
             return {"error": f"bad queue id {queue_id!r}"}
         self.sup.work.put(queue_id)
+        self.sup.activity.add(Tally(received=1))
         return {"queued": queue_id}
 
     async def queue_release(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -167,6 +169,7 @@ class ControlOps:
         ids = (await trio.to_thread.run_sync(self.sup.all_queued) if queue_id == "ALL"
                else [queue_id])
         done: list[str] = []
+        was_in: dict[str, str] = {}  # queue id -> the queue it was in
         busy: list[str] = []
         errors: list[str] = []
         for qid in ids:
@@ -182,11 +185,12 @@ class ControlOps:
             self.sup.record(code, queue_id=qid, message_id=envelope.message_id,
                             detail=detail.format(queue=queue) + " by the operator")
             done.append(qid)
+            was_in[qid] = queue
         if queue_id != "ALL" and not done:
             why = errors[0] if errors else (f"{queue_id} is being delivered right now: "
                                             "try again in a moment")
             return {"error": why}
-        return {"done": done, "busy": busy, "errors": errors}
+        return {"done": done, "was_in": was_in, "busy": busy, "errors": errors}
 
     async def status(self, req: dict[str, Any]) -> dict[str, Any]:
         return self.sup.status()

@@ -48,8 +48,10 @@ from mailpool.outbound.state import (
 )
 from mailpool.roles import ROLES, for_queue
 from mailpool.storage import SpaceCheck
+from mailpool.supervisor.admin_view import ActivityTotals, AdminView
 from mailpool.supervisor.anvil import ClientLimits
 from mailpool.supervisor.channel import (
+    ActivityReport,
     AuthCount,
     AuthFailed,
     ChannelClosed,
@@ -90,6 +92,7 @@ class Supervisor:
         self.spool = Spool(loaded.spool_dir)
         self.listeners: dict[str, trio.socket.SocketType] = {}
         self.started = time.time()
+        self.activity = ActivityTotals()  # mail flow for /metrics and the console
         self.admin_address: str | None = None
         self.logins = LoginFailures(trio.current_time)
         self.pools = JobPools(self.record, self.on_message, self.on_job_exit)
@@ -100,7 +103,7 @@ class Supervisor:
                                    exceptions=smtp.client_limit_exceptions,
                                    clock=trio.current_time)
         self.handoff = HandOff(self.pools, self.logins, self.record,
-                               dict.fromkeys(SMTP_LISTENERS, smtp_limits))
+                               dict.fromkeys(SMTP_LISTENERS, smtp_limits), self.activity)
         self.commits = GroupCommit(loaded.spool_dir, self.on_durable)
         self.control = ControlOps(self)
         cfg = loaded.config
@@ -246,11 +249,13 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self.signals)
+                nursery.start_soon(self.sample_load)
                 await nursery.start(serve_control, self.loaded.control_socket, self.control)
                 host, port = parse_hostport(cfg.listen.admin)
                 try:
                     bound = await nursery.start(
-                        functools.partial(serve_admin, token=cfg.admin.token), self, host, port)
+                        functools.partial(serve_admin, token=cfg.admin.token), AdminView(self),
+                        host, port)
                 except OSError as exc:
                     log.error("%s", exc)
                     nursery.cancel_scope.cancel()
@@ -308,6 +313,17 @@ class Supervisor:
             entry.poke()
         log.info("configuration reloaded from %s; old jobs drain", new.path)
 
+    async def sample_load(self) -> None:
+        """Once a second, sessions in use and requests waiting for the console's chart."""
+        while True:
+            await trio.sleep(1.0)
+            in_use = waiting = 0
+            for entry in self.pools.entries.values():
+                stats = entry.rules.stats()
+                in_use += stats["sessions"]["in_use"]
+                waiting += stats["waiting"]["current"]
+            self.activity.minutes.load(in_use=in_use, waiting=waiting)
+
     async def drain_and_exit(self) -> None:
         log.info("draining: listeners closed, sessions finish, jobs end")
         self.handoff.scope.cancel()
@@ -323,6 +339,8 @@ class Supervisor:
             self.write_entries(job, msg.entries)
         elif isinstance(msg, Heartbeat):
             entry.rules.heartbeat(job.id)
+        elif isinstance(msg, ActivityReport):
+            self.activity.add(msg.tally, job.name)
         elif isinstance(msg, SessionEnded):
             self.handoff.session_ended(job, msg.conn_id)
         elif isinstance(msg, WorkDone):
@@ -504,7 +522,7 @@ class Supervisor:
         return any(queue_id in job.work for entry in self.pools.entries.values()
                    for job in entry.jobs.values())
 
-    # --- admin console source (mailpool.admin.app.AdminSource) -------------------------------
+    # --- figures (pool show, status, the admin console through AdminView) --------------------
 
     def pool_stats(self) -> dict[str, dict[str, Any]]:
         stats = self.pools.stats()
@@ -515,19 +533,12 @@ class Supervisor:
                 params[key[1]] = params.pop("sessions_per_job")
         return stats
 
-    def queue_counts(self) -> dict[str, int]:
-        # Runs in a worker thread (directory listing): filesystem only, no Trio objects.
-        return {q: len(self.spool.list(q)) for q in Spool.QUEUES}
-
     def status(self) -> dict[str, Any]:
         listen = self.listen_addresses()
         if self.admin_address:
             listen["admin"] = self.admin_address
         return {"pid": os.getpid(), "started": self.started, "listen": listen,
                 "outbound": self.outbound.stats()}
-
-    async def change_pool(self, entry: str, changes: dict[str, Any]) -> dict[str, Any]:
-        return await self.control({"op": "pool-change", "entry": entry, "changes": changes})
 
 
 def serve(loaded: LoadedConfig) -> int:
