@@ -751,13 +751,13 @@ async def test_metrics(addr, source) -> None:
     # New.
     assert sample(m, "mailpool_pool_sessions_in_use", entry="smtp-server") == 1
     assert sample(m, "mailpool_pool_sessions_capacity", entry="smtp-server") == 3
-    assert sample(m, "mailpool_smtpd_connections_total", listener="submission") == 4
-    assert sample(m, "mailpool_pop3d_connections_total", listener="pop3") == 9
+    assert sample(m, "mailpool_smtpd_connects_total", listener="submission") == 4
+    assert sample(m, "mailpool_pop3d_connects_total", listener="pop3") == 9
     assert sample(m, "mailpool_messages_received_total") == 12
     assert sample(m, "mailpool_messages_delivered_total", kind="remote") == 3
     assert sample(m, "mailpool_messages_deferred_total") == 2
     assert sample(m, "mailpool_messages_bounced_total") == 1
-    assert sample(m, "mailpool_smtpd_rejects_total", code="550") == 5
+    assert sample(m, "mailpool_smtpd_messages_rejected_total", code="550") == 5
     hist = "mailpool_delivery_delay_seconds"
     assert m[hist]["type"] == "histogram"
     assert sample(m, hist, hist + "_bucket", le="1.0") == 1
@@ -824,13 +824,13 @@ def test_metrics_exposition_bytes() -> None:
                   "delivery_delay": delays.snapshot()},
         queues={"incoming": 0, "hold": 2}, oldest={"hold": NOW - 60}, journal_bytes=4096)
     text = _exposition(reading, NOW)
-    start = text.index("# HELP mailpool_smtpd_connections_total")
+    start = text.index("# HELP mailpool_smtpd_connects_total")
     assert text[start:] == """\
-# HELP mailpool_smtpd_connections_total Connections accepted by each SMTP listener.
-# TYPE mailpool_smtpd_connections_total counter
-mailpool_smtpd_connections_total{listener="smtp"} 12.0
-# HELP mailpool_pop3d_connections_total Connections accepted by each POP3 listener.
-# TYPE mailpool_pop3d_connections_total counter
+# HELP mailpool_smtpd_connects_total Connections accepted by each SMTP listener.
+# TYPE mailpool_smtpd_connects_total counter
+mailpool_smtpd_connects_total{listener="smtp"} 12.0
+# HELP mailpool_pop3d_connects_total Connections accepted by each POP3 listener.
+# TYPE mailpool_pop3d_connects_total counter
 # HELP mailpool_messages_received_total Messages accepted onto the incoming queue.
 # TYPE mailpool_messages_received_total counter
 mailpool_messages_received_total 9.0
@@ -847,10 +847,10 @@ mailpool_messages_deferred_total 0.0
 notice goes back).
 # TYPE mailpool_messages_bounced_total counter
 mailpool_messages_bounced_total 0.0
-# HELP mailpool_smtpd_rejects_total Refusals the SMTP service sent (connection, sender, \
+# HELP mailpool_smtpd_messages_rejected_total Refusals the SMTP service sent (connection, sender, \
 recipient or message), by reply code.
-# TYPE mailpool_smtpd_rejects_total counter
-mailpool_smtpd_rejects_total{code="550"} 2.0
+# TYPE mailpool_smtpd_messages_rejected_total counter
+mailpool_smtpd_messages_rejected_total{code="550"} 2.0
 # HELP mailpool_delivery_delay_seconds Time from a message's arrival to the delivery of \
 each recipient.
 # TYPE mailpool_delivery_delay_seconds histogram
@@ -1191,11 +1191,11 @@ def test_host_metrics(host) -> None:
     m = wait_for(lambda: (m := scrape()) and sample(
         m, "mailpool_messages_delivered_total", kind="local") == 1 and sample(
         m, "mailpool_messages_received_total") == 1 and sample(
-        m, "mailpool_smtpd_rejects_total", code="550") == 1 and m,
+        m, "mailpool_smtpd_messages_rejected_total", code="550") == 1 and m,
         what="the delivery, the message and the rejection counted")
     assert sample(m, "mailpool_messages_delivered_total", kind="remote") == 0
-    assert sample(m, "mailpool_smtpd_connections_total", listener="smtp") >= 1
-    assert sample(m, "mailpool_smtpd_rejects_total", code="550") == 1
+    assert sample(m, "mailpool_smtpd_connects_total", listener="smtp") >= 1
+    assert sample(m, "mailpool_smtpd_messages_rejected_total", code="550") == 1
     hist = "mailpool_delivery_delay_seconds"
     assert sample(m, hist, hist + "_count") == 1
     assert sample(m, hist, hist + "_bucket", le="+Inf") == 1

@@ -157,9 +157,9 @@ def families(reading: Reading, now: float) -> list[Metric]:
                  lambda st: st["parameters"]["maximum_jobs"]),
         # Mail flow (postfix_exporter: postfix_smtpd_connects_total,
         # postfix_smtpd_messages_rejected_total{code}, postfix_smtp_delivery_delay_seconds).
-        _by(C, "mailpool_smtpd_connections", "Connections accepted by each SMTP listener.",
+        _by(C, "mailpool_smtpd_connects", "Connections accepted by each SMTP listener.",
             "listener", counters.get("smtpd_connections", {})),
-        _by(C, "mailpool_pop3d_connections", "Connections accepted by each POP3 listener.",
+        _by(C, "mailpool_pop3d_connects", "Connections accepted by each POP3 listener.",
             "listener", counters.get("pop3d_connections", {})),
         _one(C, "mailpool_messages_received", "Messages accepted onto the incoming queue.",
              counters.get("received", 0)),
@@ -172,7 +172,7 @@ def families(reading: Reading, now: float) -> list[Metric]:
         _one(C, "mailpool_messages_bounced",
              "Recipients that failed for good (a non-delivery notice goes back).",
              counters.get("bounced", 0)),
-        _by(C, "mailpool_smtpd_rejects",
+        _by(C, "mailpool_smtpd_messages_rejected",
             "Refusals the SMTP service sent (connection, sender, recipient or message), "
             "by reply code.", "code", counters.get("rejects", {})),
         delay_histogram(counters.get("delivery_delay", {})),
