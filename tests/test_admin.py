@@ -8,6 +8,7 @@ import http.client
 import json
 import logging
 import re
+import signal
 import smtplib
 import socket
 import threading
@@ -1206,3 +1207,33 @@ def test_host_metrics(host) -> None:
     assert sample(m, "mailpool_journal_bytes") > 0
     assert sample(m, "process_open_fds") > 0
     assert sample(m, "process_start_time_seconds") <= time.time()
+
+
+def test_host_events_show_refusals_and_the_supervisors_errors(host: Any) -> None:
+    h = host()
+    with smtplib.SMTP(*h.smtp, timeout=10) as s:
+        s.ehlo("client.example.test")
+        s.mail("bob@remote.test")
+        assert s.rcpt("nobody@example.test")[0] == 550
+    # A reload the supervisor refuses is an error it logs: the console shows it too.
+    good = h.config_path.read_text()
+    h.config_path.write_text(good + "\n[smtp]\nno_such_key = 1\n")
+    assert h.proc is not None
+    h.proc.send_signal(signal.SIGHUP)
+    addr = _console(h)
+
+    def events() -> list[dict[str, Any]]:
+        status, _, body = http_request(addr, "GET", "/api/events")
+        assert status == 200
+        return json.loads(body)["events"]
+
+    found = wait_for(lambda: (e := events()) and any(x["kind"] == "error" for x in e)
+                     and any(x["kind"] == "reject" for x in e) and e, 20,
+                     what="a refusal and an error in /api/events")
+    reject = next(e for e in found if e["kind"] == "reject")
+    assert reject["code"] == "550" and reject["ip"] == "127.0.0.1"
+    assert "RCPT: 550 5.1.1 <nobody@example.test>" in reject["detail"]
+    assert reject["job"].startswith("smtp-server/")
+    error = next(e for e in found if e["kind"] == "error")
+    assert error["job"] == "supervisor" and "reload refused" in error["detail"]
+    h.config_path.write_text(good)

@@ -5,6 +5,7 @@ summed from the jobs' activity reports, queue contents and journal traces from d
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,27 @@ class ActivityTotals:
                 "received": self.received, "delivered": dict(self.delivered),
                 "deferred": self.deferred, "bounced": self.bounced,
                 "rejects": dict(self.rejects), "delivery_delay": self.delays.snapshot()}
+
+
+class SupervisorProblems(logging.Handler):
+    """The supervisor's own warnings and errors as "error" events of the console."""
+
+    def __init__(self, totals: ActivityTotals) -> None:
+        super().__init__(logging.WARNING)
+        self.totals = totals
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.totals.recent.add("error", "", record.getMessage()[:500], job="supervisor")
+        except Exception:
+            self.handleError(record)
+
+
+def watch_problems(totals: ActivityTotals) -> None:
+    """Send the supervisor's warnings to `totals` (once: a handler from before is replaced)."""
+    root = logging.getLogger("mailpool")
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, SupervisorProblems)]
+    root.addHandler(SupervisorProblems(totals))
 
 
 class AdminView:

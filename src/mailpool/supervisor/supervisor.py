@@ -48,7 +48,7 @@ from mailpool.outbound.state import (
 )
 from mailpool.roles import ROLES, for_queue
 from mailpool.storage import SpaceCheck
-from mailpool.supervisor.admin_view import ActivityTotals, AdminView
+from mailpool.supervisor.admin_view import ActivityTotals, AdminView, watch_problems
 from mailpool.supervisor.anvil import ClientLimits
 from mailpool.supervisor.channel import (
     ActivityReport,
@@ -93,6 +93,7 @@ class Supervisor:
         self.listeners: dict[str, trio.socket.SocketType] = {}
         self.started = time.time()
         self.activity = ActivityTotals()  # mail flow for /metrics and the console
+        watch_problems(self.activity)
         self.admin_address: str | None = None
         self.logins = LoginFailures(trio.current_time)
         self.pools = JobPools(self.record, self.on_message, self.on_job_exit)
@@ -305,6 +306,7 @@ class Supervisor:
             return
         self.loaded = new
         setup_logging(cfg=new.config.log)
+        watch_problems(self.activity)
         self.config_generation += 1
         self.write_snapshot()
         for name, entry in self.pools.entries.items():
