@@ -3,7 +3,15 @@ from pathlib import Path
 
 import pytest
 
-from mailpool.framework.maildir import deliver, ensure_maildir, find, is_delivered, unique_name
+from mailpool.framework.maildir import (
+    deliver,
+    ensure_maildir,
+    find,
+    is_delivered,
+    sized_name,
+    unique_name,
+)
+from mailpool.maildrop import Maildrop, stored_pop_size
 
 CONTENT = b"From: a@example.org\r\nSubject: t\r\n\r\nbody\r\n" + bytes(range(256))
 
@@ -25,7 +33,9 @@ def test_ensure_maildir(md: Path) -> None:
 def test_deliver_lands_in_new(md: Path) -> None:
     name = unique_name("1hr4373ejfl41008gf6er6", 0, "mx.example.org")
     path = deliver(md, name, CONTENT)
-    assert path == md / "new" / name
+    # Maildir++ size fields: S= the file, W= with CRLF line ends as POP3 sends it
+    # (CONTENT's bytes hold a bare LF, +1, and it does not end in CRLF, +2).
+    assert path == md / "new" / f"{name},S={len(CONTENT)},W={len(CONTENT) + 3}"
     assert path.read_bytes() == CONTENT
     assert path.stat().st_nlink == 1
     assert os.listdir(md / "tmp") == []
@@ -37,10 +47,11 @@ def test_is_delivered_in_cur(md: Path) -> None:
     name = unique_name("q1", 2, "host")
     path = deliver(md, name, CONTENT)
     # a POP/IMAP reader marks it seen
-    os.rename(path, md / "cur" / f"{name}:2,S")
+    seen = md / "cur" / f"{path.name}:2,S"
+    os.rename(path, seen)
     assert is_delivered(md, name)
-    assert find(md, name) == md / "cur" / f"{name}:2,S"
-    os.rename(md / "cur" / f"{name}:2,S", md / "cur" / name)
+    assert find(md, name) == seen
+    os.rename(seen, md / "cur" / name)  # a file from before the size fields
     assert is_delivered(md, name)
     # a name that merely starts the same is another message
     assert not is_delivered(md, unique_name("q1", 2, "hos"))
@@ -51,7 +62,7 @@ def test_deliver_is_idempotent(md: Path) -> None:
     first = deliver(md, name, CONTENT)
     assert deliver(md, name, b"other") == first
     assert first.read_bytes() == CONTENT
-    seen = md / "cur" / f"{name}:2,RS"
+    seen = md / "cur" / f"{first.name}:2,RS"
     os.rename(first, seen)
     assert deliver(md, name, CONTENT) == seen
     assert os.listdir(md / "new") == []
@@ -60,7 +71,7 @@ def test_deliver_is_idempotent(md: Path) -> None:
 
 def test_deliver_over_leftover_tmp(md: Path) -> None:
     name = unique_name("q3", 0, "host")
-    (md / "tmp" / name).write_bytes(b"partial from a crash")
+    (md / "tmp" / sized_name(name, CONTENT)).write_bytes(b"partial from a crash")
     path = deliver(md, name, CONTENT)
     assert path.read_bytes() == CONTENT
     assert os.listdir(md / "tmp") == []
@@ -70,7 +81,8 @@ def test_many_deliveries(md: Path) -> None:
     names = [unique_name("q4", i, "host") for i in range(50)]
     for i, n in enumerate(names):
         deliver(md, n, b"%d" % i)
-    assert sorted(os.listdir(md / "new")) == sorted(names)
+    assert sorted(os.listdir(md / "new")) == sorted(
+        sized_name(n, b"%d" % i) for i, n in enumerate(names))
     assert all(is_delivered(md, n) for n in names)
 
 
@@ -91,3 +103,17 @@ def test_bad_unique_rejected(md: Path) -> None:
     for bad in ("", "../x", "a/b", "a:2,S", ".hidden"):
         with pytest.raises(ValueError):
             deliver(md, bad, b"x")
+
+
+def test_a_login_lists_sizes_from_the_names(md: Path) -> None:
+    """POP3 LIST sizes come from W= without reading the files; others are read once."""
+    ours = deliver(md, unique_name("q5", 0, "host"), b"Subject: a\nbare LF\r\n")
+    (md / "cur" / "foreign.host:2,").write_bytes(b"Subject: b\n\nx\n")
+    assert stored_pop_size(ours.name) == len(b"Subject: a\r\nbare LF\r\n")
+    assert stored_pop_size("foreign.host:2,") is None
+    drop = Maildrop(md)
+    sizes = {m.path.name.split(",")[0].split(":")[0]: m.size for m in drop.scan()}
+    assert sizes == {"q5.R0.host": 21, "foreign.host": len(b"Subject: b\r\n\r\nx\r\n")}
+    os.chmod(md / "cur" / f"{ours.name}:2,", 0)  # unreadable: the name alone must do
+    if os.geteuid() != 0:
+        assert {m.size for m in drop.scan()} == {21, 17}

@@ -34,6 +34,14 @@ def uid_for(base: str) -> str:
     return hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def stored_pop_size(name: str) -> int | None:
+    """The W= (CRLF) size in a Maildir++ file name, as this host and Dovecot write it."""
+    for field in name.split(":", 1)[0].split(",")[1:]:
+        if field.startswith("W=") and field[2:].isdigit():
+            return int(field[2:])
+    return None
+
+
 class Maildrop:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -78,8 +86,10 @@ class Maildrop:
                 # unique uids, so the later one is named by its whole file name instead.
                 uid = hashlib.sha1(entry.name.encode("utf-8", "surrogateescape")).hexdigest()
             seen.add(uid)
-            data = Path(entry.path).read_bytes()
-            out.append(DropMessage(uid=uid, path=Path(entry.path), size=pop_size(data)))
+            size = stored_pop_size(entry.name)
+            if size is None:  # a file without W= (delivered elsewhere): read it once
+                size = pop_size(Path(entry.path).read_bytes())
+            out.append(DropMessage(uid=uid, path=Path(entry.path), size=size))
         return out
 
     def delete(self, messages: list[DropMessage]) -> int:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from mailpool.fsutil import fsync_dir, write_all
+from mailpool.protocol.pop3 import pop_size
 
 _SUBDIRS = ("tmp", "new", "cur")
 
@@ -33,40 +34,50 @@ def ensure_maildir(path: Path) -> None:
 
 
 def _check_unique(unique: str) -> None:
-    if not unique or "/" in unique or ":" in unique or unique.startswith(".") or "\0" in unique:
+    if (not unique or "/" in unique or ":" in unique or "," in unique or unique.startswith(".")
+            or "\0" in unique):
         raise ValueError(f"invalid Maildir unique name {unique!r}")
 
 
 def unique_name(queue_id: str, index: int, hostname: str) -> str:
     """The unique name `<queue_id>.R<index>.<hostname>`.
 
-    '/' and ':' in the hostname are written as '\\057' and '\\072', as the Maildir spec says.
+    '/', ':' and ',' in the hostname are written as '\\057', '\\072' and '\\054', as the Maildir
+    spec says (',' starts Maildir++'s size fields).
     """
     if "/" in queue_id or ":" in queue_id or not queue_id:
         raise ValueError(f"invalid queue id {queue_id!r}")
     if index < 0:
         raise ValueError(f"negative recipient index {index}")
-    host = hostname.replace("/", "\\057").replace(":", "\\072")
+    host = hostname.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
     return f"{queue_id}.R{index}.{host}"
+
+
+def sized_name(unique: str, content: bytes) -> str:
+    """The file name a message is stored under: `unique` plus Maildir++'s size fields, as
+    Dovecot writes them: S= the file's size, W= its size with CRLF line ends (what POP3's
+    LIST and STAT report), so a POP3 login lists a maildrop without reading every message."""
+    return f"{unique},S={len(content)},W={pop_size(content)}"
+
+
+def base_of(name: str) -> str:
+    """The unique name a file name starts with (without size fields and the :2, info)."""
+    return name.split(":", 1)[0].split(",", 1)[0]
 
 
 def find(path: Path, unique: str) -> Path | None:
     """Where the message `unique` is in the Maildir (new/ or cur/), or None."""
     _check_unique(unique)
     path = Path(path)
-    new = path / "new" / unique
-    if new.exists():
-        return new
-    prefix = unique + ":"
-    try:
-        with os.scandir(path / "cur") as it:
-            for entry in it:
-                if entry.name == unique or entry.name.startswith(prefix):
-                    return Path(entry.path)
-    except FileNotFoundError:
-        pass
-    # A reader may have moved it new/ -> cur/ between the two looks.
-    return new if new.exists() else None
+    for sub in ("new", "cur", "new"):  # new/ again: a reader may have moved it meanwhile
+        try:
+            with os.scandir(path / sub) as it:
+                for entry in it:
+                    if base_of(entry.name) == unique:
+                        return Path(entry.path)
+        except FileNotFoundError:
+            pass
+    return None
 
 
 def is_delivered(path: Path, unique: str) -> bool:
@@ -82,7 +93,7 @@ def deliver(path: Path, unique: str, content: bytes, *, sync: bool = True,
     syncfs) before it reports the delivery or removes the queue file.
 
     Idempotent: if a message with this unique name is already in new/ or cur/, nothing is
-    written and its current path is returned. That look scans cur/; a caller that knows
+    written and its current path is returned. That look scans both; a caller that knows
     the name was never used (a first attempt: names come from never-reused queue ids)
     passes check=False. The Maildir must exist (ensure_maildir).
     """
@@ -93,8 +104,9 @@ def deliver(path: Path, unique: str, content: bytes, *, sync: bool = True,
             return existing
     else:
         _check_unique(unique)
-    tmp = path / "tmp" / unique
-    final = path / "new" / unique
+    name = sized_name(unique, content)
+    tmp = path / "tmp" / name
+    final = path / "new" / name
     # O_TRUNC, not O_EXCL: a leftover tmp/<unique> can only be ours, from a crashed attempt.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
