@@ -9,6 +9,7 @@ lets open sessions finish within drain_timeout, and exits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -46,6 +47,9 @@ from mailpool.supervisor.channel import (
 )
 
 log = logging.getLogger("mailpool.job")
+# Journal entries a job gathers before sending them: at most this long, at most this many.
+JOURNAL_BATCH = 0.005
+JOURNAL_BATCH_MAX = 256
 ACTIVITY_EVERY = 1.0  # seconds between a job's activity reports (when something happened)
 
 
@@ -62,6 +66,9 @@ class JobContext:
         self.channel = channel
         self.params = params
         self._journal_on = loaded.config.journal.enabled
+        self._unsent: list[tuple[str, int, bytes]] = []  # stamped, not yet sent
+        self._journal_wake = trio.Event()
+        self._flush_lock = trio.Lock()
         self._waiters: dict[int, trio.Event] = {}
         self._replies: dict[int, Any] = {}
         self._next_token = 0
@@ -78,10 +85,22 @@ class JobContext:
         await self.journal_many([(code, fields)])
 
     async def journal_many(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
-        """Send several entries as one channel message; they keep their order."""
-        stamped = self.stamp(entries)
-        if stamped:
-            await self.channel.send(Journal(entries=stamped))
+        """Queue entries for the supervisor; they keep their order. The flusher sends what
+        gathered within JOURNAL_BATCH as one channel message (a POP3 session journals every
+        RETR: one message each would wake the supervisor as often)."""
+        self._unsent += self.stamp(entries)
+        if len(self._unsent) >= JOURNAL_BATCH_MAX:
+            await self.flush_journal()  # bounded: a slow supervisor slows the sender
+        elif self._unsent:
+            self._journal_wake.set()
+
+    async def flush_journal(self) -> None:
+        """Send the queued entries now (before any message that carries entries of its
+        own, so the journal keeps this job's order)."""
+        async with self._flush_lock:  # FIFO: batches leave in the order they were taken
+            if self._unsent:
+                entries, self._unsent = self._unsent, []
+                await self.channel.send(Journal(entries=entries))
 
     def stamp(self, entries: list[tuple[str, dict[str, Any]]]
               ) -> list[tuple[str, int, bytes]]:
@@ -111,6 +130,7 @@ class JobContext:
         """Ask the supervisor's syncer to make everything written so far durable; once it
         is, the supervisor journals `entries` and dispatches the `queued` messages."""
         stamped = self.stamp(entries or [])
+        await self.flush_journal()
         reply = await self._ask(lambda token: SyncRequest(token=token, entries=stamped,
                                                           queued=queued or []))
         return isinstance(reply, Synced) and reply.ok
@@ -179,6 +199,13 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
             await trio.sleep(heartbeat_every)
             await channel.send(Heartbeat())
 
+    async def journal_flusher() -> None:
+        while True:
+            await ctx._journal_wake.wait()
+            ctx._journal_wake = trio.Event()
+            await trio.sleep(JOURNAL_BATCH)
+            await ctx.flush_journal()
+
     async def report_activity() -> None:
         while True:
             await trio.sleep(ACTIVITY_EVERY)
@@ -221,6 +248,7 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
             log.error("work on %s failed: %r", [q for q, _ in items], exc)
             done = WorkResult([(queue_id, False) for queue_id, _ in items], [], [])
         try:
+            await ctx.flush_journal()
             await channel.send(WorkDone(results=done.results, entries=ctx.stamp(done.entries),
                                         handed=done.handed))
         except ChannelClosed:
@@ -234,6 +262,7 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
             log.exception("delivery of %s failed: %r", msg.item.queue_id, exc)
             answer = Delivered(queue_id=msg.item.queue_id, outcomes=[], failed=True)
         try:
+            await ctx.flush_journal()
             await channel.send(answer)
         except ChannelClosed:
             pass
@@ -260,6 +289,7 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
     async with trio.open_nursery() as control:
         control.start_soon(heartbeats)
         control.start_soon(report_activity)
+        control.start_soon(journal_flusher)
         async with trio.open_nursery() as tasks:
             await channel.send(Ready(pid=os.getpid()))
             try:
@@ -286,4 +316,6 @@ async def run_job(ctx: JobContext, *, session: SessionHandler | None = None,
             # Draining: no new work; open sessions get drain_timeout to finish.
             tasks.cancel_scope.deadline = trio.current_time() + ctx.params.drain_timeout
         await send_activity()  # the last counts before the job ends
+        with contextlib.suppress(ChannelClosed):
+            await ctx.flush_journal()
         control.cancel_scope.cancel()
