@@ -18,9 +18,13 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hosthelp import Host  # tests/ is on sys.path (pytest's rootdir-relative import)
+
+if TYPE_CHECKING:
+    from pghelp import PgCluster
 
 
 class TrackedHost(Host):
@@ -83,6 +87,34 @@ def module_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostFactor
         yield factory
     finally:
         factory.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A private PostgreSQL cluster for the whole run (tests/pghelp.py), skipped with the
+    reason where the server cannot run here. `.stop()`/`.start()` (or `with .stopped():`)
+    take the database down mid-test; `pg_dsn` gives each test a database of its own."""
+    from pghelp import start_cluster  # psycopg only for the tests that use it
+
+    try:
+        cluster = start_cluster()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"no private PostgreSQL cluster: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: PgCluster) -> Iterator[str]:
+    """A fresh database on the private cluster; the cluster is running again afterwards
+    whatever the test did to it."""
+    if not pg_cluster.running:
+        pg_cluster.start()
+    yield pg_cluster.new_database()
+    if not pg_cluster.running:
+        pg_cluster.start()
 
 
 class RawSmtp:

@@ -11,7 +11,6 @@ import pytest
 from hosthelp import MAILPOOL
 from passlib.hash import sha256_crypt, sha512_crypt
 
-import mailpool.directory as directory_module
 from mailpool.auth_cache import AuthCache
 from mailpool.directory import (
     FOREIGN_SCHEMES,
@@ -25,6 +24,7 @@ from mailpool.directory import (
     validate_user_name,
     verify_password,
 )
+from mailpool.directory import passwords as directory_module  # hashing internals patched here
 
 
 @pytest.fixture

@@ -126,7 +126,7 @@ DOCUMENTED = (
     "7A 7O 7L 7M 7H 71 72 7R 7G 7P "
     "AP A1 A2 B8 B2 BR B1 CN C6 C1 C2 EH E1 E2 ET G8 G2 GQ H1 IH I1 I2 IG OW P2"
 ).split()
-PROJECT = "JS JE JH JW JR JC JT DL DF DR DD".split()
+PROJECT = "JS JE JH JW JR JC JT DL DF DR DD PU".split()
 
 
 def test_code_table_complete() -> None:

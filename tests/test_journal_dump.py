@@ -101,7 +101,9 @@ def test_json_format(journal: Path) -> None:
     assert objs[5]["message_id"] == "m1@x.org"  # stored without brackets
     assert objs[4]["size"] == 1234
     assert objs[11]["ip"] == "192.0.2.7"
-    assert list(objs[0])[:5] == ["seq", "time", "type", "code", "job"]
+    assert list(objs[0])[:6] == ["host", "seq", "time", "type", "code", "job"]
+    # one journal given as <data>/journal: the host is the data directory's name
+    assert {o["host"] for o in objs} == {journal.parent.name}
 
 
 def test_csv_format(journal: Path) -> None:
@@ -110,7 +112,8 @@ def test_csv_format(journal: Path) -> None:
     rows = list(csv.reader(io.StringIO(text)))
     assert tuple(rows[0]) == CSV_COLUMNS
     assert ",".join(rows[0]) == (
-        "seq,time,type,code,job,queue_id,message_id,originator,recipient,size,ip,detail,explanation"
+        "seq,time,type,code,job,queue_id,message_id,originator,recipient,size,ip,detail,"
+        "explanation,host"
     )
     by_seq = {r["seq"]: r for r in csv.DictReader(io.StringIO(text))}
     assert len(by_seq) == len(FLOW)
@@ -121,6 +124,7 @@ def test_csv_format(journal: Path) -> None:
     # fields without a column are kept, appended to detail
     assert by_seq["11"]["detail"] == "new, 1 part mailbox=/srv/mail/b"
     assert by_seq["2"]["time"] == "2026-11-29T12:00:01.123456+00:00"
+    assert by_seq["2"]["host"] == journal.parent.name
 
 
 def test_code_filter(journal: Path) -> None:
@@ -377,13 +381,13 @@ def test_follow_n_zero_shows_only_new_records(
 ) -> None:
     sink = LineSink()
     sink.last = "     14 "
-    real_follow = dump_module.follow
+    real_follow = dump_module.follow_merged
 
     def following(*args, **kwargs):  # nothing existing is printed: append once live
         sink.seen.set()
         yield from real_follow(*args, **kwargs)
 
-    monkeypatch.setattr(dump_module, "follow", following)
+    monkeypatch.setattr(dump_module, "follow_merged", following)
 
     def append(w: JournalWriter) -> None:
         w.write("8B", "smtp-client/1", {"queue_id": "Q9"})  # 14
@@ -675,6 +679,7 @@ def test_summary_json(mail: Path) -> None:
     objs = [json.loads(line) for line in text.splitlines()]
     assert [o["queue_id"] for o in objs] == ["Q1", "Q2", "Q3", "Q5", "Q5-NDR", "Q3-NDR1", "Q6"]
     assert objs[0] == {
+        "host": "mail-journal",
         "time": at(2),
         "queue_id": "Q1",
         "sender": ALICE,
@@ -683,6 +688,7 @@ def test_summary_json(mail: Path) -> None:
         "state": "delivered",
     }
     assert objs[4] == {
+        "host": "mail-journal",
         "time": at(of("Q5-NDR")[0]),
         "queue_id": "Q5-NDR",
         "sender": "",
@@ -692,6 +698,7 @@ def test_summary_json(mail: Path) -> None:
     }
     status, text = dump(mail, "--summary", "--format", "json", "--recipient", "victim@*")
     assert json.loads(text) == {
+        "host": "mail-journal",
         "time": at(seq_of("9V", None)),
         "queue_id": None,
         "sender": None,
@@ -705,20 +712,21 @@ def test_summary_csv(mail: Path) -> None:
     status, text = dump(mail, "--summary", "--format", "csv", "--code", "83,OW,9V")
     assert status == 0
     assert text == (
-        "time,queue_id,sender,recipients,size,state\n"
-        f"{at(seq_of('9V', None))},,,victim@elsewhere.test,,relay refused\n"
-        f"{at(of('Q3')[0])},Q3,{ALICE},erin@far.test,800,bounced\n"
-        f"{at(of('Q4')[0])},Q4,spam@bad.test,bob@example.test,5000,discarded\n"
-        f"{at(of('Q7')[0])},Q7,mallory@bad.test,{CAROL},700,quarantined\n"
+        "time,queue_id,sender,recipients,size,state,host\n"
+        f"{at(seq_of('9V', None))},,,victim@elsewhere.test,,relay refused,mail-journal\n"
+        f"{at(of('Q3')[0])},Q3,{ALICE},erin@far.test,800,bounced,mail-journal\n"
+        f"{at(of('Q4')[0])},Q4,spam@bad.test,bob@example.test,5000,discarded,mail-journal\n"
+        f"{at(of('Q7')[0])},Q7,mallory@bad.test,{CAROL},700,quarantined,mail-journal\n"
     )
     status, text = dump(mail, "--summary", "--format", "csv", "--recipient", "nobody@*")
     assert list(csv.reader(io.StringIO(text))) == [
-        ["time", "queue_id", "sender", "recipients", "size", "state"],
-        [at(of("Q5")[0]), "Q5", CAROL, "bob@example.test,nobody@example.test", "900", "partial"],
-        [at(of("Q5-NDR")[0]), "Q5-NDR", "<>", CAROL, "", "queued"],
+        ["time", "queue_id", "sender", "recipients", "size", "state", "host"],
+        [at(of("Q5")[0]), "Q5", CAROL, "bob@example.test,nobody@example.test",
+         "900", "partial", "mail-journal"],
+        [at(of("Q5-NDR")[0]), "Q5-NDR", "<>", CAROL, "", "queued", "mail-journal"],
     ]
     assert dump(mail, "--summary", "--format", "csv", "--sender", "x@y")[1] == (
-        "time,queue_id,sender,recipients,size,state\n"
+        "time,queue_id,sender,recipients,size,state,host\n"
     )
 
 
@@ -789,7 +797,7 @@ def test_namespace_built_by_hand_with_new_options(mail: Path) -> None:
     args = argparse.Namespace(sender="*@BAD.TEST", summary=True, head="1", format="csv")
     assert run_dump(args, mail, out) == 0
     assert out.getvalue().splitlines()[1:] == [
-        f"{at(of('Q4')[0])},Q4,spam@bad.test,bob@example.test,5000,discarded"
+        f"{at(of('Q4')[0])},Q4,spam@bad.test,bob@example.test,5000,discarded,mail-journal"
     ]
 
 

@@ -78,10 +78,15 @@ def cmd_config_check(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 def _directory(loaded: LoadedConfig):
-    from mailpool.directory import Directory
+    import atexit
 
-    loaded.data_dir.mkdir(parents=True, exist_ok=True)
-    return Directory(loaded.directory_file)
+    from mailpool.directory import open_directory
+
+    if loaded.config.directory.backend == "file":
+        loaded.data_dir.mkdir(parents=True, exist_ok=True)
+    directory = open_directory(loaded)
+    atexit.register(directory.close)  # a database connection ends cleanly
+    return directory
 
 
 def cmd_user_add(args: argparse.Namespace, loaded: LoadedConfig) -> int:
@@ -442,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _leaf(user, "passwd", cmd_user_passwd, "set a user's password (POP3, SMTP AUTH)")
     p.add_argument("name", help="the user")
     _password_options(p)
+
+    from mailpool.cli_directory import add_directory_commands
+
+    add_directory_commands(sub)
 
     journal = sub.add_parser("journal", help="mail journal (DSPJRN, CHGJRN)").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")

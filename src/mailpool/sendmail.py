@@ -375,22 +375,28 @@ def enqueue(args: argparse.Namespace, loaded: LoadedConfig, stdin: BinaryIO) -> 
 
 
 def _check_recipients(loaded: LoadedConfig, recipients: list[str]) -> None:
-    from mailpool.directory import Directory, DirectoryError
+    from mailpool.directory import DirectoryError, open_directory
 
     for rcpt in recipients:
         try:
             check_address(rcpt, "recipient")
         except SubmitError as exc:
             _fail(EX_DATAERR, exc.text)
-    directory = Directory(loaded.directory_file)
     local = {d.lower().rstrip(".") for d in loaded.config.host.local_domains}
-    for rcpt in recipients:
-        try:
-            unknown = is_unknown_local(rcpt, local, directory)
-        except (DirectoryError, OSError) as exc:
-            _fail(EX_TEMPFAIL, f"cannot read the directory: {exc}")
-        if unknown:
-            _fail(EX_NOUSER, f"<{rcpt}>: User unknown in local recipient table")
+    try:
+        directory = open_directory(loaded)
+    except DirectoryError as exc:
+        _fail(EX_TEMPFAIL, f"cannot read the directory: {exc}")
+    try:
+        for rcpt in recipients:
+            try:
+                unknown = is_unknown_local(rcpt, local, directory)
+            except (DirectoryError, OSError) as exc:
+                _fail(EX_TEMPFAIL, f"cannot read the directory: {exc}")
+            if unknown:
+                _fail(EX_NOUSER, f"<{rcpt}>: User unknown in local recipient table")
+    finally:
+        directory.close()
 
 
 # --- -bs: SMTP on standard input and output ---------------------------------------------------

@@ -30,7 +30,9 @@ class SmtpOnStdio:
     line ends are read as CRLF."""
 
     def __init__(self, loaded: LoadedConfig, stdin: BinaryIO, stdout: BinaryIO) -> None:
-        from mailpool.directory import Directory
+        import atexit
+
+        from mailpool.directory import open_directory
 
         cfg = loaded.config
         self.loaded = loaded
@@ -41,7 +43,8 @@ class SmtpOnStdio:
             dsn=False, etrn=False))
         self.stdin = stdin
         self.stdout = stdout
-        self.directory = Directory(loaded.directory_file)
+        self.directory = open_directory(loaded)
+        atexit.register(self.directory.close)
         self.local = {d.lower().rstrip(".") for d in cfg.host.local_domains}
         self.pending = bytearray()
         self.eof = False

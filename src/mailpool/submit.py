@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mailpool.config import LoadedConfig
-from mailpool.directory import Directory
+from mailpool.directory import AddressLookup
 from mailpool.framework.spool import Envelope, Spool
 from mailpool.message import find_message_id, message_id_header
 from mailpool.protocol.smtp_syntax import is_mailbox
@@ -242,7 +242,7 @@ def qualify(address: str, domain: str) -> str:
     return f"{address}@{domain}" if address and "@" not in address else address
 
 
-def is_unknown_local(address: str, local_domains: set[str], directory: Directory) -> bool:
+def is_unknown_local(address: str, local_domains: set[str], directory: AddressLookup) -> bool:
     """A local-domain address that no user owns (postmaster always exists)."""
     local, _, domain = address.rpartition("@")
     if domain.lower().rstrip(".") not in local_domains or local.lower() == "postmaster":

@@ -16,6 +16,7 @@ from mailpool.config.load import (
     merge_pool_defaults,
 )
 from mailpool.config.schema import (
+    DIRECTORY_BACKENDS,
     IMPLICIT_TLS,
     LOG_LEVELS,
     POP_LISTENERS,
@@ -26,6 +27,7 @@ from mailpool.config.schema import (
     CheckConfig,
     Config,
     ConfigError,
+    DirectoryConfig,
     DnsConfig,
     EtrnConfig,
     FilterRule,
@@ -48,10 +50,12 @@ from mailpool.config.schema import (
     TlsConfig,
     cleartext_login_allowed,
     pool_params,
+    redact_dsn,
 )
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "DIRECTORY_BACKENDS",
     "IMPLICIT_TLS",
     "LOG_LEVELS",
     "POP_LISTENERS",
@@ -64,6 +68,7 @@ __all__ = [
     "CheckConfig",
     "Config",
     "ConfigError",
+    "DirectoryConfig",
     "DnsConfig",
     "EtrnConfig",
     "FilterRule",
@@ -95,4 +100,5 @@ __all__ = [
     "parse_router",
     "pool_params",
     "problems_of",
+    "redact_dsn",
 ]

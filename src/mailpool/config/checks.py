@@ -8,11 +8,13 @@ import re
 from typing import Any
 
 from mailpool.config.schema import (
+    DIRECTORY_BACKENDS,
     LOG_LEVELS,
     SYSLOG_FACILITIES,
     TLS_POLICIES,
     Config,
     OutboundConfig,
+    redact_dsn,
 )
 from mailpool.roles import ROLE_NAMES
 
@@ -90,6 +92,7 @@ def problems_of(cfg: Config) -> list[tuple[str, Any, str]]:
     problems += _check_plugins(cfg)
     problems += _check_hardening(cfg)
     problems += _check_tls(cfg)
+    problems += _check_directory(cfg)
     for name, params in cfg.pool.items():
         if name not in ROLE_NAMES:
             problems.append((f"pool.{name}", name,
@@ -97,6 +100,38 @@ def problems_of(cfg: Config) -> list[tuple[str, Any, str]]:
         for key, value, why in params.problems():
             problems.append((f"pool.{name}.{key}", value, why))
     return problems
+
+
+def _check_directory(cfg: Config) -> list[tuple[str, Any, str]]:
+    d = cfg.directory
+    problems: list[tuple[str, Any, str]] = []
+    if d.backend not in DIRECTORY_BACKENDS:
+        problems.append(("directory.backend", d.backend,
+                         f"must be one of {', '.join(DIRECTORY_BACKENDS)}"))
+    if d.backend == "postgresql" and not d.dsn.strip():
+        problems.append(("directory.dsn", d.dsn, "backend postgresql needs a connection "
+                         "string (e.g. \"host=db.example.test dbname=mailpool user=mailpool\")"))
+    elif d.backend == "postgresql" and (dsn_problem := _dsn_problem(d.dsn)):
+        problems.append(("directory.dsn", d.redacted_dsn, dsn_problem))
+    for key in ("cache_ttl", "connect_timeout", "query_timeout"):
+        value = getattr(d, key)
+        if not value > 0:
+            problems.append((f"directory.{key}", value, "must be above 0"))
+    if d.pool_size < 1:
+        problems.append(("directory.pool_size", d.pool_size, "must be at least 1"))
+    return problems
+
+
+def _dsn_problem(dsn: str) -> str | None:
+    """libpq's own parse of the connection string (psycopg is imported only for this)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(dsn)
+    except ProgrammingError as exc:
+        return f"not a valid connection string: {redact_dsn(str(exc))}"
+    return None
 
 
 def _check_plugins(cfg: Config) -> list[tuple[str, Any, str]]:

@@ -18,7 +18,13 @@ import msgspec
 
 from mailpool.config.checks import problems_of
 from mailpool.config.overlay import apply_overlay, overlay_path, read_overlay
-from mailpool.config.schema import Config, ConfigError, LoadedConfig, _default_pools
+from mailpool.config.schema import (
+    Config,
+    ConfigError,
+    LoadedConfig,
+    _default_pools,
+    redact_dsn,
+)
 from mailpool.roles import BY_NAME
 
 DEFAULT_CONFIG = Path("config/mailpool.toml")
@@ -41,9 +47,24 @@ def default_config_path() -> Path:
 def _msgspec_path(message: str) -> tuple[str, str]:
     """Split msgspec's "Expected `int`, got `str` - at `$.pool[...].x`" into (key, why)."""
     why, _, where = message.partition(" - at `")
-    key = where.rstrip("`").removeprefix("$").lstrip(".")
+    key = where.rstrip("`").removeprefix("$").lstrip(".").replace("[...]", ".\0")
     key = re.sub(r"\[\"?([^\]\"]+)\"?\]", r".\1", key).lstrip(".")
     return key, why
+
+
+def _name_dict_keys(raw: Any, key: str) -> str:
+    """msgspec writes a dict key as `[...]` (pool.....initial): name the key whose value
+    holds the rest of the path (pool.smtp-server.initial)."""
+    parts = [p for p in key.split(".") if p]
+    node, out = raw, []
+    for i, part in enumerate(parts):
+        if part == "\0" and isinstance(node, dict):
+            rest = parts[i + 1] if i + 1 < len(parts) else None
+            part = next((k for k, v in node.items()
+                         if rest is None or (isinstance(v, dict) and rest in v)), "...")
+        out.append(part)
+        node = node.get(part) if isinstance(node, dict) else None
+    return ".".join(out)
 
 
 def _lookup(raw: Any, key: str) -> Any:
@@ -116,12 +137,13 @@ def load_config(path: Path | str) -> LoadedConfig:
         key, why = _msgspec_path(str(exc))
         if why.startswith("Object contains unknown field"):
             field = why.split("`")[1]
-            full = f"{key}.{field}" if key else field
+            full = _name_dict_keys(raw, f"{key}.{field}" if key else field)
             raise ConfigError(f"{path}: {full}: {_lookup(raw, full)!r}: unknown key") from None
         if why.startswith("Object missing required field"):
             field = why.split("`")[1]
-            full = f"{key}.{field}" if key else field
+            full = _name_dict_keys(raw, f"{key}.{field}" if key else field)
             raise ConfigError(f"{path}: {full}: missing required key") from None
+        key = _name_dict_keys(raw, key)
         value = _lookup(raw, key)
         raise ConfigError(f"{origin(key)}: {key}: {value!r}: {why}") from None
     problems = problems_of(cfg)
@@ -154,6 +176,8 @@ def effective_toml(cfg: Config) -> str:
             v = getattr(obj, field)
             if field in skip or v is None:  # None: unset (TOML has no null)
                 continue
+            if name == "directory" and field == "dsn":
+                v = redact_dsn(v)  # a password is never printed
             if isinstance(v, msgspec.Struct):
                 nested.append((f"{name}.{key}", v))
             elif isinstance(v, dict):

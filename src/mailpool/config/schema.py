@@ -3,6 +3,7 @@ defaults, and the values derived from them (an entry's effective pool rules)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,48 @@ class TlsConfig(Base):
 class PathsConfig(Base):
     # Spool, mailboxes, journal and directory live under here; relative to the config file.
     data: str = "var"
+    # The mailbox root, when it is not <data>/mailboxes: shared storage that several hosts
+    # deliver into (each host keeps its own spool). Relative to the config file.
+    mailboxes: str = ""
+
+
+DIRECTORY_BACKENDS = ("file", "postgresql")
+
+
+class DirectoryConfig(Base):
+    """Where users live: the file under the data directory (one host), or PostgreSQL
+    (several hosts sharing one directory)."""
+
+    backend: str = "file"
+    # libpq connection string, key=value or postgresql:// URI; `config check` hides the
+    # password (redacted_dsn).
+    dsn: str = ""
+    # Seconds a job keeps a user it found (RCPT, login) before asking the database again:
+    # how long a removed user may still receive mail. The file backend needs no cache.
+    cache_ttl: float = 10.0
+    pool_size: int = 2             # connections per job process (at most)
+    connect_timeout: float = 5.0   # seconds to connect, and to wait for a pooled connection
+    query_timeout: float = 5.0     # statement_timeout of every statement, seconds
+
+    @property
+    def redacted_dsn(self) -> str:
+        return redact_dsn(self.dsn)
+
+
+_DSN_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)")
+
+
+def redact_dsn(dsn: str) -> str:
+    """The connection string with any password replaced by ***."""
+    if "://" in dsn:
+        scheme, _, rest = dsn.partition("://")
+        netloc, sep, tail = rest.partition("/")
+        userinfo, at, hosts = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            netloc = userinfo.partition(":")[0] + ":***@" + hosts
+        dsn = f"{scheme}://{netloc}{sep}{tail}"
+        return re.sub(r"([?&]password=)[^&]*", r"\1***", dsn)
+    return _DSN_PASSWORD.sub(lambda m: m.group(1) + "***", dsn)
 
 
 class SmtpConfig(Base):
@@ -347,6 +390,7 @@ class Config(Base):
     filter: list[FilterRule] = msgspec.field(default_factory=list)
     check: list[CheckConfig] = msgspec.field(default_factory=list)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    directory: DirectoryConfig = msgspec.field(default_factory=DirectoryConfig)
     pool: dict[str, PoolParams] = msgspec.field(default_factory=_default_pools)
 
 
@@ -365,6 +409,9 @@ class LoadedConfig(msgspec.Struct, frozen=True):
 
     @property
     def mailbox_dir(self) -> Path:
+        shared = self.config.paths.mailboxes
+        if shared:
+            return self.path.parent / shared  # an absolute path stays as it is
         return self.data_dir / "mailboxes"
 
     @property

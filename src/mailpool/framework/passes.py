@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailpool.directory import Directory
+from mailpool.directory import AddressLookup
 from mailpool.framework import maildir
 from mailpool.framework.filters import FilterMatch, Filters
 from mailpool.framework.notice_queue import NoticeSettings, QueuedNotice, queue_notice
@@ -74,7 +74,7 @@ def _wants(notify: str, what: str) -> bool:
 
 
 class Framework:
-    def __init__(self, *, spool: Spool, directory: Directory, mailbox_root: Path,
+    def __init__(self, *, spool: Spool, directory: AddressLookup, mailbox_root: Path,
                  hostname: str, local_domains: list[str], postmaster: str, router: str,
                  notices: NoticeSettings, filters: Filters | None = None) -> None:
         self.spool = spool
@@ -89,7 +89,8 @@ class Framework:
         self._ready_boxes: set[Path] = set()  # Maildirs known to exist (saves the stats)
 
     def resolve(self, address: str) -> tuple[str, str | None]:
-        """(P2 tag, mailbox user) for one recipient."""
+        """(P2 tag, mailbox user) for one recipient. DirectoryError when the directory
+        cannot say: the caller leaves the message queued (never a bounce for that)."""
         local, _, domain = address.rpartition("@")
         if "@" not in address:
             return (TAG_LOCAL, self.postmaster) if address.lower() == "postmaster" else (

@@ -9,9 +9,11 @@ request and on WorkDone.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
-from mailpool.directory import Directory
+from mailpool.directory import DirectoryError, open_job_directory
+from mailpool.directory.cached import JobDirectory
 from mailpool.framework.filters import Filters
 from mailpool.framework.notice_queue import NoticeSettings
 from mailpool.framework.passes import TAG_NONDEL, Framework, FrameworkPass
@@ -20,9 +22,11 @@ from mailpool.jobs.runtime import JobContext, WorkResult, run_job
 from mailpool.storage import SpaceCheck
 from mailpool.supervisor.channel import OutboundItem
 
+log = logging.getLogger("mailpool.framework")
 
-async def work(framework: Framework, space: SpaceCheck, ctx: JobContext,
-               items: list[tuple[str, bool]]) -> WorkResult:
+
+async def work(framework: Framework, space: SpaceCheck, directory: JobDirectory,
+               ctx: JobContext, items: list[tuple[str, bool]]) -> WorkResult:
     passes = []
     entries: list[tuple[str, dict[str, object]]] = []
     results: list[tuple[str, bool]] = []
@@ -33,8 +37,21 @@ async def work(framework: Framework, space: SpaceCheck, ctx: JobContext,
         if not await ctx.group_sync([entry for _, entry in parked if entry]):
             return WorkResult([(qid, False) for qid, _ in items], [], [])
         return WorkResult([(qid, True) for qid, _ in parked], [], [])
+    try:
+        # A remote directory: every recipient of the batch in one round trip, before the
+        # (synchronous) passes resolve them.
+        await directory.prefetch(recipients(framework, items) if directory.remote else [])
+    except DirectoryError as exc:
+        return postponed(items, exc)
     for queue_id, again in items:
-        fp = framework.deliver(queue_id, again=again)
+        try:
+            fp = framework.deliver(queue_id, again=again)
+        except DirectoryError as exc:
+            # Who a recipient is cannot be known now: not "user unknown". The message
+            # stays on the incoming queue and the supervisor offers it again later.
+            await directory.report(exc)
+            results += postponed([(queue_id, again)], exc).results
+            continue
         if fp is None:
             results.append((queue_id, True))  # an earlier pass finished it
         else:
@@ -54,6 +71,29 @@ async def work(framework: Framework, space: SpaceCheck, ctx: JobContext,
     return WorkResult(results, done, handed)
 
 
+def recipients(framework: Framework, items: list[tuple[str, bool]]) -> list[str]:
+    """The recipients of a batch that the directory resolves (those in local domains)."""
+    out: list[str] = []
+    for queue_id, _ in items:
+        try:
+            envelope = framework.spool.load_envelope("incoming", queue_id)
+        except FileNotFoundError:
+            continue  # done by an earlier pass
+        out += [r for r in envelope.recipients
+                if r.rpartition("@")[2].lower().rstrip(".") in framework.local_domains]
+    return out
+
+
+def postponed(items: list[tuple[str, bool]], exc: Exception) -> WorkResult:
+    """The directory cannot be read: nothing is resolved, nothing bounced. Each message
+    stays on the incoming queue and the supervisor offers it again after its retry delay
+    (supervisor.dispatch.WORK_RETRY_DELAY), as long as the outage lasts; each try costs
+    one query bounded by the directory's timeouts."""
+    log.warning("%d message(s) stay on the incoming queue, to be tried again: %s",
+                len(items), exc)
+    return WorkResult([(queue_id, False) for queue_id, _ in items], [], [])
+
+
 def count(ctx: JobContext, fp: FrameworkPass) -> None:
     """Local deliveries and non-deliveries for /metrics and the console."""
     delay = time.time() - fp.envelope.received_ns / 1e9
@@ -66,11 +106,12 @@ def count(ctx: JobContext, fp: FrameworkPass) -> None:
 
 async def run(ctx: JobContext) -> None:
     cfg = ctx.config
+    directory = open_job_directory(ctx.loaded, ctx.journal)
     framework = Framework(
-        spool=Spool(ctx.loaded.spool_dir), directory=Directory(ctx.loaded.directory_file),
+        spool=Spool(ctx.loaded.spool_dir), directory=directory.resolver,
         mailbox_root=ctx.loaded.mailbox_dir, hostname=cfg.host.name,
         local_domains=cfg.host.local_domains, postmaster=cfg.host.postmaster,
         router=cfg.outbound.router, notices=NoticeSettings.from_config(cfg),
         filters=Filters(cfg.filter) if cfg.filter else None)
     space = SpaceCheck(ctx.loaded.data_dir, cfg.storage.min_free_mb)
-    await run_job(ctx, work=functools.partial(work, framework, space))
+    await run_job(ctx, work=functools.partial(work, framework, space, directory))

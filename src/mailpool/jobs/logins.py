@@ -11,12 +11,12 @@ from __future__ import annotations
 import trio
 
 from mailpool.auth_cache import AuthCache
-from mailpool.directory import Directory
+from mailpool.directory.cached import JobDirectory
 from mailpool.jobs.runtime import JobContext
 
 
 class Logins:
-    def __init__(self, ctx: JobContext, directory: Directory) -> None:
+    def __init__(self, ctx: JobContext, directory: JobDirectory) -> None:
         cfg = ctx.config.pop3
         self.ctx = ctx
         self.directory = directory
@@ -24,26 +24,26 @@ class Logins:
         self.base_delay = cfg.auth_fail_delay
         self.max_delay = cfg.auth_fail_delay_max
 
-    def user_name(self, login: str) -> str | None:
+    async def user_name(self, login: str) -> str | None:
         """The directory user a login names: a user name, or one of a user's addresses."""
         if "@" in login:
-            entry = self.directory.lookup(login)
+            entry = await self.directory.lookup(login)
             return entry.name if entry is not None else None
         return login
 
     async def check(self, login: str, password: str) -> str | None:
         """The user when the password is right, else None. DirectoryError or OSError when the
         directory cannot be read (the caller answers a temporary failure)."""
-        user = self.user_name(login)
+        user = await self.user_name(login)
         if user is None:
             # The same memory-hard work as a wrong password: no hint that the name is unknown.
-            await trio.to_thread.run_sync(self.directory.authenticate, "", password)
+            await self.directory.check_password(None, password)
             return None
-        entry = self.directory.get(user)
+        entry = await self.directory.get(user)
         stored = entry.password_hash if entry is not None else ""
         if stored and self.cache.check(user, password, stored):
             return user
-        ok = await trio.to_thread.run_sync(self.directory.authenticate, user, password)
+        ok = await self.directory.check_password(entry, password)
         if ok:
             self.cache.remember(user, password, stored)
         return user if ok else None

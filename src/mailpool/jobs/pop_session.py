@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from mailpool.config import IMPLICIT_TLS, cleartext_login_allowed
-from mailpool.directory import Directory, DirectoryError
+from mailpool.directory import DirectoryError, open_job_directory, open_maildrop_lock
 from mailpool.jobs.logins import Logins
 from mailpool.jobs.runtime import JobContext, run_job, send_within
 from mailpool.jobs.tls import handshake, server_context
@@ -19,9 +19,12 @@ INLINE_READ = 256 * 1024
 class PopServerRole:
     def __init__(self, ctx: JobContext) -> None:
         cfg = ctx.config
-        self.directory = Directory(ctx.loaded.directory_file)
+        self.directory = open_job_directory(ctx.loaded, ctx.journal)
         self.mailbox_root = ctx.loaded.mailbox_dir
         self.logins = Logins(ctx, self.directory)
+        self.shared_lock = open_maildrop_lock(ctx.loaded)
+        dcfg = cfg.directory
+        self.lock_deadline = dcfg.connect_timeout + dcfg.query_timeout + 1.0
         self.tls = server_context(cfg.tls)
         cleartext = cleartext_login_allowed(cfg)
         self.limits = core.Pop3Limits(hostname=cfg.host.name, allow_cleartext_login=cleartext,
@@ -96,6 +99,16 @@ class PopServerRole:
                         # e.g. the mailbox path is not a directory: answer, do not crash.
                         conn.sys_temp_error(f"cannot open maildrop ({exc.strerror or exc})")
                         continue
+                    if locked:
+                        try:
+                            locked = await self.lock_shared(name)
+                        except DirectoryError as exc:
+                            candidate.unlock()
+                            await self.directory.report(exc)
+                            conn.sys_temp_error("cannot lock the maildrop now")
+                            continue
+                        if not locked:
+                            candidate.unlock()  # another host has it open
                     if not locked:
                         conn.maildrop_busy()
                         continue
@@ -155,6 +168,27 @@ class PopServerRole:
         finally:
             if drop is not None:
                 drop.unlock()
+                if self.shared_lock.shared and user is not None:
+                    await self.unlock_shared(user)
+
+    async def lock_shared(self, user: str) -> bool:
+        """The other hosts' side of the maildrop lock (a database lock), after the flock."""
+        if not self.shared_lock.shared:
+            return True
+        try:
+            with trio.fail_after(self.lock_deadline):
+                return await trio.to_thread.run_sync(self.shared_lock.acquire, user,
+                                                     abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise DirectoryError(f"maildrop lock: no answer within "
+                                 f"{self.lock_deadline:g} s") from None
+
+    async def unlock_shared(self, user: str) -> None:
+        # Shielded: a session ended by cancellation still gives its lock back.
+        with trio.move_on_after(self.lock_deadline) as scope:
+            scope.shield = True
+            await trio.to_thread.run_sync(self.shared_lock.release, user,
+                                          abandon_on_cancel=True)
 
 
 async def run(ctx: JobContext) -> None:

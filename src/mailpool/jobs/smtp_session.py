@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from mailpool.directory import Directory, DirectoryError
+from mailpool.directory import DirectoryError, open_job_directory
 from mailpool.framework.spool import Envelope, Spool
 from mailpool.jobs.logins import Logins
 from mailpool.jobs.runtime import JobContext, run_job, send_within
@@ -91,7 +91,7 @@ class SmtpServerRole:
                                                or cfg.restrictions.dnsbl) else None
         self.postmaster = cfg.host.postmaster
         self.spool = Spool(ctx.loaded.spool_dir)
-        self.directory = Directory(ctx.loaded.directory_file)
+        self.directory = open_job_directory(ctx.loaded, ctx.journal)
         self.tls = server_context(cfg.tls)
         self.logins = Logins(ctx, self.directory)
         # Content-check plug-ins (asyncio coroutines); their loop opens in run() only when
@@ -120,16 +120,16 @@ class SmtpServerRole:
 
     # --- policy -----------------------------------------------------------------------
 
-    def local_user(self, address: str) -> str | None:
+    async def local_user(self, address: str) -> str | None:
         """The mailbox owner for a local address; postmaster always resolves."""
         local, _, _domain = address.rpartition("@")
         if "@" not in address or local.lower() == "postmaster":
-            user = self.directory.lookup(address) if "@" in address else None
+            user = await self.directory.lookup(address) if "@" in address else None
             return user.name if user else self.postmaster
-        user = self.directory.lookup(address)
+        user = await self.directory.lookup(address)
         return user.name if user else None
 
-    def rcpt(self, conn: core.ServerConnection, event: core.RcptTo, peer_ip: str,
+    async def rcpt(self, conn: core.ServerConnection, event: core.RcptTo, peer_ip: str,
              relayed: dict[str, str]) -> str | None:
         """Answer one RCPT; a journal note ("9V" refusal) for the caller to write, or None."""
         if self.space.low():
@@ -148,7 +148,7 @@ class SmtpServerRole:
             conn.reply(250, "Ok", "2.1.5")
             return None
         try:
-            owner = self.local_user(addr)
+            owner = await self.local_user(addr)
         except (DirectoryError, OSError):
             # The directory cannot be read now: the client should try later.
             conn.reply(451, f"<{event.address}>: Temporary lookup failure", "4.3.0")
@@ -344,13 +344,13 @@ class SmtpServerRole:
                             else f"improper pipelining after DATA: {event.sample!r}")
                     await ctx.journal("9S", ip=peer_ip, detail=what)
                 elif isinstance(event, core.RcptTo):
-                    refused = self.rcpt(conn, event, peer_ip, rewritten)
+                    refused = await self.rcpt(conn, event, peer_ip, rewritten)
                     await self.report(ctx, conn, peer_ip, tally, refused)
                 elif isinstance(event, core.Etrn):
                     await self.etrn(ctx, conn, event.node, peer_ip)
                 elif isinstance(event, core.Verify):
                     try:
-                        self.verify(conn, event.argument)
+                        await self.verify(conn, event.argument)
                     except (DirectoryError, OSError):
                         conn.reply(451, "Temporary lookup failure", "4.3.0")
                 elif isinstance(event, core.MessageReceived):
@@ -359,7 +359,7 @@ class SmtpServerRole:
                     rewritten = {}
                 elif isinstance(event, core.MailFrom):
                     rewritten = {}
-                    self.mail_from(conn, event)
+                    await self.mail_from(conn, event)
                 elif isinstance(event, core.StartTls):
                     # The 220 goes out, then the handshake on the raw stream; what the
                     # client pipelined behind STARTTLS was dropped by the core, unread.
@@ -414,13 +414,13 @@ class SmtpServerRole:
                     pass
             raise
 
-    def mail_from(self, conn: core.ServerConnection, event: core.MailFrom) -> None:
+    async def mail_from(self, conn: core.ServerConnection, event: core.MailFrom) -> None:
         """An authenticated client sends as one of its own addresses (Postfix's
         reject_sender_login_mismatch), unless that check is off."""
         user = event.auth_user
         if (user and event.address and self.ctx.config.smtp.reject_sender_login_mismatch):
             try:
-                owner = self.directory.lookup(event.address)
+                owner = await self.directory.lookup(event.address)
             except (OSError, DirectoryError):
                 conn.reply(451, "Temporary lookup failure", "4.3.0")
                 return
@@ -430,10 +430,10 @@ class SmtpServerRole:
                 return
         conn.reply(250, "Ok", "2.1.0")
 
-    def verify(self, conn: core.ServerConnection, argument: str) -> None:
+    async def verify(self, conn: core.ServerConnection, argument: str) -> None:
         addr = argument.strip().strip("<>")
         if "@" in addr and self.relay.is_local(addr):
-            if self.local_user(addr) is not None:
+            if await self.local_user(addr) is not None:
                 conn.reply(250, f"<{addr}>", "2.0.0")
             else:
                 conn.reply(550, f"<{addr}>: Recipient address rejected: User unknown", "5.1.1")

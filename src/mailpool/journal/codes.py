@@ -127,6 +127,11 @@ _TABLE: Final[tuple[tuple[str, str, str] | tuple[str, str, str, bool], ...]] = (
     ("IG", "re-insertion of parsed MIME note", "Message id of the re-inserted MIME note"),
     ("OW", "rejected by filtering", "Message rejected by filtering (discarded, kept or rewritten)"),
     ("P2", "typed by address resolution", "Message tagged by address resolution"),
+    (
+        "PU",
+        "directory unavailable",
+        "The directory could not be read: temporary failures, mail kept queued (reason)",
+    ),
     # Prestart job pool (project)
     ("JS", "job started", "Prestart job started"),
     ("JE", "job ended", "Prestart job ended (max_use, idle, crash, drain, heartbeat, reload)"),

@@ -249,6 +249,62 @@ def verify(journal_dir: Path) -> list[Problem]:
     return verify_report(journal_dir).problems
 
 
+class Follower:
+    """Reads a live journal poll by poll: each poll() yields what was appended since.
+
+    Moves to a newer receiver once one exists (the writer finishes and syncs
+    a receiver before attaching the next, so the old one is then complete).
+    Never yields a record twice, nor one below `from_seq`. Several followers
+    polled in turn follow several journals without threads.
+    """
+
+    def __init__(self, journal_dir: Path, *, from_seq: int | None = None) -> None:
+        self.journal_dir = Path(journal_dir)
+        self.from_seq = from_seq
+        self.current: int | None = None  # receiver number being read
+        self.offset = 0
+        self.last: int | None = None  # highest seq yielded
+
+    def poll(self) -> Iterator[Record]:
+        """The records appended since the last poll, through every newer receiver."""
+        while True:
+            receivers = list_receivers(self.journal_dir)
+            if self.current is None:
+                if not receivers:
+                    return
+                self.current = receivers[_skip_receivers(receivers, self.from_seq)][0]
+                self.offset = 0
+            newer = [n for n, _ in receivers if n > self.current]
+            yield from self._read(final=bool(newer))  # listed before reading: complete
+            if not newer:
+                return
+            self.current, self.offset = newer[0], 0
+
+    def _read(self, *, final: bool) -> Iterator[Record]:
+        assert self.current is not None
+        try:
+            with (self.journal_dir / receiver_name(self.current)).open("rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:
+                    self.offset = 0  # cut below what we read: re-read, skipping seen seqs
+                gen = scan(f, self.offset, final=final)
+                while True:
+                    try:
+                        item = next(gen)
+                    except StopIteration as done:
+                        self.offset = done.value
+                        return
+                    if isinstance(item, Good):
+                        self.offset = item.end
+                        seq = item.record.seq
+                        if (self.from_seq is None or seq >= self.from_seq) and (
+                            self.last is None or seq > self.last
+                        ):
+                            self.last = seq
+                            yield item.record
+        except FileNotFoundError:
+            pass  # removed since listed (receivers are user managed)
+
+
 def follow(
     journal_dir: Path,
     poll_interval: float = 0.5,
@@ -258,49 +314,15 @@ def follow(
 ) -> Iterator[Record]:
     """Yield existing records, then records as they are appended, forever.
 
-    Moves to a newer receiver once one exists (the writer finishes and syncs
-    a receiver before attaching the next, so the old one is then complete).
     Ends when `stop` is set. Raises FileNotFoundError if the directory is
     missing at the start.
     """
     journal_dir = Path(journal_dir)
     if not journal_dir.is_dir():
         raise FileNotFoundError(f"journal directory {journal_dir} does not exist")
-    current: int | None = None
-    offset = 0
-    last: int | None = None  # highest seq yielded: never yield a record twice
+    follower = Follower(journal_dir, from_seq=from_seq)
     while stop is None or not stop.is_set():
-        receivers = list_receivers(journal_dir)
-        if current is None and receivers:
-            current = receivers[_skip_receivers(receivers, from_seq)][0]
-            offset = 0
-        if current is not None:
-            newer = [n for n, _ in receivers if n > current]
-            final = bool(newer)  # listed before reading: a complete receiver
-            try:
-                with (journal_dir / receiver_name(current)).open("rb") as f:
-                    if os.fstat(f.fileno()).st_size < offset:
-                        offset = 0  # cut below what we read: re-read, skipping seen seqs
-                    gen = scan(f, offset, final=final)
-                    while True:
-                        try:
-                            item = next(gen)
-                        except StopIteration as done:
-                            offset = done.value
-                            break
-                        if isinstance(item, Good):
-                            offset = item.end
-                            seq = item.record.seq
-                            if (from_seq is None or seq >= from_seq) and (
-                                last is None or seq > last
-                            ):
-                                last = seq
-                                yield item.record
-            except FileNotFoundError:
-                pass
-            if newer:
-                current, offset = newer[0], 0
-                continue
+        yield from follower.poll()
         if stop is not None:
             stop.wait(poll_interval)
         else:

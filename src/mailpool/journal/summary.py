@@ -2,7 +2,10 @@
 
 MessageSummary condenses a message's records (time of the first, queue id,
 sender, recipients, size) into its final state; the rest renders that line
-as text, JSON or CSV.
+as text, JSON or CSV. A message is one queue id on one host: the `host` (the
+label of its journal) is the first key of JSON and the last column of CSV (so
+the columns scripts already read keep their places), and starts the text line
+when several journals are read.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import msgspec
 
 from mailpool.journal.format import Record, iso_time
 
-SUMMARY_COLUMNS = ("time", "queue_id", "sender", "recipients", "size", "state")
+SUMMARY_COLUMNS = ("time", "queue_id", "sender", "recipients", "size", "state", "host")
 SUMMARY_TO_WIDTH = 60  # text --summary: recipients shown, then "+N" for the rest
 
 QUEUED: Final = "queued"
@@ -48,6 +51,7 @@ class MessageSummary:
     sender: str | None = None  # "" is the null sender, None unknown
     recipients: list[str] = field(default_factory=list)
     size: int | None = None
+    host: str = ""  # the label of the journal it was read from
     _keys: set[str] = field(default_factory=set)  # casefolded recipients
     _outcome: dict[str, bool] = field(default_factory=dict)  # casefolded -> delivered
     _phase: str = QUEUED
@@ -130,18 +134,21 @@ def text_value(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
 
-def summary_text(s: MessageSummary) -> str:
+def summary_text(s: MessageSummary, *, show_host: bool = False, width: int = 0) -> str:
+    """The text line; with show_host, the host label first, padded to `width`."""
     sender = "-" if s.sender is None else (s.sender or "<>")
     to = shorten_recipients(s.recipients) or "-"
     size = "-" if s.size is None else str(s.size)
-    return (
+    line = (
         f"{iso_time(s.time_ns)} {s.queue_id or '-'} from={text_value(sender)} "
         f"to={text_value(to)} size={size} state={text_value(s.state)}"
     )
+    return f"{text_value(s.host):<{width}} {line}" if show_host else line
 
 
 def summary_dict(s: MessageSummary) -> dict[str, Any]:
     return {
+        "host": s.host,
         "time": iso_time(s.time_ns),
         "queue_id": s.queue_id,
         "sender": s.sender,
@@ -154,14 +161,18 @@ def summary_dict(s: MessageSummary) -> dict[str, Any]:
 def summary_row(s: MessageSummary) -> list[str]:
     sender = "" if s.sender is None else (s.sender or "<>")
     size = "" if s.size is None else str(s.size)
-    return [iso_time(s.time_ns), s.queue_id or "", sender, ",".join(s.recipients), size, s.state]
+    recipients = ",".join(s.recipients)
+    return [iso_time(s.time_ns), s.queue_id or "", sender, recipients, size, s.state, s.host]
 
 
 class SummaryOutput:
-    """Writes summaries in one format (CSV starts with its header row)."""
+    """Writes summaries in one format (CSV starts with its header row); `hosts`
+    are the labels of the journals read (text shows the host when several)."""
 
-    def __init__(self, fmt: str, out: TextIO) -> None:
+    def __init__(self, fmt: str, out: TextIO, hosts: list[str] | None = None) -> None:
         self.fmt, self.out = fmt, out
+        self.show_host = len(hosts or ()) > 1
+        self.width = max((len(text_value(h)) for h in hosts or ()), default=0)
         self.csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
         if self.csv is not None:
             self.csv.writerow(SUMMARY_COLUMNS)
@@ -172,4 +183,4 @@ class SummaryOutput:
         elif self.fmt == "json":
             self.out.write(msgspec.json.encode(summary_dict(s)).decode() + "\n")
         else:
-            self.out.write(summary_text(s) + "\n")
+            self.out.write(summary_text(s, show_host=self.show_host, width=self.width) + "\n")

@@ -223,8 +223,9 @@ class Supervisor:
         except AlreadyServing as exc:
             log.error("%s", exc)
             return 1
-        for sub in ("spool", "mailboxes", "journal", "run"):
+        for sub in ("spool", "journal", "run"):
             (self.loaded.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.loaded.mailbox_dir.mkdir(parents=True, exist_ok=True)
         if cfg.journal.enabled:
             self.journal = JournalWriter(self.loaded.journal_dir,
                                          max_receiver_bytes=cfg.journal.receiver_max_bytes)
