@@ -4,8 +4,10 @@ mailbox root, each with its own spool: what a site with two MX hosts relies on."
 from __future__ import annotations
 
 import email
+import json
 import poplib
 import smtplib
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +16,9 @@ from typing import Any
 
 import pytest
 from conftest import HostFactory, TrackedHost
-from hosthelp import wait_for
+from dnsserver import DnsServer
+from hosthelp import MAILPOOL, wait_for
+from outhelp import outbound_config
 
 CACHE_TTL = 2.0
 
@@ -203,3 +207,44 @@ def test_database_down_mid_load_loses_nothing_and_refuses_nothing_for_good(
     # The outage is journaled (PU) by the jobs that met it.
     codes = {r["code"] for h in (a, b) for r in h.journal("--code", "PU")}
     assert codes == {"PU"}
+
+
+def test_one_trace_from_the_host_that_accepted_to_the_host_that_delivered(
+        site: dict[str, Any], host: HostFactory) -> None:
+    """An edge host (its own domain and file directory) relays to mx-a over SMTP as any
+    MX would; `journal dump --journal ... --message-id` reads both journals as one."""
+    a, boxes = site["a"], site["boxes"]
+    a.add_user("gus", "gus@example.test")
+    with DnsServer() as dns:
+        dns.add("example.test", "MX", "10 mx-a.example.test.")
+        dns.add("mx-a.example.test", "A", "127.0.0.2")
+        edge = host(outbound_config(dns.port, a.smtp[1], """
+[host]
+local_domains = ["edge.test"]
+
+[listen]
+smtp = "127.0.0.4:0"
+pop3 = "127.0.0.4:0"
+admin = "127.0.0.4:0"
+"""), name="edge")
+        with smtplib.SMTP(*edge.smtp, timeout=20) as s:
+            s.sendmail("ann@edge.test", ["gus@example.test"],
+                       "From: ann@edge.test\r\nTo: gus@example.test\r\nSubject: trace\r\n"
+                       "Message-ID: <trace-1@edge.test>\r\n\r\nacross two hosts\r\n")
+        wait_for(lambda: delivered(boxes, "gus"), timeout=30, what="gus's message")
+    args = [*MAILPOOL, "journal", "dump", "--config", str(a.config_path), "--format", "json",
+            "--journal", f"edge={edge.data / 'journal'}", "--journal", f"mx-a={a.data / 'journal'}",
+            "--message-id", "<trace-1@edge.test>"]
+
+    def trace() -> list[tuple[str, str]]:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=True)
+        return [(o["host"], o["code"]) for o in map(json.loads, out.stdout.splitlines())]
+
+    # The edge's journal is written a moment after its delivery (C2 once the reply is in).
+    steps = wait_for(lambda: (t := trace()) and ("edge", "C2") in t and t, what="edge's C2")
+    # Accepted on the edge (95: relayed mail), handed to the SMTP client there (C1), then
+    # received on mx-a (94) and delivered there (B2), last.
+    assert steps[0] == ("edge", "95")
+    assert [code for h, code in steps if h == "mx-a"][-1] == "B2"
+    assert steps.index(("edge", "C1")) < steps.index(("mx-a", "94"))
+    assert {h for h, _ in steps} == {"edge", "mx-a"}
