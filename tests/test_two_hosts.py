@@ -152,6 +152,29 @@ def test_pop3_on_one_host_locks_the_maildrop_against_the_other(
         again.quit()
 
 
+def test_database_down_answers_temporary_failures_then_recovers(
+        site: dict[str, Any], pg_cluster: Any) -> None:
+    a, b = site["a"], site["b"]
+    a.add_user("hal", "hal@example.test", password="pw-hal")
+    with pg_cluster.stopped():
+        time.sleep(CACHE_TTL + 0.5)  # nothing of hal left in any cache
+        code, text = rcpt_reply(b, "hal@example.test")
+        assert (code, text.split()[0]) == (451, b"4.3.0")
+        pop = poplib.POP3(*a.pop3, timeout=20)
+        pop.user("hal")
+        with pytest.raises(poplib.error_proto, match=r"SYS/TEMP"):
+            pop.pass_("pw-hal")
+        pop.quit()
+    wait_for(lambda: rcpt_reply(b, "hal@example.test")[0] == 250, timeout=30,
+             what="RCPT accepted again")
+    pop = poplib.POP3(*a.pop3, timeout=20)
+    try:
+        pop.user("hal")
+        assert pop.pass_("pw-hal").startswith(b"+OK")
+    finally:
+        pop.quit()
+
+
 def test_database_down_mid_load_loses_nothing_and_refuses_nothing_for_good(
         site: dict[str, Any], pg_cluster: Any) -> None:
     a, b, boxes = site["a"], site["b"], site["boxes"]
