@@ -307,6 +307,66 @@ def outbound_table(rows: list[dict[str, Any]]) -> Table | None:
                   "CPU us/msg by process kind"], body, right={1, 2, 3, 4})
 
 
+def twohost_table(summary: dict[str, Any]) -> Table:
+    """bench.twohost's setups: delivered/s, its ratio to one host with the file directory,
+    CPU per delivered message in all and per process kind (summed over the hosts)."""
+    setups = list(summary["setups"].values())
+    kinds = [k for k in _kinds([s["cpu_us_per_msg_by_kind"] for s in setups])
+             if any(s["cpu_us_per_msg_by_kind"].get(k, 0.0) >= 0.5 for s in setups)]
+    base = summary["setups"].get("one-file", {}).get("delivered_per_sec")
+    body = [[s["label"], str(s["hosts"]), str(s["runs"]), _f(s["delivered_per_sec"]),
+             _f(_ratio(s["delivered_per_sec"], base), "{:.2f}"), _f(s["cpu_us_per_msg"]),
+             *(_f(s["cpu_us_per_msg_by_kind"].get(k)) for k in kinds)] for s in setups]
+    n = 6 + len(kinds)
+    return Table(["setup", "hosts", "runs", "delivered/s", "x 1 host file", "CPU us/msg",
+                  *kinds], body, right=set(range(1, n)))
+
+
+def twohost_lines(summary: dict[str, Any]) -> list[str]:
+    """The second host's gain and the shared directory's cost, in words."""
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
+    out = [f"second host's gain (delivered/s): 2 hosts / 1 host with the file directory "
+           f"{x(summary['gain_vs_file'])}; / 1 host with PostgreSQL {x(summary['gain_vs_pg'])}"]
+    if summary.get("pg_cpu_extra_us") is not None:
+        out.append(f"shared directory's cost (CPU per message, 1 host): PostgreSQL vs file "
+                   f"{summary['pg_cpu_extra_us']:+.0f} us ({x(summary['pg_cpu_ratio'])})")
+    return out
+
+
+def dircalls_lines(report: dict[str, Any]) -> list[str]:
+    """bench.directory_calls as text: one line per way and concurrency, then the ratios."""
+    out = [f"pool of {report['pool_size']} connections either way, {report['users']} users, "
+           f"{report['rounds']} run(s) of {report['seconds']:g} s per way and concurrency, "
+           "medians"]
+    for r in report["results"]:
+        out.append(f"  concurrency {r['concurrency']:>2} {r['way']:<7}: "
+                   f"{_f(r['lookups_per_sec'])} lookups/s, CPU {_f(r['cpu_us'])} us/lookup "
+                   f"in this process, {_f(r.get('server_cpu_us'))} us in PostgreSQL")
+    for conc, q in report["ratio_thread_to_asyncio"].items():
+        out.append(f"  concurrency {conc:>2} thread/asyncio: lookups/s "
+                   f"{_f(q['lookups_per_sec'], '{:.2f}')}x, CPU per lookup "
+                   f"{_f(q['cpu_us'], '{:.2f}')}x (PostgreSQL "
+                   f"{_f(q['server_cpu_us'], '{:.2f}')}x)")
+    return out
+
+
+def dircalls_table(report: dict[str, Any]) -> Table:
+    """bench.directory_calls: each way at each concurrency, and thread / asyncio."""
+    ratio = report.get("ratio_thread_to_asyncio", {})
+    body = []
+    for r in report["results"]:
+        q = ratio.get(str(r["concurrency"]), {}) if r["way"] == "thread" else {}
+        body.append([str(r["concurrency"]), r["way"], _f(r["lookups_per_sec"]),
+                     _f(r["cpu_us"]), _f(r.get("server_cpu_us")),
+                     _f(q.get("lookups_per_sec"), "{:.2f}") if q else "",
+                     _f(q.get("cpu_us"), "{:.2f}") if q else ""])
+    return Table(["concurrency", "way", "lookups/s", "CPU us/lookup (Trio process)",
+                  "CPU us/lookup (PostgreSQL)", "thread/asyncio lookups/s",
+                  "thread/asyncio CPU"], body, right={0, 2, 3, 4, 5, 6})
+
+
 # --- targets ------------------------------------------------------------------------------
 
 
@@ -498,6 +558,26 @@ def sections(rows: list[dict[str, Any]], tg: list[dict[str, Any]]) -> list[Secti
         out.append(("STARTTLS", f"{tls['label']}, every connection STARTTLS with a full "
                     "handshake, Trio generator; medians of alternated runs; CPU per accepted "
                     "message.", [tls_table(tls)], tls_kinds(tls)))
+    shared = first(rows, "twohost-summary")
+    if shared and shared["setups"]:
+        out.append(("Two hosts sharing a PostgreSQL directory",
+                    f"bench.twohost: {shared['label']} ({shared['client']}, "
+                    f"{shared['messages']} messages a run) over 1 host or 2 (127.0.0.2 and "
+                    "127.0.0.3, one mailbox root, one PostgreSQL directory) on this machine's "
+                    "CPUs; cache_ttl at its default, so jobs answer the one recipient mostly "
+                    "from their cache; medians of runs rotated round by round; CPU per "
+                    "delivered message summed over the setup's hosts and, with PostgreSQL, "
+                    "the database's processes (postgresql), us.", [twohost_table(shared)],
+                    twohost_lines(shared)))
+    calls = first(rows, "dircalls")
+    if calls:
+        out.append(("Directory calls from Trio: worker threads vs trio-asyncio",
+                    f"bench.directory_calls: one-address lookups (SELECT ... WHERE "
+                    f"lower(address) = ANY(%s)) by N Trio tasks, psycopg's ConnectionPool in "
+                    f"trio.to_thread.run_sync vs its AsyncConnectionPool through "
+                    f"trio_asyncio.aio_as_trio, {calls['pool_size']} connections either way; "
+                    f"medians of {calls['rounds']} alternated run(s) of {calls['seconds']:g} s.",
+                    [dircalls_table(calls)], []))
     skipped = [f"{r['server']}: {r['reason']}" for r in rows if r.get("kind") == "skipped"]
     if skipped:
         out.append(("Skipped", "", [], skipped))

@@ -24,6 +24,11 @@ In one run, on 127.0.0.1 with free ports chosen now:
   delivered message (steadier than a rate).
 - POP3 retrieval against Dovecot; the outbound side (bench.outbound: mailpool's SMTP client
   against Postfix's smtp(8)); the target workload over STARTTLS against Postfix.
+- twohost (bench.twohost): the target workload over two mailpool hosts (127.0.0.2 and
+  127.0.0.3) sharing a PostgreSQL directory and a mailbox root, against one host with the
+  file directory, and one with PostgreSQL; then dircalls (bench.directory_calls): psycopg
+  called from Trio in worker threads vs through trio-asyncio. Both need PostgreSQL's server
+  binaries (tests/pghelp.py starts a private cluster); without them they are skipped.
 
 Then the report: the tables, each target of issue 11 with MET or MISSED (bench.report),
 and a Markdown block for the README's Performance section; JSON lines, the chart and the
@@ -65,6 +70,7 @@ from bench.idle import greeting_delay, idle_capacity
 from bench.outbound import run_outbound
 from bench.pop_load import PopConfig, run_pop
 from bench.smtp_load import LoadConfig, LoadResult, make_body, raise_fd_limit, run_load
+from bench.twohost import run_shared_directory
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
@@ -102,7 +108,7 @@ def workloads(quick: bool) -> list[Workload]:
 # Seconds each later part needs at least (quick, full): the SMTP part leaves them this much.
 PART_SECONDS: dict[str, tuple[float, float]] = {
     "idle": (15.0, 45.0), "journal": (15.0, 45.0), "pop": (20.0, 35.0),
-    "outbound": (25.0, 70.0), "tls": (15.0, 35.0)}
+    "outbound": (25.0, 70.0), "tls": (15.0, 35.0), "twohost": (45.0, 100.0)}
 
 
 @dataclass
@@ -190,7 +196,7 @@ class Runner:
                 self.skip(server.label, str(exc))
                 yield None
                 return
-            print(f"  {server.label}: listening on {S.HOST}:{server.port} "
+            print(f"  {server.label}: listening on {server.address}:{server.port} "
                   f"(started in {time.monotonic() - t0:.1f} s)", flush=True)
             yield server
         finally:
@@ -505,6 +511,10 @@ class Runner:
         if self.wanted("outbound"):
             run_outbound(self)  # bench.outbound: the SMTP client against Postfix's smtp(8)
 
+    def run_twohost(self) -> None:
+        if self.wanted("twohost") or self.wanted("dircalls"):
+            run_shared_directory(self)  # bench.twohost (with bench.directory_calls)
+
     def run_tls(self) -> None:
         """The target workload over STARTTLS: mailpool (default configuration) and Postfix,
         both up at once, one unmeasured pass each, then alternated measured runs; medians."""
@@ -762,7 +772,7 @@ def machine() -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="a 2-3 minute subset: the targets' workloads once each, 2,000 idle "
+                   help="a 3-4 minute subset: the targets' workloads once each, 2,000 idle "
                         "sessions, one journal round")
     p.add_argument("--duration", type=float, default=None,
                    help="seconds the generator runs each workload at most (default 3, --quick 2)")
@@ -772,10 +782,10 @@ def parse_args(argv: list[str] | None) -> Options:
                    help="generator processes (default 1; raise it on machines with many cores)")
     p.add_argument("--only", action="append", default=[],
                    choices=["mailpool", "postfix", "aiosmtpd", "smtp-sink", "idle", "journal",
-                            "pop", "outbound", "tls"],
-                   help="run only these parts (repeatable)")
+                            "pop", "outbound", "tls", "twohost", "dircalls"],
+                   help="run only these parts (repeatable; twohost includes dircalls)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole run (default 540, --quick 180); parts that "
+                   help="seconds for the whole run (default 660, --quick 240); parts that "
                         "would start later are reported as skipped")
     p.add_argument("--outbound-messages", type=int, default=0, metavar="N",
                    help="messages queued for the outbound section (default 2000, --quick 600)")
@@ -795,7 +805,7 @@ def parse_args(argv: list[str] | None) -> Options:
         journal_messages=300 if a.quick else 600,
         client_procs=a.client_procs, install=not a.no_install,
         only=set(a.only), keep=a.keep,
-        budget=a.budget or (180.0 if a.quick else 540.0),
+        budget=a.budget or (240.0 if a.quick else 580.0),
         pop_sessions=(10,) if a.quick else (1, 10),
         pop_per_user=20 if a.quick else 100,
         outbound_messages=a.outbound_messages,
@@ -855,7 +865,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  note: the machine is busy; figures will be noisy (compare ratios, rerun)")
     parts: list[tuple[str, Callable[[], None]]] = [
         ("smtp", runner.run_smtp), ("idle", runner.run_idle), ("journal", runner.run_journal),
-        ("pop", runner.run_pop), ("outbound", runner.run_outbound), ("tls", runner.run_tls)]
+        ("pop", runner.run_pop), ("outbound", runner.run_outbound), ("tls", runner.run_tls),
+        ("twohost", runner.run_twohost)]
     seconds: dict[str, float] = {}
     interrupted = False
     try:

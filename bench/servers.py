@@ -45,15 +45,15 @@ def is_root() -> bool:
 
 
 def wait_banner(port: int, prefix: bytes, timeout: float, proc: subprocess.Popen | None = None,
-                ) -> None:
-    """Wait until the port answers with a greeting starting with prefix (220 or +OK)."""
+                host: str = HOST) -> None:
+    """Wait until host:port answers with a greeting starting with prefix (220 or +OK)."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise ServerError(f"exited with status {proc.returncode} while starting")
         try:
-            with socket.create_connection((HOST, port), timeout=2) as s:
+            with socket.create_connection((host, port), timeout=2) as s:
                 data = b""
                 while b"\n" not in data:
                     chunk = s.recv(1024)
@@ -200,6 +200,7 @@ class Server:
     def __init__(self, label: str, workdir: Path) -> None:
         self.label = label
         self.dir = workdir / label.replace(" ", "_").replace("=", "")
+        self.address = HOST  # where it listens (a few bench servers take another loopback)
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "server.log"
