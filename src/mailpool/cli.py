@@ -555,4 +555,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m mailpool.cli`: run the imported module's main, so that the CliError the
+    # command modules import (from mailpool.cli) is the one main() catches.
+    from mailpool.cli import main as _main
+
+    sys.exit(_main())

@@ -18,13 +18,7 @@ if TYPE_CHECKING:
 
 
 def _cli() -> ModuleType:
-    """mailpool.cli as it runs. `python -m mailpool.cli` runs it as __main__; importing
-    mailpool.cli then would load a second copy, whose CliError that main() never catches."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if main is not None and spec is not None and spec.name == "mailpool.cli":
-        return main
-    import mailpool.cli
+    import mailpool.cli  # here, not at the top: mailpool.cli imports this module
 
     return mailpool.cli
 
@@ -82,7 +76,12 @@ def _plan(source: list[User], existing: dict[str, User], replace: bool
 
 def cmd_directory_migrate(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     from mailpool.config import redact_dsn
-    from mailpool.directory import DirectoryError, FileDirectory, open_postgres
+    from mailpool.directory import (
+        DirectoryError,
+        DirectoryUnavailable,
+        FileDirectory,
+        open_postgres,
+    )
 
     dsn = _target_dsn(args, loaded)
     source = FileDirectory(loaded.directory_file)
@@ -90,7 +89,12 @@ def cmd_directory_migrate(args: argparse.Namespace, loaded: LoadedConfig) -> int
     if not loaded.directory_file.exists():
         print(f"{loaded.directory_file}: no directory file (no users to copy)",
               file=sys.stderr)
-    target = open_postgres(loaded.config.directory, dsn)
+    try:
+        target = open_postgres(loaded.config.directory, dsn)
+    except DirectoryError as exc:
+        if args.dsn is None:
+            raise
+        raise _fail(f"--dsn: {str(exc).removeprefix('directory.dsn: ')}") from None
     try:
         actions, refused = _plan(users, {u.name: u for u in target.users()}, args.replace)
         counts = {"copy": 0, "replace": 0, "unchanged": 0}
@@ -98,6 +102,10 @@ def cmd_directory_migrate(args: argparse.Namespace, loaded: LoadedConfig) -> int
             if action != "unchanged" and not args.dry_run:
                 try:
                     target.put_user(user, replace=action == "replace")
+                except DirectoryUnavailable as exc:
+                    raise _fail(f"{exc} ({counts['copy']} copied, {counts['replace']} "
+                                "replaced so far: run it again when the database is back)"
+                                ) from None
                 except DirectoryError as exc:  # changed by someone else meanwhile
                     refused[user.name] = str(exc)
                     continue
@@ -114,7 +122,7 @@ def cmd_directory_migrate(args: argparse.Namespace, loaded: LoadedConfig) -> int
           f"{counts['unchanged']} unchanged, {counts['replace']} replaced, "
           f"{len(refused)} refused" + (" (dry run: nothing written)" if args.dry_run else ""))
     cfg = loaded.config.directory
-    if cfg.backend != "postgresql" or cfg.dsn != dsn:
+    if not refused and (cfg.backend != "postgresql" or cfg.dsn != dsn):
         print(f"to use it, set in {loaded.path}:\n[directory]\nbackend = \"postgresql\"")
         if cfg.dsn != dsn:
             print(f"dsn = {json.dumps(redact_dsn(dsn))}"
@@ -172,7 +180,8 @@ def add_directory_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", required=True, choices=["postgresql"],
                    help="the backend to copy into (postgresql)")
     p.add_argument("--dsn", metavar="DSN",
-                   help="the database's connection string (default: [directory] dsn)")
+                   help="the database's connection string (default: [directory] dsn; "
+                        "libpq also reads a password from $PGPASSWORD or ~/.pgpass)")
     p.add_argument("--replace", action="store_true",
                    help="overwrite users the database has with a different record (without "
                         "it they are refused and the exit status is 1)")

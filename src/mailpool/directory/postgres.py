@@ -65,7 +65,7 @@ class PostgresDirectory(UserDirectory):
         try:
             params = conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as exc:
-            raise DirectoryError(f"directory.dsn: {exc}") from None
+            raise DirectoryError(f"directory.dsn: {_first_line(exc)}") from None
         self.shown = shown or "PostgreSQL"
         self.query_timeout = query_timeout
         # libpq's own limits: connecting (whole seconds, at least 2) and unacknowledged
