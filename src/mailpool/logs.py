@@ -25,9 +25,21 @@ DELIVERY = "%s: to=<%s>, relay=%s, delay=%.2f, status=%s (%s)"
 
 
 class _Formatter(logging.Formatter):
+    """ISO 8601 local time with milliseconds and offset; the part up to the second is
+    formatted once a second (a busy job logs several lines per message)."""
+
+    _second: int = -1
+    _prefix: str = ""
+    _offset: str = ""
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return datetime.fromtimestamp(record.created).astimezone().isoformat(
-            timespec="milliseconds")
+        second = int(record.created)
+        if second != self._second:
+            stamp = datetime.fromtimestamp(second).astimezone().isoformat()
+            self._prefix, self._offset = stamp[:19], stamp[19:]
+            self._second = second
+        millis = int((record.created - second) * 1000)
+        return f"{self._prefix}.{millis:03d}{self._offset}"
 
 
 def _syslog_handler(cfg: LogConfig, ident: str) -> logging.Handler:
@@ -47,6 +59,8 @@ def setup(name: str = "mailpool", cfg: LogConfig | None = None) -> None:
     the service manager; each job's to the same stderr it inherited), syslog when asked.
     Called again after a configuration is loaded or reloaded."""
     cfg = cfg or LogConfig()
+    # The lines name the pid themselves: no getpid() and thread lookup per record.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(f"%(asctime)s {name}[{os.getpid()}]: %(message)s"))
     handlers: list[logging.Handler] = [handler]
