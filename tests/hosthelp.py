@@ -49,6 +49,22 @@ networks = []
 """
 
 
+# The smallest configuration for CLI tests that start no host: `.format(data=DIR)`.
+CLI_CONFIG = """\
+[host]
+name = "mail.example.test"
+local_domains = ["example.test"]
+
+[listen]
+smtp = "127.0.0.1:0"
+pop3 = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[paths]
+data = "{data}"
+"""
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():

@@ -7,23 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from hosthelp import MAILPOOL
+from hosthelp import CLI_CONFIG, MAILPOOL
 
 from mailpool.cli import build_parser
-
-CONFIG = """\
-[host]
-name = "mail.example.test"
-local_domains = ["example.test"]
-
-[listen]
-smtp = "127.0.0.1:0"
-pop3 = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[paths]
-data = "{data}"
-"""
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -34,7 +20,7 @@ def test_unusable_data_directory_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     config = tmp_path / "mailpool.toml"
-    config.write_text(CONFIG.format(data=blocker / "var"))
+    config.write_text(CLI_CONFIG.format(data=blocker / "var"))
     for args in (["serve"], ["user", "add", "bob", "--address", "bob@example.test"]):
         res = run(*args, "--config", str(config))
         assert res.returncode == 1, res
@@ -44,7 +30,7 @@ def test_unusable_data_directory_is_one_line(tmp_path: Path) -> None:
 
 def test_bad_user_name_and_foreign_address_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "mailpool.toml"
-    config.write_text(CONFIG.format(data=tmp_path / "var"))
+    config.write_text(CLI_CONFIG.format(data=tmp_path / "var"))
     res = run("user", "add", "../evil", "--address", "x@example.test", "--config", str(config))
     assert res.returncode == 1 and "Traceback" not in res.stderr and "../evil" in res.stderr
     res = run("user", "add", "bob", "--address", "bob@elsewhere.test", "--config", str(config))
@@ -75,7 +61,7 @@ def test_version_and_the_default_config_search(tmp_path: Path) -> None:
     res = run("--version")
     assert res.returncode == 0 and res.stdout.startswith("mailpool ")
     config = tmp_path / "elsewhere.toml"
-    config.write_text(CONFIG.format(data=tmp_path / "var"))
+    config.write_text(CLI_CONFIG.format(data=tmp_path / "var"))
     # Outside the project directory, $MAILPOOL_CONFIG names the file.
     res = subprocess.run([*MAILPOOL, "config", "check"], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path, env={**os.environ, "MAILPOOL_CONFIG":
@@ -83,7 +69,7 @@ def test_version_and_the_default_config_search(tmp_path: Path) -> None:
     assert res.returncode == 0 and f"# {config}: OK" in res.stdout
     # Without it, config/mailpool.toml relative to the current directory.
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "mailpool.toml").write_text(CONFIG.format(data=tmp_path / "var"))
+    (tmp_path / "config" / "mailpool.toml").write_text(CLI_CONFIG.format(data=tmp_path / "var"))
     env = {k: v for k, v in os.environ.items() if k != "MAILPOOL_CONFIG"}
     res = subprocess.run([*MAILPOOL, "config", "check"], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path, env=env)
@@ -92,7 +78,7 @@ def test_version_and_the_default_config_search(tmp_path: Path) -> None:
 
 def test_a_password_without_a_terminal_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "mailpool.toml"
-    config.write_text(CONFIG.format(data=tmp_path / "var"))
+    config.write_text(CLI_CONFIG.format(data=tmp_path / "var"))
     run("user", "add", "bob", "--address", "bob@example.test", "--config", str(config))
     res = subprocess.run([*MAILPOOL, "user", "passwd", "bob", "--config", str(config)],
                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)

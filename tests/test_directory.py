@@ -8,7 +8,7 @@ from pathlib import Path
 import argon2
 import bcrypt
 import pytest
-from hosthelp import MAILPOOL
+from hosthelp import CLI_CONFIG, MAILPOOL
 from passlib.hash import sha256_crypt, sha512_crypt
 
 from mailpool.auth_cache import AuthCache
@@ -489,20 +489,6 @@ def test_unknown_user_still_pays_the_dummy_scrypt(
 
 
 # -- the CLI, end to end -----------------------------------------------------------------
-
-CLI_CONFIG = """\
-[host]
-name = "mail.example.test"
-local_domains = ["example.test"]
-
-[listen]
-smtp = "127.0.0.1:0"
-pop3 = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[paths]
-data = "{data}"
-"""
 
 
 def test_cli_password_hash(tmp_path: Path) -> None:

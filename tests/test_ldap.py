@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hosthelp import CLI_CONFIG
 from ldaphelp import ROOT_DN, ROOT_PW, SUFFIX, SUFFIX_LDIF, Slapd, free_port, parse_ldif
 from tlshelp import make_certs
 
@@ -289,25 +290,11 @@ def test_ldaps_and_starttls_verify_the_server(tmp_path: Path) -> None:
 
 # -- the commands ----------------------------------------------------------------------------
 
-CONFIG = """\
-[host]
-name = "mail.example.test"
-local_domains = ["example.test"]
-
-[listen]
-smtp = "127.0.0.1:0"
-pop3 = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[paths]
-data = "{data}"
-"""
-
 
 @pytest.fixture
 def loaded(tmp_path: Path):
     config = tmp_path / "mailpool.toml"
-    config.write_text(CONFIG.format(data=tmp_path / "var"))
+    config.write_text(CLI_CONFIG.format(data=tmp_path / "var"))
     result = load_config(config)
     directory = Directory(result.directory_file)
     directory.add_user("bob", ["bob@example.test"], "secret")
