@@ -34,8 +34,8 @@ itself (cancelled, bad base64...) is answered and reported as ``AuthAborted``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
+from mailpool.protocol import smtp_server_replies as R
 from mailpool.protocol.sasl import (
     MAX_RESPONSE_LINE,
     Challenge,
@@ -43,6 +43,27 @@ from mailpool.protocol.sasl import (
     SaslError,
     SaslServer,
     Step,
+)
+from mailpool.protocol.smtp_server_events import (
+    DECISIONS,
+    AuthAborted,
+    Authenticate,
+    ConnectionClosed,
+    Etrn,
+    Event,
+    Forbidden,
+    Hello,
+    ImproperPipelining,
+    MailFrom,
+    MessageReceived,
+    Quit,
+    RcptTo,
+    Rejection,
+    Reset,
+    ServerLimits,
+    SMTPProtocolError,
+    StartTls,
+    Verify,
 )
 from mailpool.protocol.smtp_syntax import (
     ATEXT,
@@ -86,153 +107,6 @@ __all__ = [
 ]
 
 
-class SMTPProtocolError(RuntimeError):
-    """The driver used the core wrongly (e.g. reply() with no decision pending)."""
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    hostname: str
-    max_message_size: int = 10 * 1024 * 1024  # advertised in EHLO SIZE
-    max_recipients: int = 100
-    max_command_line: int = 512  # octets incl. CRLF (RFC 5321 4.5.3.1.4)
-    max_text_line: int = 1000  # octets incl. CRLF (RFC 5321 4.5.3.1.6)
-    hard_error_limit: int = 20  # like Postfix smtpd_hard_error_limit
-    dsn: bool = True  # RFC 3461 MAIL/RCPT parameters
-    etrn: bool = True  # RFC 1985; off: ETRN is answered 502 like EXPN
-    starttls: bool = False  # RFC 3207: offer STARTTLS (while TLS is not active)
-    tls_active: bool = False  # implicit TLS: the session is encrypted from the start
-    auth: bool = False  # RFC 4954: AUTH on this listener, offered only while TLS is active...
-    auth_cleartext: bool = False  # ...unless this says it may run without TLS
-    auth_required: bool = False  # submission: MAIL (VRFY, ETRN) before AUTH gets 530
-
-    def __post_init__(self) -> None:
-        if self.auth_required and not self.auth:
-            raise ValueError("auth_required needs auth")
-
-
-# -- events -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MailFrom:
-    address: str  # "" for the null reverse-path <>
-    params: dict[str, str | None]  # as given, keys upper case
-    ret: str | None = None  # DSN RET: "FULL" or "HDRS"
-    envid: str | None = None  # DSN ENVID, xtext decoded
-    auth_user: str | None = None  # the authenticated user (auth_ok) when MAIL came
-
-
-@dataclass(frozen=True)
-class RcptTo:
-    address: str
-    params: dict[str, str | None]
-    notify: tuple[str, ...] | None = None  # DSN NOTIFY, upper case: ("NEVER",) or a subset
-    orcpt: str | None = None  # DSN ORCPT as "addr-type;decoded-text"
-
-
-@dataclass(frozen=True)
-class MessageReceived:
-    originator: str
-    recipients: tuple[str, ...]
-    content: bytes  # dot-unstuffed, CRLF line ends kept
-    ret: str | None = None
-    envid: str | None = None
-    # Parallel to recipients, or () when no recipient carried that DSN parameter.
-    notify: tuple[tuple[str, ...] | None, ...] = ()
-    orcpt: tuple[str | None, ...] = ()
-
-
-@dataclass(frozen=True)
-class Verify:
-    argument: str
-
-
-@dataclass(frozen=True)
-class Etrn:
-    node: str  # "example.test", "@example.test" (and subdomains) or "#queue"
-
-
-@dataclass(frozen=True)
-class Hello:
-    kind: str  # "HELO" or "EHLO"
-    domain: str
-
-
-@dataclass(frozen=True)
-class Reset:
-    pass
-
-
-@dataclass(frozen=True)
-class Quit:
-    pass
-
-
-@dataclass(frozen=True)
-class Forbidden:
-    """A non-SMTP command line (HTTP, a header, CONNECT...): answered 221, session closed."""
-
-    line: str  # as received, non-printable characters as "?", at most 100 characters
-
-
-@dataclass(frozen=True)
-class ImproperPipelining:
-    """DATA arrived with input already queued behind it: the client did not wait for 354
-    (RFC 2920 3.1). Answered 554 instead of 354, session closed."""
-
-    sample: str  # the start of the queued input, made printable like Forbidden.line
-    octets: int  # how many octets were queued behind the DATA line
-
-
-@dataclass(frozen=True)
-class StartTls:
-    """Decision: the 220 is queued. Flush data_to_send(), hand the raw stream to TLS, then
-    tls_established(cipher_info) or tls_failed(). Bytes fed meanwhile are dropped."""
-
-    discarded: int  # octets the client pipelined behind STARTTLS, dropped unread
-
-
-@dataclass(frozen=True)
-class Authenticate:
-    """Decision: check the password -> auth_ok(user), auth_failed(), or reply(454, ...)
-    when the directory cannot answer now."""
-
-    mechanism: str  # "PLAIN" or "LOGIN"
-    authzid: str  # "" or equal to username (anything else never gets this far)
-    username: str
-    password: str = field(repr=False)  # UTF-8 with "surrogateescape": any octet but NUL
-
-
-@dataclass(frozen=True)
-class AuthAborted:
-    """An AUTH exchange the core ended itself, already answered (and counted as an error)."""
-
-    mechanism: str
-    reason: str  # "cancelled", "bad-base64", "too-long", "malformed" or "authzid"
-
-
-@dataclass(frozen=True)
-class ConnectionClosed:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """A MAIL, RCPT or end of DATA the session refused with 4xx/5xx (not a syntax error):
-    what the driver logs and journals. Collected by take_rejections()."""
-
-    command: str  # "MAIL", "RCPT" or "DATA"
-    originator: str
-    recipient: str  # RCPT only
-    reply: Reply
-
-
-Event = (
-    MailFrom | RcptTo | MessageReceived | Verify | Etrn | Hello | Reset | Quit
-    | Forbidden | ImproperPipelining | StartTls | Authenticate | AuthAborted | ConnectionClosed
-)
-_DECISIONS = (MailFrom, RcptTo, MessageReceived, Verify, Etrn, StartTls, Authenticate)
 
 
 # -- command syntax -------------------------------------------------------------------
@@ -318,75 +192,6 @@ def _etrn_node_ok(node: str) -> bool:
 # -- replies --------------------------------------------------------------------------------
 
 
-def _reply(code: int, enhanced: str, text: str) -> Reply:
-    return Reply(code, enhanced, (text,))
-
-
-_NOT_IMPLEMENTED = _reply(502, "5.5.1", "Error: command not implemented")
-_NOT_RECOGNIZED = _reply(500, "5.5.2", "Error: command not recognized")
-_LINE_TOO_LONG = _reply(500, "5.5.2", "Error: line too long")
-_NEED_HELO = _reply(503, "5.5.1", "Error: send HELO/EHLO first")
-_NESTED_MAIL = _reply(503, "5.5.1", "Error: nested MAIL command")
-_NEED_MAIL = _reply(503, "5.5.1", "Error: need MAIL command")
-_NEED_RCPT = _reply(503, "5.5.1", "Error: need RCPT command")
-_NO_VALID_RCPT = _reply(554, "5.5.1", "Error: no valid recipients")
-_MAIL_SYNTAX = _reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-_RCPT_SYNTAX = _reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
-_DATA_SYNTAX = _reply(501, "5.5.4", "Syntax: DATA")
-_RSET_SYNTAX = _reply(501, "5.5.4", "Syntax: RSET")
-_VRFY_SYNTAX = _reply(501, "5.5.4", "Syntax: VRFY address")
-_BAD_SENDER = _reply(501, "5.1.7", "Bad sender address syntax")
-_BAD_RECIPIENT = _reply(501, "5.1.3", "Bad recipient address syntax")
-_BAD_SIZE = _reply(501, "5.5.4", "Bad message size syntax")
-_SIZE_EXCEEDED = _reply(552, "5.3.4", "Message size exceeds fixed limit")
-_TOO_MANY_RCPTS = _reply(452, "4.5.3", "Error: too many recipients")
-_MESSAGE_TOO_LARGE = _reply(552, "5.3.4", "Error: message too large")
-_ETRN_SYNTAX = _reply(501, "5.5.4", "Syntax: ETRN [@]domain | #queue")
-_IN_TRANSACTION = _reply(503, "5.5.1", "Error: MAIL transaction in progress")
-_OK = _reply(250, "2.0.0", "Ok")
-_HELLO_SYNTAX = {v: _reply(501, "5.5.4", f"Syntax: {v} hostname") for v in ("HELO", "EHLO")}
-_FORBIDDEN = _reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
-_IMPROPER_PIPELINING = _reply(554, "5.5.0", "Error: improper command pipelining after DATA")
-_EARLY_TALKER = _reply(554, "5.7.1", "Error: client talked before the greeting")
-_NO_SERVICE = _reply(503, "5.7.0", "Error: no SMTP service here")
-_NEED_EHLO = _reply(503, "5.5.1", "Error: send EHLO first")
-_STARTTLS_SYNTAX = _reply(501, "5.5.4", "Syntax: STARTTLS")
-_TLS_ACTIVE = _reply(503, "5.5.1", "Error: TLS already active")
-_AUTH_SYNTAX = _reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
-_ENCRYPTION_REQUIRED = _reply(538, "5.7.11",
-                              "Encryption required for requested authentication mechanism")
-_ALREADY_AUTHENTICATED = _reply(503, "5.5.1", "Error: already authenticated")
-_UNKNOWN_MECHANISM = _reply(504, "5.5.4", "Unrecognized authentication type")
-_AUTH_FAILED = _reply(535, "5.7.8", "Error: authentication failed")
-_AUTH_REQUIRED = _reply(530, "5.7.0", "Authentication required")
-# RFC 4954 4 and 6 give the codes; the texts are Postfix's where it has one.
-_SASL_ERRORS = {
-    SaslError.BAD_BASE64: _reply(501, "5.5.2", "Error: invalid base64"),
-    SaslError.CANCELLED: _reply(501, "5.7.0", "Authentication aborted"),
-    SaslError.TOO_LONG: _reply(500, "5.5.6", "Authentication Exchange line is too long"),
-    SaslError.MALFORMED: _reply(501, "5.5.2", "Error: malformed authentication response"),
-    SaslError.AUTHZID: _AUTH_FAILED,  # acting as another user is never allowed here
-}
-
-
-def _bad_param(name: str) -> Reply:
-    return _reply(501, "5.5.4", f"Bad {name} parameter syntax")
-
-
-def _unsupported(token: str) -> Reply:
-    return _reply(555, "5.5.4", f"Unsupported option: {token}")
-
-
-def _help_lines(etrn: bool, starttls: bool, auth: bool) -> tuple[str, ...]:
-    extensions = ("STARTTLS " if starttls else "") + ("AUTH " if auth else "")
-    return (
-        "Commands supported:",
-        f"HELO EHLO {extensions}MAIL RCPT DATA",
-        "RSET VRFY ETRN NOOP QUIT HELP" if etrn else "RSET VRFY NOOP QUIT HELP",
-        "End of HELP info",
-    )
-
-
 # -- the state machine ----------------------------------------------------------------------
 
 # States: "start" (no HELO yet), "ready" (HELO seen, no transaction), "mail" (sender
@@ -414,25 +219,25 @@ for _state in _COMMAND_STATES:
         }
     )
     for _verb in _UNIMPLEMENTED_VERBS:
-        _TRANSITIONS[_state, _verb] = _NOT_IMPLEMENTED
+        _TRANSITIONS[_state, _verb] = R.NOT_IMPLEMENTED
 _TRANSITIONS.update(
     {
-        ("start", "MAIL"): _NEED_HELO,
+        ("start", "MAIL"): R.NEED_HELO,
         ("ready", "MAIL"): "_cmd_mail",
-        ("mail", "MAIL"): _NESTED_MAIL,
-        ("rcpt", "MAIL"): _NESTED_MAIL,
-        ("start", "RCPT"): _NEED_HELO,
-        ("ready", "RCPT"): _NEED_MAIL,
+        ("mail", "MAIL"): R.NESTED_MAIL,
+        ("rcpt", "MAIL"): R.NESTED_MAIL,
+        ("start", "RCPT"): R.NEED_HELO,
+        ("ready", "RCPT"): R.NEED_MAIL,
         ("mail", "RCPT"): "_cmd_rcpt",
         ("rcpt", "RCPT"): "_cmd_rcpt",
-        ("start", "DATA"): _NEED_RCPT,
-        ("ready", "DATA"): _NEED_RCPT,
+        ("start", "DATA"): R.NEED_RCPT,
+        ("ready", "DATA"): R.NEED_RCPT,
         ("mail", "DATA"): "_cmd_data_without_rcpt",
         ("rcpt", "DATA"): "_cmd_data",
-        ("start", "ETRN"): _NEED_HELO,
+        ("start", "ETRN"): R.NEED_HELO,
         ("ready", "ETRN"): "_cmd_etrn",
-        ("mail", "ETRN"): _IN_TRANSACTION,
-        ("rcpt", "ETRN"): _IN_TRANSACTION,
+        ("mail", "ETRN"): R.IN_TRANSACTION,
+        ("rcpt", "ETRN"): R.IN_TRANSACTION,
     }
 )
 _KNOWN_VERBS = frozenset(verb for _, verb in _TRANSITIONS)
@@ -496,7 +301,7 @@ class ServerConnection:
     def early_talker(self) -> None:
         """Instead of greeting(): the client sent before the greeting went out (a spambot
         that does not wait for it). Answer 554 and close; the input is discarded."""
-        self._open(_EARLY_TALKER)
+        self._open(R.EARLY_TALKER)
         self._close()
 
     @property
@@ -552,7 +357,7 @@ class ServerConnection:
                 self._close()  # EOF: an unfinished transaction is simply dropped
                 break
             if result is not None:
-                if isinstance(result, _DECISIONS):
+                if isinstance(result, DECISIONS):
                     self._pending = result
                 return result
         return ConnectionClosed()
@@ -642,7 +447,7 @@ class ServerConnection:
         if not isinstance(self._pending, Authenticate):
             raise SMTPProtocolError("auth_failed() with no Authenticate pending")
         self._pending = None
-        self._error(_AUTH_FAILED)
+        self._error(R.AUTH_FAILED)
 
     def close_with(self, code: int, text: str, enhanced: str) -> None:
         """The driver ends the session (e.g. too many failed logins): `code enhanced host
@@ -744,7 +549,7 @@ class ServerConnection:
             return NEED_DATA
         self._line_seen = True
         if line_bytes is TOO_LONG:
-            self._error(_LINE_TOO_LONG)
+            self._error(R.LINE_TOO_LONG)
             return None
         assert isinstance(line_bytes, bytes)
         line = line_bytes.decode("latin-1").strip(" \t")
@@ -753,19 +558,19 @@ class ServerConnection:
         arg = parts[1] if len(parts) > 1 else ""
         known = verb in _KNOWN_VERBS
         if not known and _forbidden(verb, line):
-            self._answer(_FORBIDDEN)
+            self._answer(R.FORBIDDEN)
             self._close()  # pipelined input after it is dropped with the buffer
             return Forbidden(_printable(line_bytes))
         if self._refused:
             if verb == "QUIT":
                 return self._cmd_quit(verb, arg)
-            self._error(_NO_SERVICE)
+            self._error(R.NO_SERVICE)
             return None
         if not known:
-            self._error(_NOT_RECOGNIZED)
+            self._error(R.NOT_RECOGNIZED)
             return None
         if verb == "ETRN" and not self._limits.etrn:
-            self._error(_NOT_IMPLEMENTED)
+            self._error(R.NOT_IMPLEMENTED)
             return None
         action = _TRANSITIONS[self.state, verb]
         if isinstance(action, Reply):
@@ -777,7 +582,7 @@ class ServerConnection:
     def _cmd_hello(self, verb: str, arg: str) -> Event | None:
         # The name ends up in a Received header: only a domain or address literal will do.
         if not hello_argument_ok(arg):
-            self._error(_HELLO_SYNTAX[verb])
+            self._error(R.HELLO_SYNTAX[verb])
             return None
         domain = arg
         self.helo = domain
@@ -821,7 +626,7 @@ class ServerConnection:
             return None
         params = parse_params(rest)
         if isinstance(params, str):
-            self._error(_unsupported(params))
+            self._error(R.unsupported(params))
             return None
         tokens: list[tuple[str, str, str]] = []
         seen: set[str] = set()
@@ -829,7 +634,7 @@ class ServerConnection:
             key, _, value = token.partition("=")
             key = key.upper()
             if key in seen:  # RFC 5321 4.1.2 / 1869: a keyword appears at most once
-                self._error(_bad_param(key))
+                self._error(R.bad_param(key))
                 return None
             seen.add(key)
             tokens.append((token, key, value))
@@ -837,9 +642,9 @@ class ServerConnection:
 
     def _cmd_mail(self, verb: str, arg: str) -> Event | None:
         if not self._auth_satisfied():
-            self._rejected(MailFrom(_shown_path(arg, _FROM_RE), {}), _AUTH_REQUIRED)
+            self._rejected(MailFrom(_shown_path(arg, _FROM_RE), {}), R.AUTH_REQUIRED)
             return None
-        parsed = self._path_and_params(arg, _FROM_RE, _MAIL_SYNTAX, _BAD_SENDER,
+        parsed = self._path_and_params(arg, _FROM_RE, R.MAIL_SYNTAX, R.BAD_SENDER,
                                        null_ok=True, postmaster_ok=False)
         if parsed is None:
             return None
@@ -850,32 +655,32 @@ class ServerConnection:
         for token, key, value in tokens:
             if key == "SIZE":
                 if not _DIGITS_RE.fullmatch(value):
-                    self._error(_BAD_SIZE)
+                    self._error(R.BAD_SIZE)
                     return None
                 if int(value) > self._limits.max_message_size:
-                    self._error(_SIZE_EXCEEDED)
-                    self._rejected(MailFrom(address, params), _SIZE_EXCEEDED)
+                    self._error(R.SIZE_EXCEEDED)
+                    self._rejected(MailFrom(address, params), R.SIZE_EXCEEDED)
                     return None
             elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
                 pass
             elif key == "RET" and dsn:
                 ret = value.upper()
                 if ret not in ("FULL", "HDRS"):
-                    self._error(_bad_param(key))
+                    self._error(R.bad_param(key))
                     return None
             elif key == "ENVID" and dsn:
                 envid = _dsn_text(value, _MAX_ENVID) if value else None
                 if envid is None:
-                    self._error(_bad_param(key))
+                    self._error(R.bad_param(key))
                     return None
             elif key == "AUTH" and self._auth_offered():
                 # RFC 4954 5: the submitter's identity ("<>" unknown). Never trusted:
                 # accepted when well formed and ignored (we relay nothing on its word).
                 if not value or xtext_decode(value) is None:
-                    self._error(_bad_param(key))
+                    self._error(R.bad_param(key))
                     return None
             else:
-                self._error(_unsupported(token))
+                self._error(R.unsupported(token))
                 return None
         return MailFrom(address, params, ret=ret, envid=envid,
                         auth_user=self.authenticated_user)
@@ -884,11 +689,11 @@ class ServerConnection:
         if len(self._recipients) >= self._limits.max_recipients:
             # Not counted as an error: a client pipelining a long recipient list would
             # otherwise be cut off mid-transaction (Postfix does the same).
-            self._answer(_TOO_MANY_RCPTS)
-            self._rejected(RcptTo(_shown_path(arg, _TO_RE), {}), _TOO_MANY_RCPTS)
+            self._answer(R.TOO_MANY_RCPTS)
+            self._rejected(RcptTo(_shown_path(arg, _TO_RE), {}), R.TOO_MANY_RCPTS)
             return None
         self._rcpt_tried = True
-        parsed = self._path_and_params(arg, _TO_RE, _RCPT_SYNTAX, _BAD_RECIPIENT,
+        parsed = self._path_and_params(arg, _TO_RE, R.RCPT_SYNTAX, R.BAD_RECIPIENT,
                                        null_ok=False, postmaster_ok=True)
         if parsed is None:
             return None
@@ -900,30 +705,30 @@ class ServerConnection:
             if key == "NOTIFY" and dsn:
                 notify = _parse_notify(value)
                 if notify is None:
-                    self._error(_bad_param(key))
+                    self._error(R.bad_param(key))
                     return None
             elif key == "ORCPT" and dsn:
                 orcpt = _parse_orcpt(value)
                 if orcpt is None:
-                    self._error(_bad_param(key))
+                    self._error(R.bad_param(key))
                     return None
             else:
-                self._error(_unsupported(token))
+                self._error(R.unsupported(token))
                 return None
         return RcptTo(address, params, notify=notify, orcpt=orcpt)
 
     def _cmd_data_without_rcpt(self, verb: str, arg: str) -> None:
-        self._error(_NO_VALID_RCPT if self._rcpt_tried else _NEED_RCPT)
+        self._error(R.NO_VALID_RCPT if self._rcpt_tried else R.NEED_RCPT)
 
     def _cmd_data(self, verb: str, arg: str) -> Event | None:
         if arg:
-            self._error(_DATA_SYNTAX)
+            self._error(R.DATA_SYNTAX)
             return None
         if self._in:
             # RFC 2920 3.1: DATA ends a pipelined group; a client that sends text before
             # the 354 is a spambot (or would have its text read as commands after a 5xx).
             event = ImproperPipelining(_printable(bytes(self._in[:_SAMPLE_MAX])), len(self._in))
-            self._answer(_IMPROPER_PIPELINING)
+            self._answer(R.IMPROPER_PIPELINING)
             self._close()
             return event
         self._send(354, ["End data with <CR><LF>.<CR><LF>"], None)
@@ -938,14 +743,14 @@ class ServerConnection:
 
     def _cmd_rset(self, verb: str, arg: str) -> Event | None:
         if arg:
-            self._error(_RSET_SYNTAX)
+            self._error(R.RSET_SYNTAX)
             return None
         self._end_transaction()
-        self._answer(_OK)
+        self._answer(R.OK)
         return Reset()
 
     def _cmd_noop(self, verb: str, arg: str) -> None:
-        self._answer(_OK)
+        self._answer(R.OK)
 
     def _cmd_quit(self, verb: str, arg: str) -> Event:
         self._send(221, ["Bye"], "2.0.0")
@@ -953,14 +758,14 @@ class ServerConnection:
         return Quit()
 
     def _cmd_help(self, verb: str, arg: str) -> None:
-        lines = _help_lines(self._limits.etrn, self._starttls_offered(), self._auth_offered())
+        lines = R.help_lines(self._limits.etrn, self._starttls_offered(), self._auth_offered())
         self._send(214, lines, "2.0.0")
 
     def _cmd_vrfy(self, verb: str, arg: str) -> Event | None:
         if not self._auth_satisfied():
             return None
         if not arg or _CONTROL_RE.search(arg):
-            self._error(_VRFY_SYNTAX)
+            self._error(R.VRFY_SYNTAX)
             return None
         return Verify(arg)
 
@@ -969,7 +774,7 @@ class ServerConnection:
         if not self._auth_satisfied():
             return None
         if not _etrn_node_ok(arg):
-            self._error(_ETRN_SYNTAX)
+            self._error(R.ETRN_SYNTAX)
             return None
         return Etrn(arg)
 
@@ -986,21 +791,21 @@ class ServerConnection:
     def _auth_satisfied(self) -> bool:
         """RFC 4954 6: where authentication is required, 530 until it is in force."""
         if self._limits.auth_required and self.authenticated_user is None:
-            self._error(_AUTH_REQUIRED)
+            self._error(R.AUTH_REQUIRED)
             return False
         return True
 
     def _cmd_starttls(self, verb: str, arg: str) -> Event | None:
         if self.tls_active:
-            self._error(_TLS_ACTIVE)
+            self._error(R.TLS_ACTIVE)
         elif not self._limits.starttls:
-            self._error(_NOT_IMPLEMENTED)
+            self._error(R.NOT_IMPLEMENTED)
         elif arg:
-            self._error(_STARTTLS_SYNTAX)
+            self._error(R.STARTTLS_SYNTAX)
         elif not self.esmtp:  # RFC 3207: an extension, so after EHLO
-            self._error(_NEED_EHLO)
+            self._error(R.NEED_EHLO)
         elif self.state != "ready":
-            self._error(_IN_TRANSACTION)
+            self._error(R.IN_TRANSACTION)
         else:
             self._send(220, ["Ready to start TLS"], "2.0.0")
             # RFC 3207 6: whatever came behind the command was sent before the handshake.
@@ -1012,23 +817,23 @@ class ServerConnection:
     def _cmd_auth(self, verb: str, arg: str) -> Event | None:
         args = _VERB_SPLIT_RE.split(arg) if arg else []
         if not self._limits.auth:
-            self._error(_NOT_IMPLEMENTED)
+            self._error(R.NOT_IMPLEMENTED)
         elif not self._auth_offered():
-            self._error(_ENCRYPTION_REQUIRED)
+            self._error(R.ENCRYPTION_REQUIRED)
         elif not self.esmtp:
-            self._error(_NEED_EHLO)
+            self._error(R.NEED_EHLO)
         elif self.state != "ready":
-            self._error(_IN_TRANSACTION)
+            self._error(R.IN_TRANSACTION)
         elif self.authenticated_user is not None:  # RFC 4954 4: one AUTH per session
-            self._error(_ALREADY_AUTHENTICATED)
+            self._error(R.ALREADY_AUTHENTICATED)
         elif not 1 <= len(args) <= 2:
-            self._error(_AUTH_SYNTAX)
+            self._error(R.AUTH_SYNTAX)
         else:
             mechanism = args[0].upper()
             initial = args[1].encode("latin-1") if len(args) == 2 else None
             result = self._sasl.start(mechanism, initial)
             if result is SaslError.UNSUPPORTED:
-                self._error(_UNKNOWN_MECHANISM)
+                self._error(R.UNKNOWN_MECHANISM)
                 return None
             self._sasl_lines.discarding = False
             return self._auth_result(mechanism, result)
@@ -1052,7 +857,7 @@ class ServerConnection:
             return None
         if isinstance(result, Credentials):
             return Authenticate(mechanism, result.authzid, result.username, result.password)
-        self._error(_SASL_ERRORS[result])
+        self._error(R.SASL_ERRORS[result])
         return AuthAborted(mechanism, result.value)
 
     # -- DATA phase ---------------------------------------------------------------------
@@ -1106,13 +911,13 @@ class ServerConnection:
 
     def _finish_data(self) -> Event | None:
         if self._too_large:
-            self._rejected(None, _MESSAGE_TOO_LARGE)
+            self._rejected(None, R.MESSAGE_TOO_LARGE)
             self._end_transaction()
-            self._error(_MESSAGE_TOO_LARGE)
+            self._error(R.MESSAGE_TOO_LARGE)
             return None
         if self._too_long:
             self._end_transaction()
-            self._error(_LINE_TOO_LONG)
+            self._error(R.LINE_TOO_LONG)
             return None
         # DSN details only when some recipient carried them: () keeps the common case small.
         notify = tuple(self._notify) if any(n is not None for n in self._notify) else ()
