@@ -80,9 +80,23 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Final
 
+from mailpool.protocol.pop3_events import (
+    AuthAborted,
+    Authenticate,
+    ConnectionClosed,
+    Deleted,
+    Event,
+    MessageInfo,
+    Pop3Limits,
+    Quit,
+    Retrieve,
+    Retrieved,
+    StartTls,
+    Undeleted,
+    Update,
+)
 from mailpool.protocol.sasl import (
     MAX_RESPONSE_LINE,
     Challenge,
@@ -91,6 +105,7 @@ from mailpool.protocol.sasl import (
     SaslServer,
     Step,
 )
+from mailpool.protocol.smtp_syntax import NEED_DATA, PAUSED, TOO_LONG, Sentinel
 
 __all__ = [
     "AUTHORIZATION",
@@ -117,158 +132,16 @@ __all__ = [
 ]
 
 
-class _Sentinel:
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __repr__(self) -> str:
-        return self._name
-
-
-NEED_DATA: Final = _Sentinel("NEED_DATA")
-PAUSED: Final = _Sentinel("PAUSED")  # a decision event awaits the driver's answer
-
 AUTHORIZATION: Final = "AUTHORIZATION"
 TRANSACTION: Final = "TRANSACTION"
 UPDATE: Final = "UPDATE"
 CLOSED: Final = "CLOSED"
 
-_UID_RE = re.compile(r"[\x21-\x7e]{1,70}")
 _DIGITS_RE = re.compile(rb"[0-9]+")
 _KEYWORD_RE = re.compile(rb"[A-Za-z]{1,16}")
-_HOST_RE = re.compile(r"[\x21-\x7e]{1,255}")
 _CODE_RE = re.compile(r"[A-Z0-9][A-Z0-9/-]{0,40}")
 
 
-# ---------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class Pop3Limits:
-    hostname: str
-    max_line: int = 255  # RFC 2449: commands up to 255 octets incl. CRLF
-    allow_cleartext_login: bool = True  # False: USER/PASS refused until TLS is active
-    tls_active: bool = False  # True from the start on an implicit-TLS port
-    hard_error_limit: int = 10
-    stls_available: bool = False  # the STLS hook: advertise and accept STLS
-    max_buffer: int = 1 << 20  # unprocessed input; the driver reads only on NEED_DATA
-
-    def __post_init__(self) -> None:
-        if not _HOST_RE.fullmatch(self.hostname):
-            raise ValueError(f"hostname must be printable ASCII without spaces: {self.hostname!r}")
-        if self.max_line < 16:
-            raise ValueError("max_line must be at least 16")
-        if self.hard_error_limit < 1:
-            raise ValueError("hard_error_limit must be at least 1")
-        if self.max_buffer < self.max_line:
-            raise ValueError("max_buffer must be at least max_line")
-
-
-@dataclass(frozen=True)
-class MessageInfo:
-    uid: str  # 1-70 printable chars 0x21-0x7E (RFC 1939 UIDL)
-    size: int  # pop_size() of the stored message
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.uid, str) or not _UID_RE.fullmatch(self.uid):
-            raise ValueError(f"uid must be 1-70 chars in 0x21-0x7E: {self.uid!r}")
-        if self.size < 0:
-            raise ValueError(f"size must not be negative: {self.size}")
-
-
-# ---------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class Authenticate:
-    """Decision: check the password, then lock and list the maildrop."""
-
-    user: str
-    password: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class Retrieve:
-    """Decision: read message `index` (1-based); top_lines is None for RETR.
-
-    top_lines is capped at 10**18 (any larger count means the whole body too).
-    """
-
-    index: int
-    uid: str
-    top_lines: int | None
-
-
-@dataclass(frozen=True)
-class Update:
-    """Decision: remove these messages (message-number order), then unlock."""
-
-    deleted_uids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class StartTls:
-    """Decision (only with stls_available): flush, handshake, then tls_established() or
-    tls_failed(). Bytes fed meanwhile are dropped."""
-
-    discarded: int  # octets the client pipelined behind STLS, dropped unread
-
-
-@dataclass(frozen=True)
-class AuthAborted:
-    """An AUTH exchange the core ended itself, already answered -ERR (and counted)."""
-
-    mechanism: str
-    reason: str  # "cancelled", "bad-base64", "too-long", "malformed" or "authzid"
-
-
-@dataclass(frozen=True)
-class Quit:
-    """QUIT in AUTHORIZATION; a ConnectionClosed follows."""
-
-
-@dataclass(frozen=True)
-class Retrieved:
-    """A whole RETR reply is queued: `size` octets before byte-stuffing."""
-
-    uid: str
-    size: int
-
-
-@dataclass(frozen=True)
-class Deleted:
-    """DELE marked this message (removed only if the session QUITs)."""
-
-    uid: str
-
-
-@dataclass(frozen=True)
-class Undeleted:
-    """RSET unmarked these messages."""
-
-    uids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ConnectionClosed:
-    """The session is over: flush data_to_send(), then close the socket."""
-
-    reason: str = "eof"  # "quit", "eof", "timeout", "errors"
-
-
-Event = (
-    Authenticate
-    | Retrieve
-    | Update
-    | StartTls
-    | Quit
-    | Retrieved
-    | Deleted
-    | Undeleted
-    | AuthAborted
-    | ConnectionClosed
-)
-_DECISIONS = (Authenticate, Retrieve, Update, StartTls)
 
 
 # ---------------------------------------------------------------- message octets
@@ -362,7 +235,6 @@ _TRANSITIONS: Final[dict[tuple[str, str], str]] = {
 }
 _COMMANDS: Final = frozenset(t for (_, t) in _TRANSITIONS if t.isupper())
 
-_TOO_LONG: Final = _Sentinel("TOO_LONG")
 
 _NO_CLEARTEXT: Final = "[AUTH] Plaintext authentication disallowed on non-secure connections"
 _SASL_ERRORS: Final = {
@@ -458,7 +330,7 @@ class Pop3Connection:
         self._out.clear()
         return out
 
-    def next_event(self) -> Event | _Sentinel:
+    def next_event(self) -> Event | Sentinel:
         while True:
             if self._events:
                 return self._events.popleft()
@@ -473,12 +345,12 @@ class Pop3Connection:
                 self._close("eof")  # a partial last line is dropped
             elif self._sasl.active:
                 mechanism = self._sasl.mechanism or ""
-                if line is _TOO_LONG:
+                if line is TOO_LONG:
                     self._auth_result(mechanism, self._sasl.too_long())
                 else:
                     assert isinstance(line, bytes)
                     self._auth_result(mechanism, self._sasl.step(line))
-            elif line is _TOO_LONG:
+            elif line is TOO_LONG:
                 self._user_given = None
                 self._err("line too long")
             else:
@@ -616,7 +488,7 @@ class Pop3Connection:
         self._pending = ev
         self._events.append(ev)
 
-    def _take_line(self) -> bytes | _Sentinel | None:
+    def _take_line(self) -> bytes | Sentinel | None:
         buf = self._in
         if self._discarding:
             nl = buf.find(b"\n")
@@ -625,7 +497,7 @@ class Pop3Connection:
                 return None
             del buf[: nl + 1]
             self._discarding = False
-            return _TOO_LONG
+            return TOO_LONG
         if self._sasl.active:  # RFC 5034 4: responses are not held to the command limit
             limit = min(MAX_RESPONSE_LINE, self._limits.max_buffer)
         else:
