@@ -7,15 +7,24 @@ commit, many writers skip the fsyncs and one `syncfs` makes all of them durable 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import functools
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.syncfs.argtypes = [ctypes.c_int]
-_libc.syncfs.restype = ctypes.c_int
+
+@functools.cache
+def _syncfs() -> Any:
+    """libc's syncfs, loaded by the first caller only (the supervisor and the CLI; jobs
+    never do, and ctypes costs each process memory). CDLL(None): the C library this
+    Python already runs on, no ldconfig lookup."""
+    import ctypes
+
+    fn = ctypes.CDLL(None, use_errno=True).syncfs
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -76,7 +85,9 @@ def syncfs(path: str | os.PathLike[str]) -> None:
     """syncfs(2) on the filesystem holding `path`: one call makes every write on it durable."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
+        if _syncfs()(fd) != 0:
+            import ctypes
+
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), os.fspath(path))
     finally:

@@ -12,15 +12,11 @@ import secrets
 from collections.abc import Callable
 from typing import NamedTuple
 
-import argon2
-import bcrypt
-
-# SHA256-CRYPT / SHA512-CRYPT: the stdlib `crypt` module is deprecated (gone in 3.13) and
-# passlib has had no release since 2020. libpass is passlib's maintained fork (it installs
-# the same `passlib` package); its SHA-crypt is pure Python on hashlib, no libc crypt(3),
-# and it compares checksums with hmac.compare_digest.
-from passlib.hash import sha256_crypt, sha512_crypt
-
+# The foreign schemes' libraries (argon2-cffi, bcrypt, libpass for SHA256/512-CRYPT) are
+# imported at a scheme's first use: about 5 MiB that every job would otherwise carry for
+# the users moved from Dovecot that many sites never have. libpass is passlib's maintained
+# fork (same `passlib` package); its SHA-crypt is pure Python on hashlib and compares
+# checksums with hmac.compare_digest.
 from mailpool.directory.model import DirectoryError, PasswordHashError, User
 
 # -- passwords ---------------------------------------------------------------------------
@@ -107,10 +103,12 @@ class _Scheme(NamedTuple):
     verify: Callable[[str, bytes], bool]
 
 
-def _argon2_scheme(kind: argon2.Type) -> _Scheme:
-    prefix = f"$argon2{kind.name.lower()}$"
+def _argon2_scheme(kind_name: str) -> _Scheme:
+    prefix = f"$argon2{kind_name.lower()}$"
 
     def check(value: str) -> None:
+        import argon2
+
         if not value.startswith(prefix):
             raise ValueError(f"expected a {prefix}v=19$m=...,t=...,p=...$salt$hash string")
         try:
@@ -125,8 +123,11 @@ def _argon2_scheme(kind: argon2.Type) -> _Scheme:
             raise ValueError(f"lanes p={p.parallelism} is outside 1..{_ARGON2_MAX_P}")
 
     def verify(value: str, secret: bytes) -> bool:
+        import argon2
+
         try:
-            return argon2.low_level.verify_secret(value.encode("ascii"), secret, kind)
+            return argon2.low_level.verify_secret(value.encode("ascii"), secret,
+                                                  argon2.Type[kind_name])
         except argon2.exceptions.VerifyMismatchError:
             return False
 
@@ -146,29 +147,36 @@ def _bcrypt_verify(value: str, secret: bytes) -> bool:
     # $2y$ is crypt_blowfish's name (Dovecot's default) for what OpenBSD calls $2b$; the
     # library checks $2b$. Blowfish reads at most 72 bytes: Dovecot accepted longer
     # passwords by ignoring the rest, so do the same (the library refuses them instead).
+    import bcrypt
+
     if value.startswith("$2y$"):
         value = "$2b$" + value[4:]
     return bcrypt.checkpw(secret[:72], value.encode("ascii"))
 
 
-def _sha_crypt_scheme(handler: type) -> _Scheme:
+def _sha_crypt_scheme(handler_name: str) -> _Scheme:
+    def handler() -> type:
+        import passlib.hash
+
+        return getattr(passlib.hash, handler_name)
+
     def check(value: str) -> None:
-        rounds = handler.from_string(value).rounds  # ValueError naming what is malformed
+        rounds = handler().from_string(value).rounds  # ValueError naming what is malformed
         if rounds > _SHA_CRYPT_MAX_ROUNDS:
             raise ValueError(f"rounds={rounds} is above {_SHA_CRYPT_MAX_ROUNDS}")
 
     def verify(value: str, secret: bytes) -> bool:
-        return bool(handler.verify(secret, value))
+        return bool(handler().verify(secret, value))
 
     return _Scheme("libpass", check, verify)
 
 
 _FOREIGN: dict[str, _Scheme] = {
-    "ARGON2I": _argon2_scheme(argon2.Type.I),
-    "ARGON2ID": _argon2_scheme(argon2.Type.ID),
+    "ARGON2I": _argon2_scheme("I"),
+    "ARGON2ID": _argon2_scheme("ID"),
     "BLF-CRYPT": _Scheme("bcrypt", _bcrypt_check, _bcrypt_verify),
-    "SHA256-CRYPT": _sha_crypt_scheme(sha256_crypt),
-    "SHA512-CRYPT": _sha_crypt_scheme(sha512_crypt),
+    "SHA256-CRYPT": _sha_crypt_scheme("sha256_crypt"),
+    "SHA512-CRYPT": _sha_crypt_scheme("sha512_crypt"),
 }
 FOREIGN_SCHEMES: tuple[str, ...] = tuple(sorted(_FOREIGN))
 
