@@ -482,3 +482,27 @@ def test_connections_waiting_for_a_job_are_bounded(host: Any) -> None:
     assert ready and _read_reply(ready[0]).startswith(b"220")  # a held one got the job
     for s in (busy, *held, extra):
         s.close()
+
+
+async def test_early_talker_check_works_on_descriptors_above_1023() -> None:
+    """A job holding thousands of sessions has descriptors past select()'s 1024: the
+    greet-pause check must still answer (it once failed every session past that)."""
+    import resource
+
+    import trio
+
+    from mailpool.jobs.smtp_session import talked_first
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= 1500:
+        pytest.skip("the open files limit is too low to place a socket at descriptor 1500")
+    ours, peer = socket.socketpair()
+    high = os.dup2(ours.fileno(), 1500)
+    ours.close()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=high)))
+    try:
+        assert not await talked_first(stream, 0)  # silent client
+        peer.send(b"EHLO too-early\r\n")
+        assert await talked_first(stream, 0.5)    # the early talker is seen
+    finally:
+        await stream.aclose()
+        peer.close()

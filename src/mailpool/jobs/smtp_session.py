@@ -58,7 +58,11 @@ async def talked_first(stream: trio.abc.Stream, pause: float) -> bool:
     if pause > 0:
         with trio.move_on_after(pause):
             await trio.lowlevel.wait_readable(sock)
-    if not select.select([sock.fileno()], [], [], 0)[0]:
+    # poll, not select: select() refuses descriptors above 1023, and a job holding
+    # thousands of sessions has them.
+    readable = select.poll()
+    readable.register(sock.fileno(), select.POLLIN)
+    if not readable.poll(0):
         return False
     try:
         return bool(await sock.recv(1, socket.MSG_PEEK))
