@@ -62,7 +62,7 @@ def test_effective_configuration_loads_back(tmp_path: Path) -> None:
     assert reloaded.config.notices.from_ == "postmaster@example.test"
     # The client pool's per-job capacity is its deliveries, not sessions.
     assert pool_params(reloaded.config, "smtp-client").sessions_per_job == 7
-    assert pool_params(reloaded.config, "smtp-server").sessions_per_job == 512  # the default
+    assert pool_params(reloaded.config, "smtp-server").sessions_per_job == 4096  # the default
 
 
 @pytest.mark.parametrize(("extra", "key", "value"), [

@@ -255,6 +255,23 @@ def test_sessions_per_job_availability_and_spread() -> None:
     assert pool.acquire() == 3  # the new, empty job is the least loaded
 
 
+def test_sessions_per_job_is_capped_by_what_a_job_can_hold() -> None:
+    """A job past its open files limit would lose the next connection handed to it: the
+    rules never book more than session_limit sessions on one job, and say so."""
+    clock = FakeClock()
+    params = PoolParams(initial_jobs=1, threshold=0, additional_jobs=1, maximum_jobs=2,
+                        sessions_per_job=4096)
+    pool = PoolEntry("smtp-server", params, clock, session_limit=2)
+    assert pool.capped and pool.params.sessions_per_job == 2
+    assert pool.configured.sessions_per_job == 4096
+    execute(pool, pool.start())
+    assert [pool.acquire(), pool.acquire(), pool.acquire()] == [1, 1, None]
+    assert pool.stats()["sessions"]["capacity"] == 2
+    pool.change(msgspec.structs.replace(params, sessions_per_job=2))
+    assert not pool.capped
+    assert not PoolEntry("smtp-server", params, clock, session_limit=5000).capped
+
+
 # ---- idle reduction
 
 def test_idle_surplus_drained_one_per_period_never_below_initial() -> None:

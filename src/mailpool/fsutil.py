@@ -94,6 +94,21 @@ def syncfs(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+# Descriptors a job needs besides its sessions: its channel, spool and Maildir files, the
+# log, DNS and database sockets, TLS and a margin.
+FD_RESERVE = 64
+
+
+def session_limit() -> int:
+    """The most sessions a job can hold: the open files limit it raises itself to (the hard
+    one, see raise_fd_limit) less FD_RESERVE."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = max(soft, 1 << 20) if hard == resource.RLIM_INFINITY else hard
+    return max(1, limit - FD_RESERVE)
+
+
 def raise_fd_limit() -> int:
     """Lift the soft limit on open files to the hard one: a job with many sessions (and the
     supervisor holding waiting connections) needs one descriptor each. Returns the limit."""

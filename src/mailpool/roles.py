@@ -29,11 +29,12 @@ SMTP_BUSY: Final = b"421 4.3.2 Service not available, closing transmission chann
 POP_BUSY: Final = b"-ERR [SYS/TEMP] service not available, try again later\r\n"
 
 ROLES: Final[tuple[Role, ...]] = (
-    # The source's CHGPJE values for QTMSSRCP (4 / 2 / 2 / 20), each job serving up to 512
-    # sessions on its Trio loop: 2,048 at start, 10,240 at the maximum.
+    # The source's CHGPJE values for QTMSSRCP (4 / 2 / 2 / 20), each job serving up to 4096
+    # sessions on its Trio loop: 16,384 at start (10,000 idle sessions need no new job: one
+    # job's memory is worth ~2,500 idle sessions), 81,920 at the maximum.
     Role("smtp-server", "mailpool.jobs.smtp_session:run",
          listeners=("smtp", "submission", "smtps"), busy_reply=SMTP_BUSY,
-         pool_defaults={"sessions_per_job": 512}),
+         pool_defaults={"sessions_per_job": 4096}),
     Role("pop-server", "mailpool.jobs.pop_session:run", listeners=("pop3", "pop3s"),
          busy_reply=POP_BUSY,
          pool_defaults={"initial_jobs": 2, "threshold": 1, "additional_jobs": 1,

@@ -108,6 +108,8 @@ def _password(raw: bytes) -> str | None:
 class SaslServer:
     """One connection's SASL exchanges (one at a time), for the ``mechanisms`` offered."""
 
+    __slots__ = ("_username", "mechanism", "mechanisms")
+
     def __init__(self, mechanisms: Iterable[str] = MECHANISMS) -> None:
         self.mechanisms: tuple[str, ...] = tuple(m.upper() for m in mechanisms)
         unknown = set(self.mechanisms) - set(MECHANISMS)

@@ -282,6 +282,8 @@ class LineReader:
     end arrives. The buffer is shared: the owner may consume it by other means too.
     """
 
+    __slots__ = ("buffer", "discarding", "max_line")
+
     def __init__(self, buffer: bytearray, max_line: int) -> None:
         self.buffer = buffer
         self.max_line = max_line

@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from mailpool.config import PoolParams
+from mailpool.fsutil import session_limit
 from mailpool.roles import Role
 from mailpool.supervisor.channel import Channel, ChannelClosed, Drain, ToSupervisor, socketpair
 from mailpool.supervisor.pool import Plan, PoolEntry
@@ -65,7 +66,8 @@ class EntryRuntime:
     def __init__(self, role: Role, params: PoolParams) -> None:
         self.role = role
         self.name = role.name
-        self.rules = PoolEntry(role.name, params, trio.current_time)
+        self.rules = PoolEntry(role.name, params, trio.current_time,
+                               session_limit=session_limit())
         self.jobs: dict[int, JobHandle] = {}
         self.changed = trio.Event()   # set when a job frees up or the pool changes
         self.wake = trio.Event()      # wakes this entry's manager pass

@@ -117,10 +117,14 @@ class PoolEntry:
     """One prestart job entry: its CHGPJE rules and DSPACTPJ statistics."""
 
     def __init__(self, name: str, params: PoolParams, clock: Clock, *,
-                 early_window: float = EARLY_WINDOW) -> None:
+                 early_window: float = EARLY_WINDOW, session_limit: int | None = None) -> None:
         _check(params)
         self.name = name
-        self.params = params
+        # The most sessions one job process can hold (its open files limit less what it
+        # needs besides): a job given more would fail to receive the next connection.
+        self.session_limit = session_limit
+        self.configured = params
+        self.params = self._capped(params)
         self._clock = clock
         self._early_window = early_window
         self._jobs: dict[int, Job] = {}
@@ -161,7 +165,18 @@ class PoolEntry:
     def change(self, params: PoolParams) -> None:
         """Live CHGPJE: every value applies at the next plan(). ValueError if inconsistent."""
         _check(params)
-        self.params = params
+        self.configured = params
+        self.params = self._capped(params)
+
+    def _capped(self, params: PoolParams) -> PoolParams:
+        if self.session_limit is None or params.sessions_per_job <= self.session_limit:
+            return params
+        return msgspec.structs.replace(params, sessions_per_job=max(1, self.session_limit))
+
+    @property
+    def capped(self) -> bool:
+        """sessions_per_job was lowered to session_limit."""
+        return self.params.sessions_per_job != self.configured.sessions_per_job
 
     def reload(self) -> None:
         """Drain every live job (reason "reload"); the next plan() starts their successors."""

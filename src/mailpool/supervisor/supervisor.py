@@ -109,7 +109,12 @@ class Supervisor:
         self.control = ControlOps(self)
         cfg = loaded.config
         for role in ROLES:
-            self.pools.add(role, effective_pool(cfg, role.name))
+            rules = self.pools.add(role, effective_pool(cfg, role.name)).rules
+            if rules.capped:
+                log.warning("pool.%s.sessions_per_job %d is more than a job's open files "
+                            "limit allows: %d sessions per job (raise the limit, e.g. "
+                            "systemd LimitNOFILE=, or lower sessions_per_job)", role.name,
+                            rules.configured.sessions_per_job, rules.params.sessions_per_job)
         # The roles fed by the incoming and the outbound queue (mailpool.roles).
         self.work = WorkDispatcher(self.pools, self.pools.entries[for_queue("incoming").name])
         out = cfg.outbound
