@@ -39,9 +39,13 @@ ROLES: Final[tuple[Role, ...]] = (
          busy_reply=POP_BUSY,
          pool_defaults={"initial_jobs": 2, "threshold": 1, "additional_jobs": 1,
                         "maximum_jobs": 10, "sessions_per_job": 128}),
+    # Two batches in flight per framework job, not more: what arrives meanwhile waits and
+    # goes in the next batch (one Work, one group commit, one WorkDone for all of it).
+    # Against 8, in alternated bench runs: about 25 % less framework CPU per message at 100
+    # messages per connection, 10 % at one.
     Role("framework", "mailpool.jobs.framework:run", queue="incoming",
          pool_defaults={"initial_jobs": 1, "threshold": 0, "additional_jobs": 1,
-                        "maximum_jobs": 4, "sessions_per_job": 8, "max_use": 100000}),
+                        "maximum_jobs": 4, "sessions_per_job": 2, "max_use": 100000}),
     Role("smtp-client", "mailpool.jobs.smtp_client:run", queue="outbound",
          pool_defaults={"initial_jobs": 1, "threshold": 0, "additional_jobs": 1,
                         "maximum_jobs": 4, "max_use": 100000},
