@@ -7,7 +7,6 @@ cause print one line naming the file, key or value and exit non-zero; no traceba
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import sys
 from collections.abc import Callable
@@ -75,97 +74,6 @@ def cmd_config_check(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 # --- users (the source's WRKDIRE) -----------------------------------------------------
-
-
-def _directory(loaded: LoadedConfig):
-    import atexit
-
-    from mailpool.directory import open_directory
-
-    if loaded.config.directory.backend == "file":
-        loaded.data_dir.mkdir(parents=True, exist_ok=True)
-    directory = open_directory(loaded)
-    atexit.register(directory.close)  # a database connection ends cleanly
-    return directory
-
-
-def cmd_user_add(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from mailpool.directory import PasswordHashError, validate_address
-
-    local = {d.lower() for d in loaded.config.host.local_domains}
-    addresses = []
-    for addr in args.address:
-        norm = validate_address(addr)
-        domain = norm.rpartition("@")[2]
-        if domain not in local:
-            raise CliError(f"--address {addr!r}: domain {domain!r} is not in host.local_domains "
-                           f"of {loaded.path} ({', '.join(sorted(local))})")
-        addresses.append(norm)
-    password = None
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-        if not password:
-            raise CliError("--password-stdin: no password on standard input")
-    try:
-        user = _directory(loaded).add_user(args.name, addresses, password,
-                                           password_hash=args.password_hash)
-    except PasswordHashError as exc:
-        raise CliError(f"--password-hash: {exc}") from None
-    print(f"user {user.name} added: {', '.join(user.addresses)}"
-          + (" (POP password set)" if password else
-             " (POP password hash imported)" if args.password_hash else " (no POP password)"))
-    return 0
-
-
-def _password_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--password-stdin", action="store_true",
-                       help="read the POP password from the first line of standard input")
-    group.add_argument("--password-hash", metavar="HASH",
-                       help="keep a Dovecot password hash as it is, e.g. from a passwd-file: "
-                            "{ARGON2ID}, {ARGON2I}, {BLF-CRYPT}, {SHA512-CRYPT} or "
-                            "{SHA256-CRYPT} (quote it: it contains $)")
-
-
-def cmd_user_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    users = _directory(loaded).users()
-    if args.json:
-        print(json.dumps({"users": [{"name": u.name, "addresses": u.addresses,
-                                      "pop_login": bool(u.password_hash)} for u in users]}))
-        return 0
-    for u in users:
-        print(f"{u.name:20} {'pop' if u.password_hash else '-':4} {', '.join(u.addresses)}")
-    return 0
-
-
-def cmd_user_remove(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    user = _directory(loaded).remove_user(args.name)
-    print(f"user {user.name} removed; mailbox {loaded.mailbox_dir / user.name} kept")
-    return 0
-
-
-def cmd_user_passwd(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from mailpool.directory import PasswordHashError
-
-    if args.password_hash is not None:
-        try:
-            _directory(loaded).set_password(args.name, None, password_hash=args.password_hash)
-        except PasswordHashError as exc:
-            raise CliError(f"--password-hash: {exc}") from None
-        print(f"password hash for {args.name} imported")
-        return 0
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        if not sys.stdin.isatty():
-            raise CliError("no terminal to ask the password on: use --password-stdin or "
-                           "--password-hash")
-        password = getpass.getpass(f"New POP password for {args.name}: ")
-    if not password:
-        raise CliError("empty password refused")
-    _directory(loaded).set_password(args.name, password)
-    print(f"password for {args.name} changed")
-    return 0
 
 
 # --- journal (the source's DSPJRN / CHGJRN) -------------------------------------------
@@ -432,24 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", required=True, metavar="SUBCOMMAND")
     _leaf(config, "check", cmd_config_check, "validate and print the effective configuration")
 
-    user = sub.add_parser("user", help="system distribution directory (WRKDIRE)").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND")
-    p = _leaf(user, "add", cmd_user_add, "add a user with one or more addresses")
-    p.add_argument("name", help="user name (also the mailbox directory): [a-z0-9][a-z0-9._-]*")
-    p.add_argument("--address", action="append", required=True, metavar="ADDR",
-                   help="a mail address of the user, in one of host.local_domains "
-                        "(repeat for more)")
-    _password_options(p)
-    p = _leaf(user, "list", cmd_user_list, "list users")
-    p.add_argument("--json", action="store_true", help="one JSON document for scripts")
-    p = _leaf(user, "remove", cmd_user_remove, "remove a user (the mailbox is kept)")
-    p.add_argument("name", help="the user to remove")
-    p = _leaf(user, "passwd", cmd_user_passwd, "set a user's password (POP3, SMTP AUTH)")
-    p.add_argument("name", help="the user")
-    _password_options(p)
+    from mailpool.cli_directory import add_directory_commands, add_user_commands
 
-    from mailpool.cli_directory import add_directory_commands
-
+    add_user_commands(sub)
     add_directory_commands(sub)
 
     journal = sub.add_parser("journal", help="mail journal (DSPJRN, CHGJRN)").add_subparsers(

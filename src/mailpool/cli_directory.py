@@ -1,5 +1,6 @@
-"""`mailpool directory ...`: the directory as a whole (its backend, moving it, the LDAP
-address book). `add_directory_commands` adds the group to the main parser.
+"""The directory from the command line: `mailpool user ...` (its users) and `mailpool
+directory ...` (the directory as a whole: its backend, moving it, and the LDAP address book
+from cli_ldap). `add_user_commands` and `add_directory_commands` add the two groups.
 
 mailpool.cli is imported inside the functions: cli imports this module to build its parser.
 """
@@ -7,14 +8,17 @@ mailpool.cli is imported inside the functions: cli imports this module to build 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mailpool.config import LoadedConfig
-    from mailpool.directory import User
+    from mailpool.directory import User, UserDirectory
 
 
 def _cli() -> ModuleType:
@@ -25,6 +29,128 @@ def _cli() -> ModuleType:
 
 def _fail(message: str) -> Exception:
     return _cli().CliError(message)
+
+
+# --- users (the source's WRKDIRE) -----------------------------------------------------
+
+
+@contextmanager
+def opened_directory(loaded: LoadedConfig) -> Iterator[UserDirectory]:
+    """The directory `[directory] backend` names, closed (a database connection ended
+    cleanly) when the command is done: every command here opens it this way."""
+    from mailpool.directory import open_directory
+
+    if loaded.config.directory.backend == "file":
+        loaded.data_dir.mkdir(parents=True, exist_ok=True)
+    directory = open_directory(loaded)
+    try:
+        yield directory
+    finally:
+        directory.close()
+
+
+def cmd_user_add(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.directory import PasswordHashError, validate_address
+
+    local = {d.lower() for d in loaded.config.host.local_domains}
+    addresses = []
+    for addr in args.address:
+        norm = validate_address(addr)
+        domain = norm.rpartition("@")[2]
+        if domain not in local:
+            raise _fail(f"--address {addr!r}: domain {domain!r} is not in host.local_domains "
+                           f"of {loaded.path} ({', '.join(sorted(local))})")
+        addresses.append(norm)
+    password = None
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise _fail("--password-stdin: no password on standard input")
+    try:
+        with opened_directory(loaded) as directory:
+            user = directory.add_user(args.name, addresses, password,
+                                      password_hash=args.password_hash)
+    except PasswordHashError as exc:
+        raise _fail(f"--password-hash: {exc}") from None
+    print(f"user {user.name} added: {', '.join(user.addresses)}"
+          + (" (POP password set)" if password else
+             " (POP password hash imported)" if args.password_hash else " (no POP password)"))
+    return 0
+
+
+def _password_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--password-stdin", action="store_true",
+                       help="read the POP password from the first line of standard input")
+    group.add_argument("--password-hash", metavar="HASH",
+                       help="keep a Dovecot password hash as it is, e.g. from a passwd-file: "
+                            "{ARGON2ID}, {ARGON2I}, {BLF-CRYPT}, {SHA512-CRYPT} or "
+                            "{SHA256-CRYPT} (quote it: it contains $)")
+
+
+def cmd_user_list(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    with opened_directory(loaded) as directory:
+        users = directory.users()
+    if args.json:
+        print(json.dumps({"users": [{"name": u.name, "addresses": u.addresses,
+                                      "pop_login": bool(u.password_hash)} for u in users]}))
+        return 0
+    for u in users:
+        print(f"{u.name:20} {'pop' if u.password_hash else '-':4} {', '.join(u.addresses)}")
+    return 0
+
+
+def cmd_user_remove(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    with opened_directory(loaded) as directory:
+        user = directory.remove_user(args.name)
+    print(f"user {user.name} removed; mailbox {loaded.mailbox_dir / user.name} kept")
+    return 0
+
+
+def cmd_user_passwd(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from mailpool.directory import PasswordHashError
+
+    if args.password_hash is not None:
+        try:
+            with opened_directory(loaded) as directory:
+                directory.set_password(args.name, None, password_hash=args.password_hash)
+        except PasswordHashError as exc:
+            raise _fail(f"--password-hash: {exc}") from None
+        print(f"password hash for {args.name} imported")
+        return 0
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        if not sys.stdin.isatty():
+            raise _fail("no terminal to ask the password on: use --password-stdin or "
+                           "--password-hash")
+        password = getpass.getpass(f"New POP password for {args.name}: ")
+    if not password:
+        raise _fail("empty password refused")
+    with opened_directory(loaded) as directory:
+        directory.set_password(args.name, password)
+    print(f"password for {args.name} changed")
+    return 0
+
+
+def add_user_commands(sub: argparse._SubParsersAction) -> None:
+    """The `user` subcommand group: add, list, remove, passwd."""
+    leaf = _cli()._leaf
+    user = sub.add_parser("user", help="system distribution directory (WRKDIRE)").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    p = leaf(user, "add", cmd_user_add, "add a user with one or more addresses")
+    p.add_argument("name", help="user name (also the mailbox directory): [a-z0-9][a-z0-9._-]*")
+    p.add_argument("--address", action="append", required=True, metavar="ADDR",
+                   help="a mail address of the user, in one of host.local_domains "
+                        "(repeat for more)")
+    _password_options(p)
+    p = leaf(user, "list", cmd_user_list, "list users")
+    p.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    p = leaf(user, "remove", cmd_user_remove, "remove a user (the mailbox is kept)")
+    p.add_argument("name", help="the user to remove")
+    p = leaf(user, "passwd", cmd_user_passwd, "set a user's password (POP3, SMTP AUTH)")
+    p.add_argument("name", help="the user")
+    _password_options(p)
 
 
 # --- migrate ----------------------------------------------------------------------------
@@ -136,11 +262,10 @@ def cmd_directory_migrate(args: argparse.Namespace, loaded: LoadedConfig) -> int
 
 
 def cmd_directory_status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from mailpool.directory import open_directory, schema
+    from mailpool.directory import schema
 
     cfg = loaded.config.directory
-    directory = open_directory(loaded)
-    try:
+    with opened_directory(loaded) as directory:
         status: dict[str, object] = {"backend": cfg.backend, "where": directory.describe(),
                                      "users": len(directory.users())}
         if cfg.backend == "postgresql":
@@ -148,8 +273,6 @@ def cmd_directory_status(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             status["schema_latest"] = schema.LATEST
         else:
             status["exists"] = loaded.directory_file.exists()
-    finally:
-        directory.close()
     if args.json:
         print(json.dumps(status))
         return 0

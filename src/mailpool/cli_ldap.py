@@ -23,16 +23,10 @@ PASSWORD_ENV = "MAILPOOL_LDAP_PASSWORD"
 
 def _users(loaded: LoadedConfig) -> list[User]:
     """The directory's users, from whichever backend `[directory] backend` names."""
-    from mailpool.cli import CliError
-    from mailpool.directory import DirectoryError, open_directory
+    from mailpool.cli_directory import opened_directory
 
-    directory = open_directory(loaded)
-    try:
+    with opened_directory(loaded) as directory:
         return directory.users()
-    except DirectoryError as exc:
-        raise CliError(str(exc)) from None
-    finally:
-        directory.close()
 
 
 def _default_base(loaded: LoadedConfig) -> str:
