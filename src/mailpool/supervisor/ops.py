@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
+from mailpool import queue_edit
 from mailpool.activity import Tally
 from mailpool.config import ConfigError, load_config, pool_params
 from mailpool.config.overlay import changed_params, overlay_path, update_overlay
@@ -135,7 +136,8 @@ class ControlOps:
         if self.sup.busy_with(queue_id):
             return {"error": f"{queue_id} is being worked on right now: try again in a moment"}
         try:
-            to, released = await trio.to_thread.run_sync(self.sup.release, queue_id)
+            to, released = await trio.to_thread.run_sync(queue_edit.release, self.sup.spool,
+                                                          queue_id)
         except (ValueError, SpoolError, OSError) as exc:
             return {"error": str(exc)}
         self.sup.record("QR", queue_id=queue_id, message_id=released.message_id,
@@ -148,15 +150,15 @@ class ControlOps:
 
     async def queue_delete(self, req: dict[str, Any]) -> dict[str, Any]:
         """Remove a message (or ALL) from whatever queue holds it."""
-        return await self._change(req, self.sup.delete, "QD", "deleted from {queue}")
+        return await self._change(req, queue_edit.delete, "QD", "deleted from {queue}")
 
     async def queue_hold(self, req: dict[str, Any]) -> dict[str, Any]:
         """Keep a message (or ALL) on the hold queue until `queue release`."""
-        return await self._change(req, self.sup.hold, "QH", "held (was in {queue})")
+        return await self._change(req, queue_edit.hold, "QH", "held (was in {queue})")
 
     async def queue_requeue(self, req: dict[str, Any]) -> dict[str, Any]:
         """Take a message through the framework again."""
-        result = await self._change(req, self.sup.requeue, "QQ", "requeued from {queue}")
+        result = await self._change(req, queue_edit.requeue, "QQ", "requeued from {queue}")
         for queue_id in result.get("done", []):
             self.sup.work.put(queue_id, again=True)
         return result
@@ -166,7 +168,8 @@ class ControlOps:
         """One operator change to queued mail, in a worker thread (files only), for one queue
         id or ALL; a message a job is working on right now is left alone and named."""
         queue_id = str(req.get("queue_id", ""))
-        ids = (await trio.to_thread.run_sync(self.sup.all_queued) if queue_id == "ALL"
+        ids = (await trio.to_thread.run_sync(queue_edit.all_queued, self.sup.spool)
+               if queue_id == "ALL"
                else [queue_id])
         done: list[str] = []
         was_in: dict[str, str] = {}  # queue id -> the queue it was in
@@ -177,7 +180,7 @@ class ControlOps:
                 busy.append(qid)
                 continue
             try:
-                queue, envelope = await trio.to_thread.run_sync(change, qid)
+                queue, envelope = await trio.to_thread.run_sync(change, self.sup.spool, qid)
             except (ValueError, SpoolError, OSError) as exc:
                 errors.append(str(exc))
                 continue

@@ -20,7 +20,6 @@ import socket
 import time
 from typing import Any
 
-import msgspec
 import trio
 
 from mailpool.admin.server import serve_admin
@@ -34,8 +33,8 @@ from mailpool.config import (
     parse_hostport,
 )
 from mailpool.config import pool_params as effective_pool
-from mailpool.framework.spool import Envelope, Spool, SpoolError
-from mailpool.fsutil import raise_fd_limit, syncfs
+from mailpool.framework.spool import Spool, SpoolError
+from mailpool.fsutil import raise_fd_limit
 from mailpool.journal.writer import JournalWriter, NullJournal
 from mailpool.logs import setup as setup_logging
 from mailpool.outbound.destinations import DestinationLimits, Destinations
@@ -43,8 +42,6 @@ from mailpool.outbound.state import (
     OUTBOUND_QUEUES,
     destinations,
     load_state,
-    pending_envelope,
-    save_state,
 )
 from mailpool.roles import ROLES, for_queue
 from mailpool.storage import SpaceCheck
@@ -459,71 +456,6 @@ class Supervisor:
             log.info("scheduler: %d queued message(s) due; ETRN %s", count,
                      "sent for " + ", ".join(domains) if job else "skipped (no client job)")
             await trio.sleep(cfg.etrn.interval)
-
-    # --- operator changes to queued mail (worker threads: file system only) ----------------------
-
-    def release(self, queue_id: str) -> tuple[str, Envelope]:
-        """quarantine/hold -> incoming, marked so the filters let it through; a message held
-        on its way out (it has a delivery state) -> outbound, due now, its state kept (as
-        postsuper -H puts it back in the deferred queue). Returns the queue it went to."""
-        queue = self.spool.find(queue_id)
-        if queue not in ("quarantine", "hold"):
-            raise ValueError(f"{queue_id}: not in quarantine or on hold"
-                             + (f" (it is in {queue})" if queue else " (no such message)"))
-        if queue == "hold" and (self.spool.state / queue_id).exists():
-            envelope = self.spool.load_envelope(queue, queue_id)
-            state = load_state(self.spool, queue_id, len(envelope.recipients))
-            state.next_attempt = 0.0
-            save_state(self.spool, queue_id, state, sync=True)
-            self.spool.move(queue_id, "hold", "outbound")
-            return "outbound", envelope
-        envelope, content = self.spool.load(queue, queue_id)
-        released = msgspec.structs.replace(envelope, filter_exempt=True)
-        self.spool.store("incoming", released, content, sync=False)
-        self.spool.remove(queue, queue_id, sync=False)
-        syncfs(self.loaded.spool_dir)
-        return "incoming", released
-
-    def hold(self, queue_id: str) -> tuple[str, Envelope]:
-        """Any queue but hold and quarantine -> hold: kept, not delivered, until released."""
-        queue = self.spool.find(queue_id)
-        if queue in (None, "hold", "quarantine"):
-            raise ValueError(f"{queue_id}: " + (f"already in {queue}" if queue
-                                                else "no such message in any queue"))
-        envelope = self.spool.load_envelope(queue, queue_id)
-        self.spool.move(queue_id, queue, "hold")
-        return queue, envelope
-
-    def requeue(self, queue_id: str) -> tuple[str, Envelope]:
-        """Back to the incoming queue, to be taken through the framework afresh (Postfix's
-        postsuper -r); an outbound message's delivery state starts over."""
-        queue = self.spool.find(queue_id)
-        if queue is None or queue == "incoming":
-            raise ValueError(f"{queue_id}: " + ("already on the incoming queue" if queue
-                                                else "no such message in any queue"))
-        envelope, content = self.spool.load(queue, queue_id)
-        if (self.spool.state / queue_id).exists():
-            # On its way out: only the recipients not yet delivered or failed go again.
-            state = load_state(self.spool, queue_id, len(envelope.recipients))
-            envelope = pending_envelope(envelope, state)
-            if not envelope.recipients:
-                raise ValueError(f"{queue_id}: every recipient was delivered or failed")
-        self.spool.store("incoming", envelope, content, sync=False)
-        self.spool.remove(queue, queue_id, sync=False)
-        syncfs(self.loaded.spool_dir)
-        return queue, envelope
-
-    def delete(self, queue_id: str) -> tuple[str, Envelope]:
-        queue = self.spool.find(queue_id)
-        if queue is None:
-            raise ValueError(f"{queue_id}: no such message in any queue")
-        envelope = self.spool.load_envelope(queue, queue_id)
-        self.spool.remove(queue, queue_id)
-        return queue, envelope
-
-    def all_queued(self) -> list[str]:
-        """Every queued message's id (for the operator's ALL)."""
-        return [qid for queue in Spool.QUEUES for qid in self.spool.list(queue)]
 
     def busy_with(self, queue_id: str) -> bool:
         """Is a job working on this message now?"""
